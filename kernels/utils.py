@@ -1,0 +1,49 @@
+"""Launch helpers shared by every kernel family.
+
+Dispatch rule (see DESIGN.md): CUDA tensors run the compiled Triton kernel; CPU tensors run
+the same kernel through Triton's interpreter when TRITON_INTERPRET=1 (the tests), and the
+plain-PyTorch reference otherwise.
+"""
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_triton(*tensors):
+    """True when the Triton kernel (compiled or interpreted) should handle these tensors."""
+    devices = {t.device.type for t in tensors}
+    if devices == {"cuda"}:
+        return True
+    return devices == {"cpu"} and INTERPRET
+
+
+def check_float(name, t):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported; expected one of float32, bfloat16, float16")
+
+
+def calculate_settings(n, max_block=65536):
+    """Block size (next power of two >= n) and warp count for a row-wise kernel over width n."""
+    block = triton.next_power_of_2(n)
+    if block > max_block:
+        raise ValueError(f"width {n} exceeds the supported maximum of {max_block} elements per row")
+    num_warps = 4
+    if block >= 2048:
+        num_warps = 8
+    if block >= 8192:
+        num_warps = 16
+    if block >= 32768:
+        num_warps = 32
+    return block, num_warps
+
+
+def num_sms(device):
+    """Streaming-multiprocessor count of a CUDA device (a fixed small number under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

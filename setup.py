@@ -1,0 +1,12 @@
+from setuptools import setup
+
+setup(
+    name="setr-engine",
+    version="0.1.0",
+    description="SETR (ViT-L/16 + Naive/PUP/MLA heads) trained with our own Triton kernels and FSDP2",
+    packages=["kernels", "setr", "setr.data", "train", "bench"],
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "triton>=3.2", "numpy", "pillow"],
+    extras_require={"test": ["pytest"], "bench": ["matplotlib"], "tb": ["tensorboard"]},
+    entry_points={"console_scripts": ["setr-train=train.main:main", "setr-predict=setr.predict:main"]},
+)
