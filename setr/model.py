@@ -1,0 +1,111 @@
+"""SETR: ViT backbone + (MLA neck) + decode head + auxiliary heads, as mmseg's EncoderDecoder.
+
+model.eval(); model(images) -> logits at the input resolution (mmseg's encode_decode).
+model.train(); model(images, labels) -> {"decode": loss, "aux0": 0.4 * loss, ...}.
+Images arrive normalized and padded by the data pipeline; forward does neither.
+"""
+import torch.nn as nn
+
+from setr import layers
+from setr.heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUPHead
+from setr.vit import VIT_CONFIGS, build_vit
+
+HEADS = ("naive", "pup", "mla")
+AUX_WEIGHT = 0.4
+
+
+class SETR(nn.Module):
+    def __init__(self, head="pup", backbone="vit_large", num_classes=150, img_size=512, impl="eager",
+                 aux=True, patch_bias=True, ignore_index=255, device=None, dtype=None):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        if backbone not in VIT_CONFIGS:
+            raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(VIT_CONFIGS)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.impl = layers.resolve_impl(impl)
+        self.head = head
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.config = dict(head=head, backbone=backbone, num_classes=num_classes,
+                           img_size=img_size if isinstance(img_size, int) else list(img_size),
+                           patch_bias=patch_bias, ignore_index=ignore_index)
+        dd = dict(device=device, dtype=dtype)
+        cfg = VIT_CONFIGS[backbone]
+        width, channels = cfg["embed_dims"], cfg["head_channels"]
+        # Classify before the last upsample when the loss and upsample are our fused kernels.
+        classify_first = self.impl["loss"] == "triton"
+        self.backbone = build_vit(backbone, img_size, mla=head == "mla", patch_bias=patch_bias,
+                                  impl=self.impl, **dd)
+        head_kw = dict(classify_first=classify_first, impl=self.impl, **dd)
+        if head == "mla":
+            self.neck = MLANeck([width] * 4, channels, impl=self.impl, **dd)
+            self.decode_head = SETRMLAHead([channels] * 4, channels // 2, num_classes, **head_kw)
+            aux_heads = [ClassifierHead(channels, num_classes, i, **dd) for i in range(4)] if aux else []
+        else:
+            self.neck = None
+            num_convs, up_scale, kernel = (1, 4, 1) if head == "naive" else (4, 2, 3)
+            self.decode_head = SETRUPHead(width, channels, num_classes, num_convs, up_scale, kernel,
+                                          in_index=3, **head_kw)
+            aux_heads = [SETRUPHead(width, channels, num_classes, num_convs=2, up_scale=4,
+                                    kernel_size=1 if head == "naive" else 3, in_index=i, **head_kw)
+                         for i in range(3)] if aux else []
+        self.auxiliary_head = nn.ModuleList(aux_heads)
+        self.init_weights()
+
+    def init_weights(self):
+        """Initialize every parameter and buffer (also after `to_empty` from the meta device)."""
+        self.backbone.init_weights()
+        for m in [self.neck, self.decode_head, *self.auxiliary_head]:
+            if m is not None:
+                m.reset_parameters()
+
+    def features(self, images):
+        feats = self.backbone(images)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def forward(self, images, labels=None):
+        if labels is None:
+            return self.predict_logits(images)
+        return self.losses(images, labels)
+
+    def predict_logits(self, images):  # (B, 3, H, W) -> (B, K, H, W)
+        logits, out_size = self.decode_head(self.features(images))
+        logits = layers.upsample(logits, out_size, self.impl["upsample"])
+        return layers.upsample(logits, images.shape[-2:], self.impl["upsample"])
+
+    def losses(self, images, labels):
+        """Loss terms, already weighted (decode 1.0, each aux 0.4). labels: (B, H, W) int64."""
+        if labels.dim() != 3 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must be (B, H, W) with B={images.shape[0]}, got {tuple(labels.shape)}")
+        feats = self.features(images)
+        losses = {"decode": self.head_loss(self.decode_head(feats), labels)}
+        for i, aux in enumerate(self.auxiliary_head):
+            losses[f"aux{i}"] = AUX_WEIGHT * self.head_loss(aux(feats), labels)
+        return losses
+
+    def head_loss(self, head_output, labels):
+        logits, out_size = head_output
+        label_size = tuple(labels.shape[-2:])
+        if tuple(logits.shape[-2:]) != out_size and out_size != label_size:
+            # the head's own last upsample does not land on the label size: apply it first
+            logits = layers.upsample(logits, out_size, self.impl["upsample"])
+        return layers.seg_loss(logits, labels, self.ignore_index, self.impl["loss"])
+
+    def forward_flops(self, height, width):
+        """Analytic FLOPs (2 per multiply-add) of one image's training forward, aux heads
+        included (convolutions and matmuls; norms, activations and resizes are not counted)."""
+        grid = (-(-height // 16), -(-width // 16))
+        heads = [m for m in [self.neck, self.decode_head, *self.auxiliary_head] if m is not None]
+        return self.backbone.forward_flops(height, width) + sum(m.flops(grid) for m in heads)
+
+
+def build_setr(head, backbone="vit_large", num_classes=150, img_size=512, impl="eager", aux=True,
+               patch_bias=True, ignore_index=255, device=None, dtype=None):
+    """Build SETR-Naive / PUP / MLA as mmseg's ADE20K configs do.
+
+    head: "naive" | "pup" | "mla"; backbone: "vit_large" | "vit_base" | "vit_tiny";
+    impl: "eager" | "sdpa" | "triton" or a per-op dict (see setr.layers).
+    """
+    return SETR(head, backbone, num_classes, img_size, impl, aux, patch_bias, ignore_index, device, dtype)

@@ -1,0 +1,207 @@
+"""ViT backbone of SETR, the same network as mmsegmentation's `VisionTransformer`.
+
+Module and parameter names mirror mmseg's state dict (`patch_embed.projection`,
+`layers.i.attn.attn.in_proj_weight`, `layers.i.ffn.layers.0.0`, ...) so its checkpoints load
+without any key conversion. Pre-norm blocks: x = x + attn(ln1(x)); x = x + ffn(ln2(x)).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from setr import layers
+
+# embed_dims, num_layers, num_heads, out_indices (naive/pup and mla), head channels
+VIT_CONFIGS = {
+    "vit_large": dict(embed_dims=1024, num_layers=24, num_heads=16,
+                      out_indices=(9, 14, 19, 23), mla_out_indices=(5, 11, 17, 23), head_channels=256),
+    "vit_base": dict(embed_dims=768, num_layers=12, num_heads=12,
+                     out_indices=(3, 5, 7, 11), mla_out_indices=(2, 5, 8, 11), head_channels=256),
+    # tests and the CPU demo; head dim 32 so the attention kernel runs it too
+    "vit_tiny": dict(embed_dims=128, num_layers=4, num_heads=4,
+                     out_indices=(0, 1, 2, 3), mla_out_indices=(0, 1, 2, 3), head_channels=32),
+}
+
+
+def resize_pos_embed(pos_embed, src_hw, dst_hw, mode="bilinear"):
+    """Resize the patch grid of a (1, 1 + h*w, C) pos-embed to dst_hw; the cls entry is kept.
+
+    Computed in float32 with align_corners=False, as mmseg's `resize_pos_embed`.
+    """
+    if tuple(src_hw) == tuple(dst_hw):
+        return pos_embed
+    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    C = pos_embed.shape[-1]
+    grid = grid.reshape(1, src_hw[0], src_hw[1], C).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(dst_hw), mode=mode, align_corners=False)
+    grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)
+    return torch.cat([cls_pos, grid], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """16x16 patches -> tokens. Pads bottom/right to a multiple of the patch ('corner')."""
+
+    def __init__(self, embed_dims, patch_size=16, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.projection = nn.Conv2d(3, embed_dims, patch_size, stride=patch_size, bias=bias,
+                                    device=device, dtype=dtype)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, h*w, C), (h, w)
+        p = self.patch_size
+        pad_h, pad_w = -x.shape[-2] % p, -x.shape[-1] % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.projection(x)
+        hw = x.shape[-2:]
+        return x.flatten(2).transpose(1, 2), hw
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (in_proj_weight/bias, out_proj), batch first."""
+
+    def __init__(self, embed_dims, num_heads, impl="eager", device=None, dtype=None):
+        super().__init__()
+        if embed_dims % num_heads:
+            raise ValueError(f"embed_dims {embed_dims} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.impl = impl
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dims, embed_dims, device=device, dtype=dtype))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dims, device=device, dtype=dtype))
+        self.out_proj = nn.Linear(embed_dims, embed_dims, device=device, dtype=dtype)
+
+    def forward(self, x):  # (B, N, C) -> (B, N, C)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
+        out = layers.attention_packed(qkv, self.num_heads, self.impl)  # (B, N, C)
+        return self.out_proj(out)
+
+
+class Attention(nn.Module):
+    """mmcv's MultiheadAttention wrapper; holds the projections under `.attn`."""
+
+    def __init__(self, embed_dims, num_heads, impl="eager", device=None, dtype=None):
+        super().__init__()
+        self.attn = SelfAttention(embed_dims, num_heads, impl, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+class FFN(nn.Module):
+    """Linear -> GELU (exact) -> Linear, named as mmcv's FFN (`layers.0.0`, `layers.1`)."""
+
+    def __init__(self, embed_dims, hidden_dims, device=None, dtype=None):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(embed_dims, hidden_dims, device=device, dtype=dtype), nn.GELU()),
+            nn.Linear(hidden_dims, embed_dims, device=device, dtype=dtype),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Block(nn.Module):
+    def __init__(self, embed_dims, num_heads, mlp_ratio=4, impl=None, device=None, dtype=None):
+        super().__init__()
+        impl = layers.resolve_impl(impl or "eager")
+        dd = dict(device=device, dtype=dtype)
+        self.ln1 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
+        self.attn = Attention(embed_dims, num_heads, impl["attention"], **dd)
+        self.ln2 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
+        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims, **dd)
+
+    def forward(self, x):  # (B, N, C)
+        h, y = self.ln2(x, residual=self.attn(self.ln1(x)))  # h = x + attn(ln1(x)), y = ln2(h)
+        return h + self.ffn(y)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a learned pos-embed for an `img_size` grid, resized on the fly for other sizes.
+
+    forward(x) returns the outputs of the blocks in `out_indices` as NCHW maps (B, C, H/16, W/16).
+    with_cls_token=False (MLA) drops the cls token before block 0; it stays in the state dict.
+    """
+
+    def __init__(self, img_size=512, patch_size=16, embed_dims=1024, num_layers=24, num_heads=16,
+                 mlp_ratio=4, out_indices=(9, 14, 19, 23), with_cls_token=True, patch_bias=True,
+                 impl="eager", device=None, dtype=None):
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by the patch size {patch_size}")
+        dd = dict(device=device, dtype=dtype)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.out_indices = tuple(out_indices)
+        if not all(0 <= i < num_layers for i in self.out_indices):
+            raise ValueError(f"out_indices {self.out_indices} must lie in [0, {num_layers})")
+        self.with_cls_token = with_cls_token
+        self.patch_embed = PatchEmbed(embed_dims, patch_size, bias=patch_bias, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dims, **dd))
+        self.layers = nn.ModuleList(Block(embed_dims, num_heads, mlp_ratio, impl, **dd) for _ in range(num_layers))
+
+    def init_weights(self):
+        """mmseg's from-scratch init (jax style): trunc normal .02 for embeddings and Linear
+        weights, FFN biases N(0, 1e-6), in_proj as nn.MultiheadAttention, patch conv kaiming."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.kaiming_normal_(self.patch_embed.projection.weight, mode="fan_in", nonlinearity="relu")
+        if self.patch_embed.projection.bias is not None:
+            nn.init.zeros_(self.patch_embed.projection.bias)
+        for block in self.layers:
+            block.ln1.reset_parameters()
+            block.ln2.reset_parameters()
+            attn = block.attn.attn
+            nn.init.xavier_uniform_(attn.in_proj_weight)
+            nn.init.zeros_(attn.in_proj_bias)
+            nn.init.trunc_normal_(attn.out_proj.weight, std=0.02)
+            nn.init.zeros_(attn.out_proj.bias)
+            for linear in (block.ffn.layers[0][0], block.ffn.layers[1]):
+                nn.init.trunc_normal_(linear.weight, std=0.02)
+                nn.init.normal_(linear.bias, std=1e-6)
+
+    def tokens(self, x):
+        """(B, 3, H, W) -> tokens after patch embed + pos embed (B, [1+] h*w, C), grid (h, w)."""
+        x, hw = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        pos = resize_pos_embed(self.pos_embed, self.grid, hw)
+        x = x + pos.to(x.dtype)
+        if not self.with_cls_token:
+            x = x[:, 1:]
+        return x, hw
+
+    def forward(self, x):  # (B, 3, H, W) -> [ (B, C, H/16, W/16) for i in out_indices ]
+        x, (h, w) = self.tokens(x)
+        outs = []
+        for i, block in enumerate(self.layers):
+            x = block(x)
+            if i in self.out_indices:
+                out = x[:, 1:] if self.with_cls_token else x
+                outs.append(out.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2))
+        return outs
+
+    def forward_flops(self, height, width):
+        """Multiply-add FLOPs (2 per MAC) of one image's forward pass."""
+        h, w = math.ceil(height / self.patch_size), math.ceil(width / self.patch_size)
+        n = h * w + (1 if self.with_cls_token else 0)
+        C = self.embed_dims
+        hidden = self.layers[0].ffn.layers[0][0].out_features
+        patch = 2 * h * w * C * 3 * self.patch_size ** 2
+        per_block = 2 * n * C * 3 * C + 4 * n * n * C + 2 * n * C * C + 2 * 2 * n * C * hidden
+        return patch + len(self.layers) * per_block
+
+
+def build_vit(name, img_size=512, mla=False, patch_bias=True, impl="eager", device=None, dtype=None):
+    if name not in VIT_CONFIGS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(VIT_CONFIGS)}")
+    cfg = VIT_CONFIGS[name]
+    return VisionTransformer(
+        img_size=img_size, embed_dims=cfg["embed_dims"], num_layers=cfg["num_layers"],
+        num_heads=cfg["num_heads"], out_indices=cfg["mla_out_indices"] if mla else cfg["out_indices"],
+        with_cls_token=not mla, patch_bias=patch_bias, impl=impl, device=device, dtype=dtype)

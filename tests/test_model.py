@@ -1,0 +1,230 @@
+import json
+import os
+
+import pytest
+import torch
+
+import setr
+from setr import layers
+
+HEADS = ["naive", "pup", "mla"]
+
+
+def ref_json(shared_dir, name):
+    with open(os.path.join(shared_dir, "ref", name)) as f:
+        return json.load(f)
+
+
+def tiny(head, impl="eager", **kw):
+    return setr.build_setr(head, backbone="vit_tiny", num_classes=7, img_size=64, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_parameter_counts_and_keys_equal_mmseg(head, shared_dir):
+    model = setr.build_setr(head, device="meta")
+    counts = ref_json(shared_dir, "mmseg_setr_params.json")[head]
+    assert sum(p.numel() for p in model.parameters()) == counts["total"]
+    assert sum(p.numel() for p in model.backbone.parameters()) == counts["backbone"]
+    assert sum(p.numel() for p in model.decode_head.parameters()) == counts["decode_head"]
+    assert [sum(p.numel() for p in a.parameters()) for a in model.auxiliary_head] == counts["auxiliary_heads"]
+    keys = ref_json(shared_dir, f"mmseg_setr_{head}_keys.json")
+    state = model.state_dict()
+    assert list(state) == list(keys)
+    assert {k: list(v.shape) for k, v in state.items()} == keys
+
+
+def test_patch_bias_false_is_1024_fewer(shared_dir):
+    model = setr.build_setr("pup", patch_bias=False, device="meta")
+    counts = ref_json(shared_dir, "mmseg_setr_params.json")["pup"]
+    assert sum(p.numel() for p in model.parameters()) == counts["total"] - 1024
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_lr_groups_match_mmseg(head, shared_dir):
+    """'head' substring selects the 10x-lr parameters; the MLA neck stays at base lr."""
+    model = setr.build_setr(head, device="meta")
+    per_lr = ref_json(shared_dir, "mmseg_setr_params.json")[head]["optimizer"]["params_per_lr"]
+    head_params = sum(p.numel() for n, p in model.named_parameters() if "head" in n)
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "head" not in n)
+    assert sorted([head_params, base_params]) == sorted(per_lr.values())
+    assert base_params == max(per_lr.values())
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("size", [(64, 64), (48, 80), (40, 56)])
+def test_eval_logits_at_input_resolution(head, size):
+    model = tiny(head).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 7, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_backbone_features_nchw():
+    model = tiny("pup")
+    feats = model.backbone(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(2, 128, 4, 6)] * 4
+    mla = tiny("mla")
+    assert mla.backbone(torch.randn(1, 3, 32, 32))[0].shape == (1, 128, 2, 2)
+
+
+def test_vit_large_token_count_and_out_indices():
+    model = setr.build_setr("pup", device="meta")
+    assert model.backbone.pos_embed.shape == (1, 1025, 1024)
+    assert model.backbone.out_indices == (9, 14, 19, 23)
+    mla = setr.build_setr("mla", device="meta")
+    assert mla.backbone.out_indices == (5, 11, 17, 23) and not mla.backbone.with_cls_token
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_head_output_shapes_at_512(head):
+    """Decode/aux output sizes of spec s.4 at 512 input, from the 32x32 token grid."""
+    model = setr.build_setr(head, device="meta")
+    feats = [torch.empty(1, 1024, 32, 32, device="meta")] * 4
+    if head == "mla":
+        feats = model.neck(feats)
+        assert [tuple(f.shape) for f in feats] == [(1, 256, 32, 32)] * 4
+    logits, out_size = model.decode_head(feats)
+    expected = {"naive": (128, 128), "pup": (512, 512), "mla": (128, 128)}[head]
+    assert tuple(logits.shape) == (1, 150, *expected) and out_size == expected
+    aux_expected = (32, 32) if head == "mla" else (512, 512)
+    for aux in model.auxiliary_head:
+        logits, out_size = aux(feats)
+        assert tuple(logits.shape) == (1, 150, *aux_expected)
+
+
+def test_mla_neck_output_order():
+    """Neck output 0 depends on the deepest input only; output 3 on all four."""
+    model = tiny("mla").eval()
+    feats = [torch.randn(1, 128, 4, 4, requires_grad=True) for _ in range(4)]
+    outs = model.neck(feats)
+    for j, out in enumerate(outs):
+        grads = torch.autograd.grad(out.sum(), feats, allow_unused=True, retain_graph=True)
+        depends = [g is not None and g.abs().sum() > 0 for g in grads]
+        assert depends == [i >= 3 - j for i in range(4)], (j, depends)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_train_loss_terms(head):
+    model = tiny(head).train()
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 7, (2, 64, 64))
+    labels[:, :8] = 255
+    losses = model(x, labels)
+    n_aux = 4 if head == "mla" else 3
+    assert sorted(losses) == sorted(["decode"] + [f"aux{i}" for i in range(n_aux)])
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.backbone.patch_embed.projection.weight.grad is not None
+
+
+def test_loss_is_mmseg_reduction():
+    """CE of logits resized to the label size, ignored pixels 0, divided by ALL pixels."""
+    logits = torch.randn(2, 5, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 32, 32))
+    labels[0, :10] = 255
+    up = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    per_pixel = torch.nn.functional.cross_entropy(up, labels, ignore_index=255, reduction="none")
+    expected = per_pixel.sum() / labels.numel()
+    got = layers.seg_loss(logits, labels, 255, "eager")
+    torch.testing.assert_close(got, expected.float())
+    assert not torch.isclose(got, per_pixel[labels != 255].mean().float())
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_eager_matches_sdpa(head):
+    torch.manual_seed(1)
+    eager = tiny(head).eval()
+    sdpa = tiny(head, impl="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_classify_first_equals_mmseg_order(head):
+    """The 1x1 classifier commutes with the head's last bilinear upsample: same eval logits,
+    same loss terms and same gradients as mmseg's order (eager ops on both sides)."""
+    torch.manual_seed(2)
+    model = tiny(head).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 64, 64))
+    labels[1, 20:30] = 255
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(classify_first):
+        model.load_state_dict(initial)  # same BN running statistics in both runs
+        for m in [model.decode_head, *model.auxiliary_head]:
+            if hasattr(m, "classify_first"):
+                m.classify_first = classify_first
+        model.zero_grad()
+        losses = model(x, labels)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+        model.train()
+        return losses, grads, logits
+
+    ref_losses, ref_grads, ref_logits = run(False)
+    losses, grads, logits = run(True)
+    for k in ref_losses:
+        torch.testing.assert_close(losses[k], ref_losses[k], rtol=1e-6, atol=1e-6)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-6, atol=1e-7, msg=n)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
+
+
+def test_pos_embed_resized_for_other_sizes():
+    model = tiny("naive").eval()
+    x = torch.randn(1, 3, 96, 32)  # 6x2 grid from the stored 4x4 grid
+    tokens, hw = model.backbone.tokens(x)
+    assert hw == (6, 2) and tokens.shape == (1, 13, 128)
+
+
+def test_patch_embed_pads_corner():
+    model = tiny("pup").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 50, 70)).shape == (1, 7, 50, 70)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown head"):
+        setr.build_setr("fcn", device="meta")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        setr.build_setr("pup", backbone="vit_huge", device="meta")
+    with pytest.raises(ValueError, match="impl"):
+        setr.build_setr("pup", impl="cuda", device="meta")
+    with pytest.raises(ValueError, match="labels"):
+        tiny("pup").train()(torch.randn(2, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long))
+
+
+def test_forward_flops_vit_large():
+    model = setr.build_setr("pup", device="meta")
+    n, c = 1025, 1024
+    block = 2 * n * c * 3 * c + 4 * n * n * c + 2 * n * c * c + 16 * n * c * c
+    assert model.backbone.forward_flops(512, 512) == 2 * 1024 * c * 768 + 24 * block
+    assert model.forward_flops(512, 512) > model.backbone.forward_flops(512, 512)
+
+
+def test_meta_build_then_init():
+    """Build on the meta device, materialize with to_empty, then init_weights: a usable model."""
+    model = setr.build_setr("naive", backbone="vit_tiny", num_classes=5, img_size=64, device="meta")
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.isfinite(t.float()).all(), name
+    assert model.decode_head.up_convs[0][0].bn.running_var.eq(1).all()
+
+
+@pytest.mark.slow
+def test_vit_large_pup_forward_512_on_cpu():
+    model = setr.build_setr("pup").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 512, 512))
+    assert out.shape == (1, 150, 512, 512)
+    assert torch.isfinite(out).all()
