@@ -1,0 +1,182 @@
+"""Attention benchmark: our Triton kernels vs eager math, each PyTorch SDPA backend and xformers.
+
+Every provider is timed as the ViT calls it: from the packed in-projection output qkv
+(B, N, 3*H*D) to the (B, N, H*D) input of the out-projection, with the layout work each one
+needs around it (splitting heads, merging heads, and in the backward the gradient of qkv).
+Modes: fwd (the training forward, inputs require grad), bwd (backward of a kept forward), fwd+bwd.
+TFLOP/s: 4*B*H*N^2*D for the forward, x2.5 for the backward, x3.5 for fwd+bwd; peak_mem_mb is the
+peak CUDA memory of one call above what was allocated before it.
+
+Shapes: SETR's (B = 1, 2, 8, 16; N = 1024, 1025, 2305; H = 16; D = 64; bf16) and a sweep of N at
+B = 4. `--quick`: a few shapes (tiny ones on CPU, where ours runs under the Triton interpreter and
+the timings mean nothing).
+
+    python bench/bench_attention.py [--quick] [--out DIR]
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # run our kernels, not the reference, on CPU
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import OURS, bench, default_device, on_gpu, peak_memory_mb, write_results  # noqa: E402
+from kernels.attention import attention_qkv_packed, merge_heads, split_heads  # noqa: E402
+from kernels.utils import use_triton  # noqa: E402
+
+KERNEL = "attention"
+SETR_BATCHES = (1, 2, 8, 16)
+SETR_TOKENS = (1024, 1025, 2305)
+SWEEP_BATCH = 4
+SWEEP_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
+PEERS = ("math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "xformers")
+COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mb", "error"]
+
+
+def sdpa_provider(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(qkv, H):
+        with sdpa_kernel([backend]):
+            return merge_heads(F.scaled_dot_product_attention(*split_heads(qkv, H)))
+
+    return run
+
+
+def math_provider(qkv, H):
+    q, k, v = split_heads(qkv, H)
+    attn = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, N, N)
+    return merge_heads(attn.softmax(dim=-1) @ v)
+
+
+def xformers_provider(qkv, H):
+    import xformers.ops as xops
+
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.view(B, N, 3, H, C3 // (3 * H)).unbind(2)  # (B, N, H, D) each, xformers' layout
+    return xops.memory_efficient_attention(q, k, v).reshape(B, N, C3 // 3)
+
+
+def providers():
+    return {
+        OURS: lambda qkv, H: attention_qkv_packed(qkv, H),
+        "math": math_provider,
+        "sdpa_flash": sdpa_provider("FLASH_ATTENTION"),
+        "sdpa_efficient": sdpa_provider("EFFICIENT_ATTENTION"),
+        "sdpa_cudnn": sdpa_provider("CUDNN_ATTENTION"),
+        "xformers": xformers_provider,
+    }
+
+
+def shapes(quick):
+    """(group, B, H, N, D) tuples."""
+    if not on_gpu():
+        return [("setr", 1, 2, N, 32) for N in ((17, 64) if quick else (17, 64, 97))]
+    if quick:
+        return [("setr", 2, 16, N, 64) for N in (1024, 1025, 2305)] + [("sweep", SWEEP_BATCH, 16, 4096, 64)]
+    out = [("setr", B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
+    return out + [("sweep", SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS]
+
+
+def measure(fn, flops, quick):
+    ms, p20, p80 = bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quick=quick)
+    return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "tflops": flops / (ms * 1e-3) / 1e12,
+            "peak_mem_mb": peak_memory_mb(fn)}
+
+
+def bench_provider(name, fn, B, H, N, D, dtype, quick):
+    """Rows for the three modes of one provider at one shape (error rows when it cannot run)."""
+    device = default_device()
+    qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=True)
+    dout = torch.randn(B, N, H * D, device=device, dtype=dtype)
+    fwd_flops = 4.0 * B * H * N * N * D
+    flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+    base = {"kernel": KERNEL, "provider": name, "shape": f"B={B} H={H} N={N} D={D}", "dtype": str(dtype)[6:],
+            "B": B, "H": H, "N": N, "D": D}
+    if name == OURS:
+        base["path"] = ("triton" if on_gpu() else "triton-interpreter") if use_triton(qkv) else "reference"
+    rows = []
+    try:
+        out = fn(qkv, H)  # also checks that the provider runs at all
+        torch.autograd.grad(out, qkv, dout)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not skipped
+        if on_gpu():
+            torch.cuda.empty_cache()
+        return [dict(base, mode=mode, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") for mode in flops]
+    for mode in flops:
+        try:
+            if mode == "fwd":
+                run = lambda: fn(qkv, H)
+            elif mode == "bwd":
+                out = fn(qkv, H)
+                run = lambda: torch.autograd.grad(out, qkv, dout, retain_graph=True)
+            else:
+                run = lambda: torch.autograd.grad(fn(qkv, H), qkv, dout)
+            rows.append(dict(base, mode=mode, **measure(run, flops[mode], quick)))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(base, mode=mode, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+        finally:
+            out = None
+            if on_gpu():
+                torch.cuda.empty_cache()
+    return rows
+
+
+def run(quick=False):
+    dtype = torch.bfloat16
+    rows = []
+    for group, B, H, N, D in shapes(quick):
+        for name, fn in providers().items():
+            for row in bench_provider(name, fn, B, H, N, D, dtype, quick):
+                row["group"] = group
+                rows.append(row)
+                shown = row.get("error") or f"{row['ms']:.3f} ms  {row['tflops']:.1f} TFLOP/s"
+                print(f"{row['shape']:<26} {row['mode']:<8} {name:<15} {shown}", flush=True)
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib.pyplot as plt
+
+    modes = ("fwd", "bwd", "fwd+bwd")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    sweep = [r for r in rows if r.get("group") == "sweep" and r.get("tflops")]
+    if not sweep:  # no sweep in quick mode: plot what there is against N
+        sweep = [r for r in rows if r.get("tflops")]
+    for ax, mode in zip(axes, modes):
+        for provider in (OURS,) + PEERS:
+            pts = sorted((r["N"], r["tflops"]) for r in sweep if r["mode"] == mode and r["provider"] == provider)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (tokens)")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"attention {mode}" + (f", H={sweep[0]['H']} D={sweep[0]['D']}" if sweep else ""))
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few shapes, short timing")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
+    args = parser.parse_args()
+    rows = run(quick=args.quick)
+    for path in write_results(KERNEL, rows, COLUMNS, args.out, plot):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

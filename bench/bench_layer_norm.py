@@ -1,0 +1,188 @@
+"""LayerNorm (and the fused residual-add variant): ours vs torch, apex and torch.compile.
+
+    python bench/bench_layer_norm.py [--quick] [--out DIR]
+
+Cases: SETR's shapes (8 x 1025 x 1024 and 16 x 1025 x 1024, bf16 and fp32) for layer_norm and
+add_layer_norm, and a sweep of widths at 8200 rows in bf16. Modes fwd, bwd, fwd+bwd; time (median
+ms) and GB/s, counting each input read once and each output written once (bwd also reads the
+saved float32 mean and rstd). Peers: "torch" (F.layer_norm, with x + residual for the fused
+variant), "apex" (FusedLayerNorm's fused_layer_norm_affine, reported with an error when not
+importable) and "torch.compile" (of our plain-PyTorch reference).
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import OURS, bench, cpu_warning, default_device, on_gpu, peak_memory_mb, write_results  # noqa: E402
+from kernels.layer_norm import (  # noqa: E402
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+)
+
+EPS = 1e-6
+SETR_SHAPES = [(8, 1025, 1024), (16, 1025, 1024)]
+SWEEP_ROWS = 8200
+SWEEP_WIDTHS = [256, 512, 768, 1000, 1024, 1280, 1500, 2048, 4096, 8192]
+MODES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = (OURS, "torch", "apex", "torch.compile")
+COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
+
+
+def _apex_layer_norm():
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+
+    return lambda x, w, b: fused_layer_norm_affine(x, w, b, x.shape[-1:], EPS)
+
+
+def make_fn(kernel, provider):
+    """fn(x, residual, w, b) -> tuple of outputs, for one provider (raises if it cannot run)."""
+    if provider == "apex":
+        ln = _apex_layer_norm()
+    elif provider == "torch":
+        ln = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, EPS)  # noqa: E731
+    elif provider == OURS:
+        ln = lambda x, w, b: layer_norm(x, w, b, EPS)  # noqa: E731
+    elif provider == "torch.compile":
+        torch._dynamo.reset()  # a fresh compile per case, so no recompile limit is reached
+        if kernel == "layer_norm":
+            ref = torch.compile(layer_norm_reference, dynamic=False)
+            return lambda x, r, w, b: (ref(x, w, b, EPS),)
+        return torch.compile(lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, EPS), dynamic=False)
+    else:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    if kernel == "layer_norm":
+        return lambda x, r, w, b: (ln(x, w, b),)
+    if provider == OURS:
+        return lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)
+
+    def add_then_norm(x, r, w, b):
+        h = x + r
+        return h, ln(h, w, b)
+
+    return add_then_norm
+
+
+def traffic_bytes(kernel, mode, shape, dtype):
+    """Bytes each input read once and each output written once (params in the activation dtype)."""
+    c = shape[-1]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    act = rows * c * torch.tensor([], dtype=dtype).element_size()
+    par = c * torch.tensor([], dtype=dtype).element_size()
+    stats = 2 * rows * 4
+    if kernel == "layer_norm":
+        fwd = 2 * act + 2 * par                    # x, w, b -> y
+        bwd = 3 * act + 3 * par + stats            # dy, x, w, mean, rstd -> dx, dw, db
+    else:
+        fwd = 4 * act + 2 * par                    # x, residual, w, b -> h, y
+        bwd = 4 * act + 3 * par + stats            # dh, dy, h, w, mean, rstd -> dx (= dresidual), dw, db
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def run_case(kernel, shape, dtype, quick=False):
+    device = default_device()
+    c = shape[-1]
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    r = torch.randn(shape, device=device, dtype=dtype, requires_grad=kernel == "add_layer_norm")
+    w = (1 + 0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
+    b = (0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
+    inputs = [x, r, w, b] if kernel == "add_layer_norm" else [x, w, b]
+    rows = []
+    for provider in PROVIDERS:
+        base = dict(kernel=kernel, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""))
+        try:
+            fn = make_fn(kernel, provider)
+            outs = fn(x, r, w, b)
+            grads = [torch.randn_like(o) for o in outs]
+
+            def fwd():
+                return fn(x, r, w, b)
+
+            def bwd():
+                return torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+
+            def fwd_bwd():
+                return torch.autograd.grad(fn(x, r, w, b), inputs, grads)
+
+            for mode, f in zip(MODES, (fwd, bwd, fwd_bwd)):
+                ms, p20, p80 = bench(f, quick=quick)
+                row = dict(base, mode=mode, ms=ms, ms_p20=p20, ms_p80=p80,
+                           gbps=traffic_bytes(kernel, mode, shape, dtype) / (ms * 1e-3) / 1e9)
+                if mode == "fwd+bwd":
+                    row["peak_mem_mb"] = peak_memory_mb(f)
+                rows.append(row)
+            outs = grads = None  # free before the next provider runs
+        except Exception as e:  # a peer that cannot run is reported, never skipped silently
+            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            rows += [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+    return rows
+
+
+def cases(quick=False):
+    if not on_gpu():
+        shapes = [(2, 65, 64)] if quick else SETR_SHAPES
+        dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
+        return [(k, s, d) for k in ("layer_norm", "add_layer_norm") for s in shapes for d in dtypes]
+    if quick:
+        return [(k, SETR_SHAPES[0], torch.bfloat16) for k in ("layer_norm", "add_layer_norm")]
+    out = [(k, s, d) for k in ("layer_norm", "add_layer_norm") for s in SETR_SHAPES
+           for d in (torch.bfloat16, torch.float32)]
+    out += [("layer_norm", (SWEEP_ROWS, c), torch.bfloat16) for c in SWEEP_WIDTHS]
+    return out
+
+
+def run(quick=False):
+    """All cases; returns the result rows (bench/common.py schema)."""
+    if not on_gpu():
+        print(f"WARNING: {cpu_warning()}")
+    rows = []
+    for kernel, shape, dtype in cases(quick):
+        print(f"{kernel} {tuple(shape)} {dtype}", flush=True)
+        rows += run_case(kernel, shape, dtype, quick=quick)
+    return rows
+
+
+def plot(rows, path):
+    """GB/s against width for the sweep (layer_norm, bf16, 8200 rows), one panel per mode."""
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r["kernel"] == "layer_norm" and len(r["shape"]) == 2 and r.get("gbps")]
+    if not sweep:  # no sweep in this run: plot whatever was measured, by case
+        sweep = [r for r in rows if r.get("gbps")]
+    fig, axes = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 4), squeeze=False)
+    for ax, mode in zip(axes[0], MODES):
+        for provider in PROVIDERS:
+            pts = sorted((r["shape"][-1], r["gbps"]) for r in sweep if r["mode"] == mode and r["provider"] == provider)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ax.set_title(f"layer_norm {mode}, {SWEEP_ROWS} rows, bf16")
+        ax.set_xlabel("width C")
+        ax.set_ylabel("GB/s")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few small cases (seconds on CPU)")
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/<device>)")
+    args = parser.parse_args()
+    rows = run(quick=args.quick)
+    for path in write_results("layer_norm", rows, COLUMNS, args.out, plot):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

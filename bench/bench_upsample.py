@@ -1,0 +1,218 @@
+"""Bilinear upsample and the fused upsample + cross-entropy loss: ours vs torch and torch.compile.
+
+    python bench/bench_upsample.py [--quick] [--out DIR]
+
+upsample_bilinear: PUP's four x2 resizes (B x 256 x {32, 64, 128, 256} -> x2), the Naive / aux
+heads' x4 resizes (B x 256 x 32 -> 128, and B x 256 x 128 -> 512 as mmseg orders them), NCHW in
+bf16 and fp32, plus PUP's x2 resizes channels-last in bf16 (kernel "upsample_bilinear_nhwc").
+Modes fwd (inputs require grad), bwd (of a kept forward), fwd+bwd. GB/s counts the input read once
+and the output written once (bwd: dy read, dx written). Peers: "torch" (F.interpolate) and
+"torch.compile" (of F.interpolate).
+upsample_cross_entropy: B x 150 x 128 x 128 -> 512 x 512 (Naive decode / PUP aux heads, x4) and
+B x 150 x 256 x 256 -> 512 x 512 (PUP decode head, x2), bf16 and fp32 logits, labels with 10%
+ignored pixels. Time and peak memory (peak_mem_mb: CUDA memory of one call above what was
+allocated before it). Peers: "torch" (F.interpolate then F.cross_entropy in float32, as mmseg
+computes it) and "torch.compile" (of the same function).
+`--quick`: a few cases (tiny ones on CPU, where ours runs under the Triton interpreter and the
+timings mean nothing).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # run our kernels, not the reference, on CPU
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import OURS, bench, cpu_warning, default_device, on_gpu, peak_memory_mb, write_results  # noqa: E402
+from kernels.upsample import upsample_bilinear, upsample_cross_entropy  # noqa: E402
+
+BATCH = 8
+PUP_SIZES = (32, 64, 128, 256)          # PUP decode head: 4 x [conv -> x2]
+AUX_CASES = ((32, 128), (128, 512))     # Naive / aux heads: x4 resizes
+LOSS_CASES = ((128, 512), (256, 512))   # fused loss: logits side -> label side
+NUM_CLASSES = 150
+CHANNELS = 256
+IGNORE_INDEX = 255
+MODES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = (OURS, "torch", "torch.compile")
+COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
+
+
+def interpolate(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def interpolate_cross_entropy(logits, labels):
+    """mmseg's decode-head loss: resize to the label size, CE in float32, sum / all label pixels."""
+    z = interpolate(logits, labels.shape[-2:])
+    loss = F.cross_entropy(z.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return loss.sum() / labels.numel()
+
+
+def make_fn(kernel, provider):
+    """fn(*inputs) -> output for one provider (raises when the provider cannot run)."""
+    upsample = kernel.startswith("upsample_bilinear")
+    if provider == OURS:
+        return upsample_bilinear if upsample else upsample_cross_entropy
+    reference = interpolate if upsample else interpolate_cross_entropy
+    if provider == "torch":
+        return reference
+    if provider == "torch.compile":
+        torch._dynamo.reset()  # a fresh compile per case, so no recompile limit is reached
+        return torch.compile(reference, dynamic=False)
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def time_modes(fn, args, leaf, quick, base, traffic=None, memory=False):
+    """Rows for fwd, bwd and fwd+bwd of out = fn(*args), gradient w.r.t. leaf."""
+    out = fn(*args)
+    grad_out = torch.randn_like(out) if out.dim() else None
+
+    def fwd():
+        return fn(*args)
+
+    def bwd():
+        return torch.autograd.grad(out, leaf, grad_out, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(*args), leaf, grad_out)
+
+    rows = []
+    for mode, f in zip(MODES, (fwd, bwd, fwd_bwd)):
+        ms, p20, p80 = bench(f, quick=quick)
+        row = dict(base, mode=mode, ms=ms, ms_p20=p20, ms_p80=p80)
+        if traffic is not None:
+            row["gbps"] = traffic[mode] / (ms * 1e-3) / 1e9
+        if memory or mode == "fwd+bwd":
+            row["peak_mem_mb"] = peak_memory_mb(f)
+        rows.append(row)
+    return rows
+
+
+def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, quick=False):
+    device = default_device()
+    kernel = "upsample_bilinear_nhwc" if channels_last else "upsample_bilinear"
+    x = torch.randn(batch, channels, hw, hw, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    elem = x.element_size()
+    one_way = (x.numel() + batch * channels * size * size) * elem
+    traffic = {"fwd": one_way, "bwd": one_way, "fwd+bwd": 2 * one_way}
+    rows = []
+    for provider in PROVIDERS:
+        base = dict(kernel=kernel, provider=provider, shape=[batch, channels, hw, hw, size, size],
+                    dtype=str(dtype).replace("torch.", ""))
+        try:
+            fn = make_fn(kernel, provider)
+            rows += time_modes(fn, (x, (size, size)), x, quick, base, traffic=traffic)
+        except Exception as e:  # a peer that cannot run is reported, never skipped silently
+            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            rows += [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+    return rows
+
+
+def run_loss_case(batch, classes, hw, size, dtype, quick=False):
+    device = default_device()
+    logits = torch.randn(batch, classes, hw, hw, device=device).to(dtype).requires_grad_()
+    labels = torch.randint(0, classes, (batch, size, size), device=device)
+    labels[torch.rand(batch, size, size, device=device) < 0.1] = IGNORE_INDEX
+    rows = []
+    for provider in PROVIDERS:
+        base = dict(kernel="upsample_cross_entropy", provider=provider, shape=[batch, classes, hw, hw, size, size],
+                    dtype=str(dtype).replace("torch.", ""))
+        try:
+            fn = make_fn("upsample_cross_entropy", provider)
+            rows += time_modes(fn, (logits, labels), logits, quick, base, memory=True)
+        except Exception as e:  # a peer that cannot run is reported, never skipped silently
+            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            rows += [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+    return rows
+
+
+def cases(quick=False):
+    """(kind, args) of every case: kind "upsample" (B, C, hw, size, dtype, channels_last) or
+    "loss" (B, classes, hw, size, dtype)."""
+    if not on_gpu():
+        if quick:
+            return [("upsample", (2, 8, 8, 16, torch.float32, False)), ("loss", (2, 19, 8, 32, torch.float32))]
+        return [("upsample", (2, 16, 16, 32, torch.float32, False)), ("upsample", (2, 16, 16, 32, torch.float32, True)),
+                ("loss", (2, 19, 16, 64, torch.float32))]
+    if quick:
+        return [("upsample", (BATCH, CHANNELS, 64, 128, torch.bfloat16, False)),
+                ("loss", (BATCH, NUM_CLASSES, 128, 512, torch.bfloat16))]
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        out += [("upsample", (BATCH, CHANNELS, hw, 2 * hw, dtype, False)) for hw in PUP_SIZES]
+        out += [("upsample", (BATCH, CHANNELS, hw, size, dtype, False)) for hw, size in AUX_CASES]
+    out += [("upsample", (BATCH, CHANNELS, hw, 2 * hw, torch.bfloat16, True)) for hw in PUP_SIZES]
+    out += [("loss", (BATCH, NUM_CLASSES, hw, size, dtype)) for hw, size in LOSS_CASES
+            for dtype in (torch.bfloat16, torch.float32)]
+    return out
+
+
+def run(quick=False):
+    """All cases; returns the result rows (bench/common.py schema)."""
+    if not on_gpu():
+        print(f"WARNING: {cpu_warning()}")
+    rows = []
+    for kind, args in cases(quick):
+        print(kind, *args, flush=True)
+        if kind == "upsample":
+            b, c, hw, size, dtype, channels_last = args
+            rows += run_upsample_case(b, c, hw, size, dtype, channels_last, quick=quick)
+        else:
+            rows += run_loss_case(*args, quick=quick)
+    return rows
+
+
+def _case_label(r):
+    _, _, hw, _, size, _ = r["shape"]
+    name = r["kernel"].replace("upsample_bilinear", "up").replace("upsample_cross_entropy", "loss")
+    return f"{name} {hw}->{size} {r['dtype']}"
+
+
+def plot(rows, path):
+    """Upsample fwd+bwd GB/s per case; fused-loss fwd+bwd time and peak memory per case."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+    panels = (("upsample_bilinear", "gbps", "upsample fwd+bwd GB/s"),
+              ("upsample_cross_entropy", "ms", "loss fwd+bwd ms"),
+              ("upsample_cross_entropy", "peak_mem_mb", "loss fwd+bwd peak MB"))
+    width = 0.8 / len(PROVIDERS)
+    for ax, (kernel, metric, title) in zip(axes, panels):
+        sel = [r for r in rows if r["kernel"].startswith(kernel) and r["mode"] == "fwd+bwd"]
+        labels = list(dict.fromkeys(_case_label(r) for r in sel))
+        for k, provider in enumerate(PROVIDERS):
+            vals = {_case_label(r): r.get(metric) or 0 for r in sel if r["provider"] == provider}
+            ax.bar([i + k * width for i in range(len(labels))], [vals.get(lab, 0) for lab in labels], width,
+                   label=provider)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few small cases (seconds on CPU)")
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/<device>)")
+    args = parser.parse_args(argv)
+    rows = run(quick=args.quick)
+    for path in write_results("upsample", rows, COLUMNS, args.out, plot):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
