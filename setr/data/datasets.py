@@ -1,0 +1,324 @@
+"""Segmentation datasets on disk: any folder in the ADEChallengeData2016 layout, and ADE20K.
+
+    root/images/<split>/NAME.jpg|png|...      root/annotations/<split>/NAME.png
+
+Items are `(image, label, name)`: image (H, W, 3) uint8 RGB, label (H, W) int64 class ids in
+[0, num_classes) or ignore_index, name the file stem. Every problem with a sample (unreadable or
+truncated file, image/label size mismatch, label value that is neither a class nor
+ignore_index) raises `DataError` naming the file; a split with a missing or empty folder, an
+image without a label or a label without an image fails when the dataset is built.
+"""
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+SPLIT_ALIASES = {"train": "training", "training": "train", "val": "validation",
+                 "validation": "val"}
+
+
+class DataError(ValueError):
+    """A dataset file or folder is missing, unreadable or inconsistent. `path` names it.
+
+    DataError(path, problem); DataError(message) also works (path ''), which is how a
+    DataLoader worker re-raises it in the main process (the message holds the original).
+    """
+
+    def __init__(self, path, problem=None):
+        if problem is None:
+            path, problem = "", str(path)
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+def read_image(path):
+    """Decode an image file to (H, W, 3) uint8 RGB.
+
+    Like mmcv.imread(flag='color') (cv2.IMREAD_COLOR): EXIF orientation applied, alpha dropped,
+    grey and palette images expanded to RGB (mmseg decodes BGR, then to_rgb: net effect RGB).
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
+        raise DataError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def read_label(path):
+    """Decode a label PNG to an (H, W) integer array of raw class ids (mmcv 'unchanged').
+
+    Single-channel modes only: L / P (uint8; for P the palette indices are the ids), I;16, I.
+    """
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+                raise DataError(path, f"label must be a single-channel image of class ids "
+                                      f"(mode L, P or I;16), got mode {mode} (a colour "
+                                      f"visualisation instead of the id map?)")
+            label = np.asarray(im)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except Exception as e:
+        raise DataError(path, f"cannot decode label ({type(e).__name__}: {e})") from None
+    if label.dtype == bool:
+        label = label.astype(np.uint8)
+    if label.ndim != 2 or label.dtype.kind not in "ui":
+        raise DataError(path, f"label must be an (H, W) integer image, got shape "
+                              f"{label.shape} dtype {label.dtype}")
+    return label
+
+
+def random_palette(num_classes, seed=42):
+    """mmseg's palette for datasets without one: randint(0, 255, (n, 3)) from seed 42."""
+    rows = np.random.RandomState(seed).randint(0, 255, size=(num_classes, 3))
+    return tuple(tuple(int(v) for v in row) for row in rows)
+
+
+def read_class_names(path):
+    """One class name per line (blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return tuple(line.strip() for line in f if line.strip())
+    except OSError as e:
+        raise DataError(path, f"cannot read class names ({e})") from None
+
+
+def _resolve_split_dir(root, split):
+    """root/images/<split> and root/annotations/<split>, accepting train/val aliases."""
+    for name in (split, SPLIT_ALIASES.get(split)):
+        if name and os.path.isdir(os.path.join(root, "images", name)):
+            return os.path.join(root, "images", name), os.path.join(root, "annotations", name)
+    images = os.path.join(root, "images")
+    found = sorted(os.listdir(images)) if os.path.isdir(images) else []
+    hint = f" (splits found: {', '.join(found)})" if found else (
+        f" ({images} does not exist)" if not os.path.isdir(images) else " (no splits found)")
+    raise DataError(os.path.join(root, "images", split),
+                    f"split folder {split!r} does not exist{hint}")
+
+
+class FolderSegmentation:
+    """Images + label PNGs in the ADEChallengeData2016 layout.
+
+    root/images/<split>/NAME.<jpg|png|...>, root/annotations/<split>/NAME.png; `split` may be
+    written 'train'/'val' or 'training'/'validation'.
+    num_classes: ids are 0..num_classes-1 (after reduce_zero_label).
+    ignore_index: label value excluded from loss and metrics (>= num_classes).
+    reduce_zero_label: raw 0 -> ignore_index, raw k -> k - 1 (ADE20K). A raw value equal to
+        ignore_index stays ignore_index (mmseg would turn a raw 255 into 254).
+    class_names: a sequence, a path to a text file (one name per line), or None for
+        root/classes.txt when it exists, else 'class0', 'class1', ...
+    palette: num_classes RGB triples, or None for mmseg's seeded random palette.
+    """
+
+    def __init__(self, root, split, num_classes, ignore_index=255, reduce_zero_label=False,
+                 class_names=None, palette=None, image_suffixes=IMAGE_SUFFIXES,
+                 label_suffix=".png"):
+        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(ignore_index, (int, np.integer)) or ignore_index < 0:
+            raise ValueError(f"ignore_index must be a non-negative int (labels are stored as "
+                             f"non-negative ids), got {ignore_index!r}")
+        if ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} is a valid class id for "
+                             f"num_classes={num_classes}; it must be >= num_classes")
+        self.root = str(root)
+        self.split = split
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.reduce_zero_label = bool(reduce_zero_label)
+        self.image_dir, self.label_dir = _resolve_split_dir(self.root, split)
+        self.image_paths, self.label_paths = self._pair_files(image_suffixes, label_suffix)
+        self.names = [os.path.splitext(os.path.basename(p))[0] for p in self.image_paths]
+        self.class_names = self._class_names(class_names)
+        if palette is None:
+            palette = random_palette(self.num_classes)
+        if len(palette) != self.num_classes:
+            raise ValueError(f"palette has {len(palette)} colours, expected num_classes="
+                             f"{self.num_classes}")
+        self.palette = tuple(tuple(int(v) for v in c) for c in palette)
+        self._luts = {}
+
+    # ---------------------------------------------------------------- listing
+    def _pair_files(self, image_suffixes, label_suffix):
+        suffixes = tuple(s.lower() for s in image_suffixes)
+        images = {}
+        for f in sorted(os.listdir(self.image_dir)):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() not in suffixes or f.startswith("."):
+                continue
+            if stem in images:
+                raise DataError(os.path.join(self.image_dir, f),
+                                f"two images named {stem!r} ({os.path.basename(images[stem])} "
+                                f"and {f}); names must be unique")
+            images[stem] = os.path.join(self.image_dir, f)
+        if not images:
+            raise DataError(self.image_dir, f"no images ({', '.join(suffixes)}) in the split "
+                                            f"folder")
+        if not os.path.isdir(self.label_dir):
+            raise DataError(self.label_dir, "annotation folder for this split does not exist")
+        labels = {}
+        for f in sorted(os.listdir(self.label_dir)):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() == label_suffix and not f.startswith("."):
+                labels[stem] = os.path.join(self.label_dir, f)
+        for stem, path in images.items():
+            if stem not in labels:
+                raise DataError(path, f"image has no label "
+                                      f"{os.path.join(self.label_dir, stem + label_suffix)}")
+        for stem, path in labels.items():
+            if stem not in images:
+                raise DataError(path, f"label has no image {stem}.* in {self.image_dir}")
+        stems = sorted(images)
+        return [images[s] for s in stems], [labels[s] for s in stems]
+
+    def _class_names(self, class_names):
+        if class_names is None:
+            default = os.path.join(self.root, "classes.txt")
+            if os.path.isfile(default):
+                class_names = default
+        if isinstance(class_names, (str, os.PathLike)):
+            path = class_names
+            class_names = read_class_names(path)
+            if len(class_names) != self.num_classes:
+                raise DataError(path, f"{len(class_names)} class names, expected num_classes="
+                                      f"{self.num_classes}")
+        if class_names is None:
+            return tuple(f"class{i}" for i in range(self.num_classes))
+        if len(class_names) != self.num_classes:
+            raise ValueError(f"{len(class_names)} class names given, expected num_classes="
+                             f"{self.num_classes}")
+        return tuple(str(n) for n in class_names)
+
+    # ---------------------------------------------------------------- labels
+    @property
+    def label_dtype(self):
+        """Compact dtype holding every class id and ignore_index."""
+        return np.uint8 if self.ignore_index <= 255 else np.int32
+
+    def _lut(self, size):
+        """raw id -> (label, valid) lookup tables over raw values 0..size-1."""
+        if size not in self._luts:
+            raw = np.arange(size, dtype=np.int64)
+            mapped = raw - 1 if self.reduce_zero_label else raw.copy()
+            if self.reduce_zero_label:
+                mapped[0] = self.ignore_index
+            if self.ignore_index < size:
+                mapped[self.ignore_index] = self.ignore_index
+            valid = (mapped < self.num_classes) | (mapped == self.ignore_index)
+            mapped[~valid] = self.ignore_index
+            self._luts[size] = (mapped.astype(self.label_dtype), valid)
+        return self._luts[size]
+
+    def convert_label(self, raw, path="<label>"):
+        """Raw ids -> class ids (reduce_zero_label), checking every value. Compact dtype."""
+        if raw.dtype == np.uint8:
+            size = 256
+        else:
+            lo, hi = int(raw.min()), int(raw.max())
+            if lo < 0:
+                raise DataError(path, f"negative label value {lo}")
+            size = 65536 if hi < 65536 else hi + 1
+            if size > 1 << 24:
+                raise DataError(path, f"label value {hi} is far outside [0, {self.num_classes})")
+        mapped, valid = self._lut(size)
+        counts = np.bincount(raw.ravel(), minlength=size)
+        bad = np.nonzero((counts > 0) & ~valid)[0]
+        if len(bad):
+            shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            rule = (" after reduce_zero_label (raw 0 -> ignore, raw k -> k-1)"
+                    if self.reduce_zero_label else "")
+            raise DataError(path, f"label values [{shown}] ({int(counts[bad].sum())} pixels) "
+                                  f"are outside [0, {self.num_classes}){rule} and not "
+                                  f"ignore_index {self.ignore_index}")
+        return mapped[raw]
+
+    # ---------------------------------------------------------------- items
+    def __len__(self):
+        return len(self.image_paths)
+
+    def load(self, index):
+        """(image (H, W, 3) uint8, label (H, W) compact dtype, name); raises DataError."""
+        image_path, label_path = self.image_paths[index], self.label_paths[index]
+        image = read_image(image_path)
+        raw = read_label(label_path)
+        if image.shape[:2] != raw.shape:
+            raise DataError(label_path, f"label size {raw.shape[1]}x{raw.shape[0]} (WxH) does "
+                                        f"not match image {image_path} size "
+                                        f"{image.shape[1]}x{image.shape[0]}")
+        return image, self.convert_label(raw, label_path), self.names[index]
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        image, label, name = self.load(index % len(self))
+        return image, label.astype(np.int64), name
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, "
+                f"samples={len(self)}, num_classes={self.num_classes}, "
+                f"ignore_index={self.ignore_index}, reduce_zero_label={self.reduce_zero_label})")
+
+
+class ADE20K(FolderSegmentation):
+    """ADE20K SceneParsing (ADEChallengeData2016): 150 classes, .jpg images, reduce_zero_label.
+
+    root: the ADEChallengeData2016 folder (or its parent). split: 'training'/'validation'
+    (or 'train'/'val').
+    """
+
+    def __init__(self, root, split):
+        root = str(root)
+        nested = os.path.join(root, "ADEChallengeData2016")
+        if not os.path.isdir(os.path.join(root, "images")) and os.path.isdir(nested):
+            root = nested
+        super().__init__(root, split, num_classes=150, ignore_index=255, reduce_zero_label=True,
+                         class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE,
+                         image_suffixes=(".jpg",))
+
+
+def build_dataset(name, root=None, split="training", num_classes=None, ignore_index=255,
+                  reduce_zero_label=None, synthetic_size=(128, 160), synthetic_samples=None,
+                  seed=0, class_names=None):
+    """A raw dataset by name: 'ade20k', 'folder' or 'synthetic'.
+
+    ade20k: root = ADEChallengeData2016 (num_classes / reduce_zero_label, if given, must be
+        150 / True). folder: num_classes required. synthetic: root ignored; num_classes
+        default 8; synthetic_samples default 512 for training, 64 for other splits; the split
+        name is part of the seed, so training and validation scenes differ.
+    """
+    if name == "ade20k":
+        if root is None:
+            raise ValueError("dataset 'ade20k' needs root (the ADEChallengeData2016 folder)")
+        if num_classes not in (None, 150):
+            raise ValueError(f"ADE20K has 150 classes, got num_classes={num_classes}")
+        if reduce_zero_label is False:
+            raise ValueError("ADE20K labels always use reduce_zero_label (0 = unlabelled)")
+        if ignore_index != 255:
+            raise ValueError(f"ADE20K uses ignore_index 255, got {ignore_index}")
+        return ADE20K(root, split)
+    if name == "folder":
+        if root is None or num_classes is None:
+            raise ValueError("dataset 'folder' needs root and num_classes")
+        return FolderSegmentation(root, split, num_classes, ignore_index=ignore_index,
+                                  reduce_zero_label=bool(reduce_zero_label),
+                                  class_names=class_names)
+    if name == "synthetic":
+        from .synthetic import SyntheticSegmentation
+
+        if synthetic_samples is None:
+            synthetic_samples = 512 if split in ("train", "training") else 64
+        return SyntheticSegmentation(synthetic_samples, size=synthetic_size,
+                                     num_classes=8 if num_classes is None else num_classes,
+                                     seed=seed, split=split, ignore_index=ignore_index)
+    raise ValueError(f"unknown dataset {name!r}; expected 'ade20k', 'folder' or 'synthetic'")

@@ -1,0 +1,152 @@
+"""What the DataLoader indexes: training samples by global position, evaluation samples.
+
+Training is indexed by a global sample position p = 0, 1, 2, ... (never by dataset index): the
+sample at p is dataset item permutation(seed, epoch = p // N)[p % N], transformed with an RNG
+seeded by (seed, p). So the data a run sees is a pure function of (seed, p): the same on any
+worker count, rank count or restart, and a run resumed at iteration k (start_pos = k * global
+batch) continues with exactly the samples it would have seen.
+"""
+
+import logging
+
+import numpy as np
+import torch
+
+from .datasets import DataError
+from .transforms import check_crop_size, eval_transform, to_pair, train_transform
+
+log = logging.getLogger("setr.data")
+
+_PERM_TAG, _AUG_TAG = 0x9E3, 0xA06
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """mmseg's ADE20K training pipeline over a raw dataset, indexed by global position.
+
+    dataset: a raw dataset (items (image uint8 (H, W, 3), label (H, W), name)).
+    crop_size: int or (h, w), multiples of patch_size. scale, ratio_range, cat_max_ratio: the
+    Resize / RandomCrop parameters (mmseg: (2048, 512), (0.5, 2.0), 0.75).
+    skip_corrupt: on a DataError (unreadable / inconsistent sample) log a warning naming the
+    file and use the next dataset item instead; otherwise raise.
+    Item `pos` -> (image float32 (3, ch, cw) normalized, padded with 0; label int64 (ch, cw)
+    padded with ignore_index).
+    """
+
+    def __init__(self, dataset, crop_size, seed, scale=(2048, 512), ratio_range=(0.5, 2.0),
+                 cat_max_ratio=0.75, skip_corrupt=False, patch_size=16):
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        lo, hi = ratio_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio_range must be 0 < lo <= hi, got {ratio_range}")
+        self.dataset = dataset
+        self.crop_size = check_crop_size(crop_size, patch_size)
+        self.seed = int(seed)
+        self.scale = to_pair(scale, "scale")
+        self.ratio_range = (float(lo), float(hi))
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.skip_corrupt = bool(skip_corrupt)
+        self.ignore_index = dataset.ignore_index
+        self.num_classes = dataset.num_classes
+        self.skipped = 0  # corrupt samples skipped by this process
+        self._perm_epoch, self._perm = None, None
+
+    def __len__(self):
+        return 1 << 62
+
+    def dataset_index(self, pos):
+        """Dataset item at global position `pos`."""
+        epoch, k = divmod(int(pos), len(self.dataset))
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([_PERM_TAG, self.seed, epoch])
+            self._perm, self._perm_epoch = rng.permutation(len(self.dataset)), epoch
+        return int(self._perm[k])
+
+    def _load(self, index, pos):
+        n = len(self.dataset)
+        load = getattr(self.dataset, "load", self.dataset.__getitem__)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                return load(i)
+            except DataError as e:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped += 1
+                log.warning("skipping corrupt sample %s (dataset item %d, position %d): %s",
+                            e.path, i, pos, e.problem)
+        raise DataError(getattr(self.dataset, "root", "<dataset>"),
+                        f"all {n} samples failed to load")
+
+    def __getitem__(self, pos):
+        if pos < 0:
+            raise IndexError(f"sample positions are >= 0, got {pos}")
+        image, label, _ = self._load(self.dataset_index(pos), pos)
+        rng = np.random.default_rng([_AUG_TAG, self.seed, int(pos)])
+        return train_transform(image, label, rng, self.crop_size, self.scale, self.ratio_range,
+                               self.cat_max_ratio, ignore_index=self.ignore_index)
+
+
+class PositionSampler(torch.utils.data.Sampler):
+    """Infinite sampler of global sample positions for one rank.
+
+    Global batch of iteration it: positions [it * G, (it + 1) * G) with
+    G = batch_per_rank * world_size * accum_steps; micro-step m of rank r takes
+    it * G + (m * world_size + r) * batch_per_rank + [0, batch_per_rank). Yields single
+    positions in the order this rank consumes them, starting with the iteration that contains
+    start_pos: use with DataLoader(batch_size=batch_per_rank, sampler=...). Resume at
+    iteration k with start_pos = k * G.
+    """
+
+    def __init__(self, start_pos, rank, world_size, batch_per_rank, accum_steps=1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={world_size}")
+        if batch_per_rank < 1 or accum_steps < 1 or start_pos < 0:
+            raise ValueError(f"need batch_per_rank >= 1, accum_steps >= 1, start_pos >= 0; got "
+                             f"{batch_per_rank}, {accum_steps}, {start_pos}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.batch_per_rank, self.accum_steps = int(batch_per_rank), int(accum_steps)
+        self.global_batch = self.batch_per_rank * self.world_size * self.accum_steps
+        self.start_iter = int(start_pos) // self.global_batch
+
+    def micro_batch(self, it, micro):
+        """Positions of this rank's micro-batch `micro` of iteration `it`."""
+        first = it * self.global_batch + (micro * self.world_size + self.rank) * self.batch_per_rank
+        return list(range(first, first + self.batch_per_rank))
+
+    def __iter__(self):
+        it = self.start_iter
+        while True:
+            for micro in range(self.accum_steps):
+                yield from self.micro_batch(it, micro)
+            it += 1
+
+
+class EvalSamples(torch.utils.data.Dataset):
+    """mmseg's test pipeline over a raw dataset.
+
+    Item i -> (image float32 (3, h', w'): keep-ratio rescaled into `scale` and normalized,
+    label int64 (H, W) at the original size, name). `raw(i)` gives the dataset item itself
+    (for multi-scale + flip testing, which rescales the original image).
+    """
+
+    def __init__(self, dataset, scale=(2048, 512)):
+        self.dataset = dataset
+        self.scale = to_pair(scale, "scale")
+        self.num_classes = dataset.num_classes
+        self.ignore_index = dataset.ignore_index
+        self.class_names = dataset.class_names
+        self.palette = dataset.palette
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def raw(self, index):
+        return self.dataset[index]
+
+    def __getitem__(self, index):
+        image, label, name = self.dataset[index]
+        return eval_transform(image, self.scale), torch.from_numpy(label), name

@@ -1,0 +1,246 @@
+"""Segment images with a trained SETR and write what a person looks at.
+
+    python -m setr.predict IMAGES... --checkpoint CKPT [--head pup] [--out DIR]
+        [--backbone vit_large] [--num-classes N] [--mode slide|whole] [--aug] [--device cuda]
+
+Per image: <stem>_label.png (class ids as pixel values, with the class palette attached so a
+viewer shows colours) and <stem>_overlay.png (the image blended 50% with the class colours),
+both at the original image size. Checkpoints: our single-file export (head, backbone, classes
+and names read from its meta) or a plain mmseg SETR checkpoint (head, backbone and number of
+classes inferred from its keys unless given). Test pipeline and inference as mmseg's ADE20K
+config: keep-ratio rescale into (2048, 512), sliding 512 windows at stride 341, or --aug for
+multi-scale (0.5-1.75) + flip.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from setr.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE
+from setr.data.datasets import DataError, random_palette, read_image
+from setr.data.transforms import check_crop_size, eval_transform
+from setr.inference import MS_RATIOS, aug_inference, inference
+
+
+class PredictError(Exception):
+    """A problem the user must fix (bad checkpoint, option, output folder)."""
+
+
+def _load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise PredictError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PredictError(f"checkpoint {path}: not a readable PyTorch checkpoint "
+                           f"({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise PredictError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) and "head" in obj["meta"] else {}
+    state = obj
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            state = obj[key]
+            break
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return obj, dict(meta), state
+
+
+def _infer_from_keys(state):
+    """(head, embed_dims, num_classes, img_size) guessed from a plain mmseg state dict."""
+    head = None
+    if any(k.startswith("neck.") for k in state):
+        head = "mla"
+    elif "decode_head.up_convs.3.0.conv.weight" in state:
+        head = "pup"
+    elif "decode_head.up_convs.0.0.conv.weight" in state:
+        head = "naive"
+    w = state.get("backbone.patch_embed.projection.weight")
+    dims = int(w.shape[0]) if isinstance(w, torch.Tensor) else None
+    w = state.get("decode_head.conv_seg.weight")
+    num_classes = int(w.shape[0]) if isinstance(w, torch.Tensor) else None
+    pos = state.get("backbone.pos_embed")
+    img_size = None
+    if isinstance(pos, torch.Tensor) and pos.dim() == 3:
+        side = int(round((pos.shape[1] - 1) ** 0.5))
+        if side * side == pos.shape[1] - 1:
+            img_size = side * 16
+    return head, dims, num_classes, img_size
+
+
+def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="cpu",
+                impl="eager"):
+    """Build and strictly load the model of a checkpoint.
+
+    Returns (model in eval mode on device, info dict with head, backbone, num_classes,
+    img_size, class_names, palette).
+    """
+    import setr
+    from setr.vit import VIT_CONFIGS
+
+    obj, meta, state = _load_checkpoint(checkpoint)
+    key_head, dims, key_classes, key_img = _infer_from_keys(state)
+    if head is not None and meta.get("head") not in (None, head):
+        raise PredictError(f"checkpoint {checkpoint} holds a {meta['head']!r} model, --head is "
+                           f"{head!r}")
+    head = head or meta.get("head") or key_head
+    if head is None:
+        raise PredictError(f"checkpoint {checkpoint}: cannot tell the head from its keys; pass "
+                           f"--head naive|pup|mla")
+    if backbone is None:
+        backbone = meta.get("backbone")
+    if backbone is None:
+        matches = [n for n, c in VIT_CONFIGS.items() if c["embed_dims"] == dims]
+        backbone = matches[0] if len(matches) == 1 else "vit_large"
+    if num_classes is None:
+        num_classes = meta.get("num_classes") or key_classes or 150
+    img_size = meta.get("img_size") or key_img or 512
+    if isinstance(img_size, list):
+        img_size = tuple(img_size)
+    kwargs = {k: meta[k] for k in ("patch_bias", "ignore_index") if k in meta}
+    try:
+        model = setr.build_setr(head, backbone=backbone, num_classes=num_classes,
+                                img_size=img_size, impl=impl, **kwargs)
+        setr.load_mmseg_checkpoint(model, obj, strict=True)
+    except ValueError as e:
+        report = str(e).replace("\n  (pass strict=False to load the matching keys anyway)", "")  # API-only advice
+        raise PredictError(f"checkpoint {checkpoint}: cannot load into a {head!r} {backbone} "
+                           f"model with {num_classes} classes:\n{report}") from None
+    class_names = meta.get("class_names")
+    palette = meta.get("palette")
+    if class_names is None and num_classes == 150:
+        class_names = ADE20K_CLASSES
+    if palette is None:
+        palette = ADE20K_PALETTE if num_classes == 150 else random_palette(num_classes)
+    info = dict(head=head, backbone=backbone, num_classes=num_classes, img_size=img_size,
+                class_names=class_names, palette=palette,
+                eval=meta.get("eval") if isinstance(meta.get("eval"), dict) else {})
+    return model.to(device).eval(), info
+
+
+def colorize(label, palette):
+    """(H, W) class ids -> (H, W, 3) uint8 colours; ids outside the palette are black."""
+    table = np.zeros((max(len(palette), int(label.max()) + 1), 3), dtype=np.uint8)
+    table[:len(palette)] = np.asarray(palette, dtype=np.uint8)
+    return table[label]
+
+
+def save_outputs(image, label, palette, out_dir, stem):
+    """Write <stem>_label.png and <stem>_overlay.png; returns their paths.
+
+    image: (H, W, 3) uint8; label: (H, W) class ids.
+    """
+    label_path = os.path.join(out_dir, f"{stem}_label.png")
+    overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
+    if len(palette) <= 256:
+        im = Image.fromarray(label.astype(np.uint8))  # mode L: the ids themselves
+        flat = np.zeros((256, 3), dtype=np.uint8)
+        flat[:len(palette)] = np.asarray(palette, dtype=np.uint8)
+        im.putpalette(flat.ravel().tolist())  # L -> P, pixel values unchanged
+    else:
+        im = Image.fromarray(label.astype(np.uint16))
+    im.save(label_path)
+    colour = colorize(label, palette)
+    overlay = (image.astype(np.uint16) + colour.astype(np.uint16) + 1) // 2
+    Image.fromarray(overlay.astype(np.uint8)).save(overlay_path)
+    return label_path, overlay_path
+
+
+def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(2048, 512),
+                  crop_size=(512, 512), stride=(341, 341)):
+    """(H, W) uint8/int64 class ids of one uint8 (H, W, 3) RGB image."""
+    out_size = image.shape[:2]
+    if aug:
+        probs = aug_inference(model, image, num_classes, out_size, scale, MS_RATIOS, True, mode,
+                              crop_size, stride)
+    else:
+        probs = inference(model, eval_transform(image, scale), num_classes, out_size, mode,
+                          crop_size, stride)
+    return probs.argmax(dim=1)[0].cpu().numpy()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m setr.predict", description=__doc__.split("\n")[0])
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="exported or mmseg SETR checkpoint")
+    p.add_argument("--head", choices=("naive", "pup", "mla"), default=None,
+                   help="decode head (default: from the checkpoint)")
+    p.add_argument("--backbone", choices=("vit_large", "vit_base", "vit_tiny"), default=None,
+                   help="default: from the checkpoint, else vit_large")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: from the checkpoint, else 150")
+    p.add_argument("--mode", choices=("slide", "whole"), default=None,
+                   help="default: the checkpoint's evaluation mode, else slide")
+    p.add_argument("--aug", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    p.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="test scale, keep ratio (default: the checkpoint's, else 2048 512)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="slide window (default: the checkpoint's, else its img_size, else 512)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="slide stride (default: the checkpoint's, else 2/3 crop)")
+    p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--impl", choices=("eager", "sdpa", "triton"), default="sdpa",
+                   help="op implementations (default sdpa)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise PredictError(f"--device {device}: CUDA is not available")
+        stems = {}
+        for path in args.images:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if stem in stems:
+                raise PredictError(f"images {stems[stem]} and {path} would write the same "
+                                   f"outputs {stem}_*.png; rename one")
+            stems[stem] = path
+        model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes,
+                                  device, args.impl)
+        os.makedirs(args.out, exist_ok=True)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # test pipeline: flags, else what the exported checkpoint was evaluated with, else mmseg's
+    saved = info["eval"]
+    img_size = info["img_size"]
+    mode = args.mode or saved.get("mode", "slide")
+    scale = tuple(args.scale or saved.get("scale", (2048, 512)))
+    crop = args.crop_size or max(saved.get("crop_size") or [img_size if isinstance(img_size, int) else max(img_size)])
+    stride = args.stride or (max(saved["stride"]) if args.crop_size is None and saved.get("stride")
+                             else max(crop * 2 // 3, 1))
+    try:
+        check_crop_size(crop, name="--crop-size")
+        if not 0 < stride <= crop:
+            raise ValueError(f"--stride must be in [1, crop size {crop}], got {stride}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in args.images:
+        try:
+            image = read_image(path)
+        except DataError as e:
+            print(f"error: cannot read image {e.path}: {e.problem}", file=sys.stderr)
+            failed += 1
+            continue
+        label = predict_image(model, image, info["num_classes"], mode, args.aug,
+                              scale, (crop, crop), (stride, stride))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        outs = save_outputs(image, label, info["palette"], args.out, stem)
+        print(f"{path}: {' '.join(outs)}")
+    if failed:
+        print(f"{failed} of {len(args.images)} images failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
