@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Launch SETR training on this node with torchrun; extra arguments go to train/main.py.
+#
+#   ./run_train.sh --head pup --data-root /data/ADEChallengeData2016 --pretrained vit_large_p16_384.pth
+#   NGPU=1 ./run_train.sh --head mla --preset mla_b8 --data-root ...
+#   LOG_RANK=0,1 ./run_train.sh --head pup --dataset synthetic        # console output of ranks 0 and 1
+#
+# Multi-node: run on every node with NNODES=<nodes> RDZV_ENDPOINT=<host of node 0>:29500
+# (c10d rendezvous; the --work-dir must be on storage all nodes share).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ -z "${NGPU:-}" ]; then
+    NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 2)")  # no GPU: 2 CPU processes
+fi
+NNODES=${NNODES:-1}
+export LOG_RANK=${LOG_RANK:-0}
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
+
+if [ "$NNODES" -gt 1 ]; then
+    : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous (node 0) for a multi-node run}"
+    exec torchrun --nnodes="$NNODES" --nproc_per_node="$NGPU" --rdzv_backend=c10d \
+        --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-setr}" train/main.py "$@"
+fi
+exec torchrun --standalone --nproc_per_node="$NGPU" train/main.py "$@"

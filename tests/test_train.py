@@ -1,0 +1,463 @@
+"""Training engine: config and presets, optimizer groups and schedule, synchronized BN,
+checkpoints, the step function, and short real runs (2-process gloo FSDP via torchrun)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import setr
+from train import checkpoint as ckpt
+from train.config import ConfigError, config_from_dict, get_preset, parse_config
+from train.parallelize import SyncBatchNorm2d, convert_sync_batchnorm
+from train.trainer import PolyLR, param_groups
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO, "train", "main.py")
+# A tiny, fast run: ViT-tiny, 64x64 crops, a small synthetic split, every step logged.
+BASE = ["--head", "pup", "--preset", "demo", "--deterministic", "--log-interval", "1", "--eval-interval", "0",
+        "--num-workers", "0", "--metrics.progress_bar", "off"]
+TINY = BASE + ["--data.synthetic_train_samples", "32", "--data.synthetic_val_samples", "4"]
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, head, lr, batch", [("naive", "naive", 0.01, 16), ("pup", "pup", 0.001, 16),
+                                                   ("mla", "mla", 0.001, 16), ("mla_b8", "mla", 0.001, 8)])
+def test_presets_are_mmseg_recipes(name, head, lr, batch):
+    cfg = get_preset(name)
+    assert (cfg.model.head, cfg.model.backbone, cfg.model.num_classes) == (head, "vit_large", 150)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.head_lr_mult) == (lr, 0.9, 0.0, 10)
+    assert (cfg.schedule.batch_size, cfg.schedule.max_iters) == (batch, 160000)
+    assert (cfg.schedule.poly_power, cfg.schedule.min_lr, cfg.optim.clip_grad) == (0.9, 1e-4, 0.0)
+    assert cfg.data.crop_size == (512, 512) and cfg.data.scale == (2048, 512) and cfg.data.dataset == "ade20k"
+    assert cfg.eval.stride == (341, 341) and cfg.eval.mode == "slide"
+    assert cfg.parallel.precision == "bf16" and cfg.parallel.sync_bn
+
+
+def test_preset_choice_overrides_and_roundtrip(tmp_path):
+    cfg = parse_config(["--head", "mla"], cuda_available=True)
+    assert cfg.preset == "mla" and cfg.schedule.batch_size == 16
+    cfg = parse_config(["--head", "mla"], cuda_available=False)
+    assert cfg.preset == "demo" and cfg.model.head == "mla" and "demo" in cfg.notes[0]
+    assert cfg.model.backbone == "vit_tiny" and cfg.data.dataset == "synthetic"
+    cfg = parse_config(["--head", "naive", "--preset", "pup", "--lr", "0.5", "--batch-size", "4", "--crop-size",
+                        "32", "--optim.momentum", "0.8", "--activation-checkpointing", "--compile", "false",
+                        "--resume", "auto", "--data.synthetic_size", "48,64", "--precision", "fp32"],
+                       cuda_available=False)
+    assert cfg.preset == "pup" and cfg.model.head == "naive"
+    assert (cfg.optim.lr, cfg.schedule.batch_size, cfg.data.crop_size, cfg.optim.momentum) == (0.5, 4, (32, 32), 0.8)
+    assert cfg.parallel.activation_checkpointing is True and cfg.parallel.compile is False
+    assert cfg.checkpoint.resume == "auto" and cfg.data.synthetic_size == (48, 64)
+    cfg.save(tmp_path / "config.json")
+    assert config_from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def _demo(**changes):
+    cfg = get_preset("demo")
+    for dotted, value in changes.items():
+        section, field = dotted.split("__")
+        setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+@pytest.mark.parametrize("changes, world, message", [
+    (dict(data__crop_size=(64, 72)), 1, "multiples of the patch size 16"),
+    (dict(eval__crop_size=(8, 8)), 1, "multiples of the patch size 16"),
+    (dict(schedule__batch_size=8), 3, "not divisible by the world size 3"),
+    (dict(schedule__micro_batch_size=3), 2, "must divide the per-rank batch 4"),
+    (dict(data__dataset="ade20k", model__num_classes=150), 1, "--data-root is required"),
+    (dict(data__dataset="folder", data__root="/no/such/dir"), 1, "no such directory"),
+    (dict(data__root="/data/ADEChallengeData2016"), 1, "not used by --dataset synthetic"),
+    (dict(model__head="fpn"), 1, "unknown model.head"),
+    (dict(model__ignore_index=3), 1, "ignore_index"),
+    (dict(checkpoint__resume="/no/such/ckpt"), 1, "no such checkpoint"),
+    (dict(model__pretrained="/no/such.pth"), 1, "--pretrained"),
+])
+def test_bad_config_is_a_clear_error(changes, world, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        _demo(**changes).validate(world)
+
+
+def test_unknown_preset_and_head_on_the_command_line(capsys):
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("pup_b4")
+    with pytest.raises(SystemExit):
+        parse_config(["--head", "fpn"], cuda_available=False)
+    assert "invalid choice: 'fpn'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer groups and schedule
+# ------------------------------------------------------------------------------------------------
+
+def test_param_groups_head_x10_and_mla_neck_at_base_lr():
+    model = setr.build_setr("mla", backbone="vit_tiny", num_classes=5, img_size=64)
+    groups = param_groups(model, 0.001, 10.0)
+    assert [g["lr"] for g in groups] == [0.001, 0.01]
+    names = {id(p): n for n, p in model.named_parameters()}
+    base = {names[id(p)] for p in groups[0]["params"]}
+    head = {names[id(p)] for p in groups[1]["params"]}
+    assert all(n.startswith(("decode_head.", "auxiliary_head.")) for n in head)
+    assert any(n.startswith("neck.") for n in base) and any(n.startswith("backbone.") for n in base)
+    assert len(base) + len(head) == len(names)
+
+
+def test_poly_lr_matches_mmseg_formula_and_resumes():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.01}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1}])
+    sched = PolyLR(opt, max_iters=100, power=0.9, min_lr=1e-4)
+    assert sched.get_last_lr() == [0.01, 0.1]  # the first step runs at lr0
+    for _ in range(40):
+        sched.step()
+    expect = [(lr0 - 1e-4) * (1 - 40 / 100) ** 0.9 + 1e-4 for lr0 in (0.01, 0.1)]
+    assert sched.get_last_lr() == pytest.approx(expect, rel=1e-12)
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([{"params": [p], "lr": 0.01}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1}])
+    sched2 = PolyLR(opt2, 100, 0.9, 1e-4)
+    sched2.load_state_dict(state)
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    for _ in range(60):
+        sched.step()
+    assert sched.get_last_lr() == pytest.approx([1e-4, 1e-4])
+
+
+# ------------------------------------------------------------------------------------------------
+# synchronized BatchNorm
+# ------------------------------------------------------------------------------------------------
+
+def _bn_reference(x, target, weight, bias):
+    bn = nn.BatchNorm2d(x.shape[1]).double()
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    x = x.clone().requires_grad_(True)
+    (bn(x) * target).sum().backward()
+    return x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
+
+
+def _sync_bn_worker(rank, world, init_file, x, target, weight, bias, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        n = x.shape[0] // world
+        bn = SyncBatchNorm2d(x.shape[1]).double()
+        with torch.no_grad():
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+        xr = x[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        y = bn(xr)
+        (y * target[rank * n:(rank + 1) * n]).sum().backward()
+        gw, gb = bn.weight.grad.clone(), bn.bias.grad.clone()
+        dist.all_reduce(gw)
+        dist.all_reduce(gb)
+        torch.save({"y": y.detach(), "gx": xr.grad, "gw": gw, "gb": gb, "rm": bn.running_mean,
+                    "rv": bn.running_var, "n": bn.num_batches_tracked}, f"{out}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_bn_two_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, 7, 3, dtype=torch.float64) * 3 + 1
+    target = torch.randn_like(x)
+    weight, bias = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    gx, gw, gb, rm, rv = _bn_reference(x, target, weight, bias)
+    out = str(tmp_path / "rank")
+    mp.spawn(_sync_bn_worker, args=(2, str(tmp_path / "init"), x, target, weight, bias, out), nprocs=2)
+    r0, r1 = torch.load(out + "0.pt"), torch.load(out + "1.pt")
+    ref_y = nn.functional.batch_norm(x, None, None, weight, bias, True)
+    torch.testing.assert_close(torch.cat([r0["y"], r1["y"]]), ref_y)
+    torch.testing.assert_close(torch.cat([r0["gx"], r1["gx"]]), gx)
+    torch.testing.assert_close(r0["gw"], gw)
+    torch.testing.assert_close(r0["gb"], gb)
+    for r in (r0, r1):  # running stats: momentum 0.1, unbiased variance over the global batch
+        torch.testing.assert_close(r["rm"], rm)
+        torch.testing.assert_close(r["rv"], rv)
+        assert int(r["n"]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sync_bn_single_process_equals_batchnorm(dtype):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    ref = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    ref.load_state_dict(model.state_dict())
+    convert_sync_batchnorm(model)
+    assert isinstance(model[1], SyncBatchNorm2d) and list(model.state_dict()) == list(ref.state_dict())
+    x = torch.randn(3, 3, 5, 6)
+    y = model.to(dtype)(x.to(dtype))
+    y_ref = ref(x)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    y.float().square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(model[1].weight.grad.float(), ref[1].weight.grad, **(tol or dict(atol=1e-5, rtol=1e-5)))
+    torch.testing.assert_close(model[1].running_var.float(), ref[1].running_var, **tol)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x.to(dtype)).float(), ref(x), **tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints (files) and the step function (in-process, world size 1)
+# ------------------------------------------------------------------------------------------------
+
+def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in [("iter_00000010", True), ("iter_00000020", True), ("iter_00000030", False),
+                           ("iter_00000040.tmp", True)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / ckpt.META).write_text(json.dumps({"iteration": int(name[5:13]), "model": {}}))
+    assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
+    (root / ckpt.LATEST).write_text("iter_00000010")  # stale pointer: the newer complete one wins
+    assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
+    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000020")
+    assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
+    assert ckpt.resolve_resume(str(tmp_path), "unused") == str(root / "iter_00000020")
+    with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
+        ckpt.resolve_resume(str(root / "iter_00000030"), tmp_path)
+    (root / "iter_00000020" / ckpt.META).write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable"):
+        ckpt.read_meta(str(root / "iter_00000020"))
+
+
+@pytest.fixture
+def single_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _trainer(tmp_path, log_lines, **changes):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from train.parallelize import parallelize
+    from train.trainer import Trainer, build_data, build_model, eval_copy
+
+    class ListLog:
+        def info(self, msg):
+            log_lines.append(msg)
+
+        warning = info
+
+        def event(self, *args, **kwargs):
+            pass
+
+        def progress(self, *args, **kwargs):
+            pass
+
+    cfg = parse_config(TINY + ["--work-dir", str(tmp_path)], cuda_available=False)
+    for dotted, value in changes.items():
+        section, field = dotted.split("__")
+        setattr(getattr(cfg, section), field, value)
+    cfg.validate(1)
+    log, device = ListLog(), torch.device("cpu")
+    model = build_model(cfg, device, log)
+    eval_model = eval_copy(model)
+    model = parallelize(model, cfg, init_device_mesh("cpu", (1,)))
+    return Trainer(cfg, model, eval_model, build_data(cfg), device, log)
+
+
+def _batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 64, 64, generator=g), torch.randint(0, 8, (n, 64, 64), generator=g)
+
+
+def test_step_accumulation_normalizes_by_micro_batches(tmp_path, single_process_group):
+    x, y = _batch(2)
+    one = _trainer(tmp_path / "a", [], schedule__batch_size=2)
+    two = _trainer(tmp_path / "b", [], schedule__batch_size=4, schedule__micro_batch_size=2)
+    assert (one.accum_steps, two.accum_steps) == (1, 2)
+    out1 = one.train_step([(x, y)])
+    out2 = two.train_step([(x, y), (x, y)])  # twice the same micro-batch: the same mean gradient
+    assert out1["applied"] and out2["applied"]
+    assert out2["loss"] == pytest.approx(out1["loss"], rel=1e-6)
+    assert out2["grad_norm"] == pytest.approx(out1["grad_norm"], rel=1e-5)
+    for (name, p1), p2 in zip(one.model.named_parameters(), two.model.parameters()):
+        torch.testing.assert_close(p2.full_tensor(), p1.full_tensor(), atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, single_process_group):
+    lines = []
+    trainer = _trainer(tmp_path, lines, schedule__batch_size=2)
+    before = [p.full_tensor().clone() for p in trainer.model.parameters()]
+    buffers = [b.clone() for b in trainer.model.buffers()]
+    assert len(trainer.bn_buffers) > 0
+    x, y = _batch(2)
+    x[0, 0, 0, 0] = float("nan")
+    out = trainer.train_step([(x, y)])
+    assert not out["applied"] and not math.isfinite(out["loss"])
+    assert trainer.scheduler.last_iter == 1  # the iteration is consumed, the weights are not touched
+    for b, p in zip(before, trainer.model.parameters()):
+        assert torch.equal(b, p.full_tensor())
+    for b, now in zip(buffers, trainer.model.buffers()):  # nor the BatchNorm running statistics
+        assert torch.equal(b, now)
+    assert trainer.train_step([_batch(2, seed=1)])["applied"]
+
+
+def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
+    batch = _batch(2)
+    free = _trainer(tmp_path / "free", [], schedule__batch_size=2)
+    clipped = _trainer(tmp_path / "clip", [], schedule__batch_size=2, optim__clip_grad=0.01)
+    before = torch.cat([p.full_tensor().flatten() for p in free.model.parameters()])
+    norm = free.train_step([batch])["grad_norm"]
+    assert clipped.train_step([batch])["grad_norm"] == pytest.approx(norm)  # reported before clipping
+    assert norm > 0.01
+    d_free = torch.cat([p.full_tensor().flatten() for p in free.model.parameters()]) - before
+    d_clip = torch.cat([p.full_tensor().flatten() for p in clipped.model.parameters()]) - before
+    assert (d_clip.norm() / d_free.norm()).item() == pytest.approx(0.01 / norm, rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(d_clip, d_free, dim=0).item() > 0.9999
+
+
+def test_checkpoint_of_another_head_or_corrupt_is_refused(tmp_path, single_process_group):
+    trainer = _trainer(tmp_path / "run", [], schedule__batch_size=2)
+    trainer.train_step([_batch(2)])
+    trainer.iteration = 1
+    trainer.save_checkpoint()
+    path = ckpt.iteration_dir(str(tmp_path / "run"), 1)
+    assert ckpt.latest_checkpoint(str(tmp_path / "run")) == path
+    assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "meta.json", "rng_rank0.pt"]
+    other = _trainer(tmp_path / "other", [], schedule__batch_size=2, model__head="naive",
+                     checkpoint__resume=path)
+    with pytest.raises(ckpt.CheckpointError, match="another model .*head: checkpoint 'pup' vs this run 'naive'"):
+        other.resume()
+    same = _trainer(tmp_path / "same", [], schedule__batch_size=2, checkpoint__resume=path)
+    same.resume()
+    assert same.iteration == 1 and same.scheduler.last_iter == 1
+    for p, q in zip(trainer.model.parameters(), same.model.parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor())
+    with open(os.path.join(path, "__0_0.distcp"), "r+b") as f:  # damage the shard file
+        f.truncate(100)
+    broken = _trainer(tmp_path / "broken", [], schedule__batch_size=2, checkpoint__resume=path)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or incomplete"):
+        broken.resume()
+
+
+def test_main_reports_bad_input_before_work(tmp_path, capsys):
+    from train.main import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(TINY + ["--work-dir", str(blocker / "run")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    assert main(TINY + ["--work-dir", str(tmp_path / "x"), "--dataset", "folder", "--num-classes", "11",
+                        "--ignore-index", "11", "--data-root", str(tmp_path / "nothing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(TINY + ["--work-dir", str(tmp_path / "y"), "--dataset", "folder", "--num-classes", "11",
+                        "--ignore-index", "11", "--data-root", str(empty)]) == 2
+    assert "split folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# real runs: torchrun, 2 processes, gloo FSDP
+# ------------------------------------------------------------------------------------------------
+
+def _run(args, nproc=2, timeout=240):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", MAIN]
+    else:
+        cmd = [sys.executable, MAIN]
+    proc = subprocess.run(cmd + args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(work_dir):
+    with open(os.path.join(work_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["iter"]: r["loss"] for r in records if r["event"] == "train"}, records
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """6 iterations of the demo model on 2 gloo ranks, checkpoints at 3 and 6."""
+    work = tmp_path_factory.mktemp("fsdp2") / "run"
+    proc = _run(TINY + ["--max-iters", "6", "--ckpt-interval", "3", "--work-dir", str(work)])
+    return str(work), proc
+
+
+def test_two_rank_fsdp_demo_run(two_rank_run):
+    work, proc = two_rank_run
+    assert "no GPU" not in proc.stdout  # --preset given explicitly
+    assert "FSDP2 over 2 cpu rank(s) (gloo)" in proc.stdout
+    losses, records = _losses(work)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) == 1 and evals[0]["iter"] == 6 and 0 <= evals[0]["mIoU"] <= 100 and "loss" in evals[0]
+    assert json.load(open(os.path.join(work, "config.json")))["model"]["backbone"] == "vit_tiny"
+    assert [i for i, _ in ckpt.complete_checkpoints(work)] == [3, 6]
+    # the consolidated export loads strictly into a plain model and predicts
+    export = os.path.join(work, "model_final.pth")
+    meta = setr.read_checkpoint_meta(export)
+    assert (meta["head"], meta["backbone"], meta["num_classes"], meta["iteration"]) == ("pup", "vit_tiny", 8, 6)
+    model = setr.build_setr("pup", backbone="vit_tiny", num_classes=8, img_size=64)
+    setr.load_mmseg_checkpoint(model, export)
+    assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 64, 64)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(two_rank_run, tmp_path):
+    work, _ = two_rank_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(work, resumed, ignore=shutil.ignore_patterns("iter_00000006", "latest", "*.jsonl", "*.pth"))
+    proc = _run(TINY + ["--max-iters", "6", "--ckpt-interval", "3", "--work-dir", str(resumed), "--resume", "auto"])
+    assert "resumed from" in proc.stdout and "at iteration 3" in proc.stdout
+    full, _ = _losses(work)
+    part, _ = _losses(resumed)
+    assert sorted(part) == [4, 5, 6]
+    assert [part[i] for i in (4, 5, 6)] == [full[i] for i in (4, 5, 6)]  # exact equality
+    a = torch.load(os.path.join(work, "model_final.pth"))["state_dict"]
+    b = torch.load(os.path.join(resumed, "model_final.pth"))["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_world_size_1_and_2_give_the_same_first_step_loss(two_rank_run, tmp_path):
+    work, _ = two_rank_run
+    proc = _run(TINY + ["--max-iters", "1", "--work-dir", str(tmp_path / "ws1"), "--eval.at_end", "false",
+                        "--checkpoint.export", "false"], nproc=0)
+    assert "FSDP2 over 1 cpu rank(s)" in proc.stdout
+    ws1, _ = _losses(tmp_path / "ws1")
+    ws2, _ = _losses(work)
+    assert ws1[1] == pytest.approx(ws2[1], rel=1e-5, abs=0)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_activation_checkpointing_and_compile_give_the_same_step(tmp_path, single_process_group):
+    x, y = _batch(2)
+    plain = _trainer(tmp_path / "plain", [], schedule__batch_size=2)
+    fancy = _trainer(tmp_path / "fancy", [], schedule__batch_size=2, parallel__activation_checkpointing=True,
+                     parallel__compile=True)
+    names = [n for n, _ in fancy.model.named_parameters()]
+    assert any("_checkpoint_wrapped_module" in n for n in names) and any("_orig_mod" in n for n in names)
+    a, b = plain.train_step([(x, y)]), fancy.train_step([(x, y)])
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    fancy.sync_eval_model()  # state-dict names come out clean (no wrapper prefixes)
+    plain.sync_eval_model()
+    for (k, v), w in zip(plain.eval_model.state_dict().items(), fancy.eval_model.state_dict().values()):
+        torch.testing.assert_close(w, v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_learns_on_a_real_folder_dataset(shared_dir, tmp_path):
+    root = os.path.join(shared_dir, "data", "camvid_segnet_subset")
+    if not os.path.isdir(root):
+        pytest.skip(f"{root} not found")
+    _run(BASE + ["--dataset", "folder", "--data-root", root, "--num-classes", "11", "--ignore-index", "11",
+                 "--max-iters", "40", "--eval.at_end", "false", "--checkpoint.export", "false",
+                 "--ckpt-interval", "0", "--work-dir", str(tmp_path / "camvid")], nproc=0)
+    losses, _ = _losses(tmp_path / "camvid")
+    first, last = losses[1], sum(losses[i] for i in range(36, 41)) / 5
+    assert last < 0.7 * first, (first, last)
