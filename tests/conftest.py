@@ -15,6 +15,8 @@ SHARED = os.path.normpath(SHARED)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+    # numpy 2.2 deprecation inside triton 3.6's interpreter (not our code): thousands of lines of noise
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):
