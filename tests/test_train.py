@@ -423,6 +423,39 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(two_rank_run, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("launcher, signame", [("torchrun", "SIGTERM"), ("python", "SIGINT")])
+def test_a_stop_signal_writes_a_final_checkpoint_and_the_run_resumes(tmp_path, launcher, signame):
+    """SIGTERM to torchrun (forwarded to both ranks) or Ctrl-C to a plain process: the ranks stop
+    together after the current step, checkpoint it, exit cleanly; --resume auto continues."""
+    import signal
+    import time
+
+    work = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, MAIN]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN]
+    proc = subprocess.Popen(cmd + TINY + ["--max-iters", "100000", "--ckpt-interval", "0", "--work-dir", str(work)],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signame))
+    out, _ = proc.communicate(timeout=120)
+    # torchrun itself exits 1 after forwarding SIGTERM (its own SignalException); the workers must not fail
+    assert proc.returncode == 0 if launcher == "python" else "ChildFailedError" not in out, out[-3000:]
+    assert f"stopped by {signame}" in out
+    stopped_at = max(_losses(work)[0])
+    assert 3 <= stopped_at < 100000
+    assert ckpt.latest_checkpoint(str(work)).endswith(f"iter_{stopped_at:08d}")
+    proc = _run(TINY + ["--max-iters", str(stopped_at + 1), "--ckpt-interval", "0", "--work-dir", str(work),
+                        "--resume", "auto", "--eval.at_end", "false", "--checkpoint.export", "false"])
+    assert f"at iteration {stopped_at}" in proc.stdout
+    assert max(_losses(work)[0]) == stopped_at + 1
+
+
 def test_world_size_1_and_2_give_the_same_first_step_loss(two_rank_run, tmp_path):
     work, _ = two_rank_run
     proc = _run(TINY + ["--max-iters", "1", "--work-dir", str(tmp_path / "ws1"), "--eval.at_end", "false",
