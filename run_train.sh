@@ -8,7 +8,7 @@
 # Multi-node: run on every node with NNODES=<nodes> RDZV_ENDPOINT=<host of node 0>:29500
 # (c10d rendezvous; the --work-dir must be on storage all nodes share).
 set -euo pipefail
-cd "$(dirname "$0")"
+MAIN="$(dirname "$0")/train/main.py"  # relative paths in the arguments stay relative to the caller
 
 if [ -z "${NGPU:-}" ]; then
     NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 2)")  # no GPU: 2 CPU processes
@@ -20,6 +20,6 @@ export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 if [ "$NNODES" -gt 1 ]; then
     : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous (node 0) for a multi-node run}"
     exec torchrun --nnodes="$NNODES" --nproc_per_node="$NGPU" --rdzv_backend=c10d \
-        --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-setr}" train/main.py "$@"
+        --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-setr}" "$MAIN" "$@"
 fi
-exec torchrun --standalone --nproc_per_node="$NGPU" train/main.py "$@"
+exec torchrun --standalone --nproc_per_node="$NGPU" "$MAIN" "$@"

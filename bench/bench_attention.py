@@ -13,21 +13,20 @@ the timings mean nothing).
 
     python bench/bench_attention.py [--quick] [--out DIR]
 """
-import argparse
 import math
 import os
 import sys
 
+if __package__ in (None, ""):  # run as `python bench/bench_attention.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common
+from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # run our kernels, not the reference, on CPU
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import OURS, bench, default_device, on_gpu, peak_memory_mb, write_results  # noqa: E402
+common.interpret_kernels_on_cpu()
 from kernels.attention import attention_qkv_packed, merge_heads, split_heads  # noqa: E402
 from kernels.utils import use_triton  # noqa: E402
 
@@ -80,17 +79,11 @@ def providers():
 def shapes(quick):
     """(group, B, H, N, D) tuples."""
     if not on_gpu():
-        return [("setr", 1, 2, N, 32) for N in ((17, 64) if quick else (17, 64, 97))]
+        return [("setr", 1, 2, N, 32) for N in (17, 64)]
     if quick:
         return [("setr", 2, 16, N, 64) for N in (1024, 1025, 2305)] + [("sweep", SWEEP_BATCH, 16, 4096, 64)]
     out = [("setr", B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
     return out + [("sweep", SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS]
-
-
-def measure(fn, flops, quick):
-    ms, p20, p80 = bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quick=quick)
-    return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "tflops": flops / (ms * 1e-3) / 1e12,
-            "peak_mem_mb": peak_memory_mb(fn)}
 
 
 def bench_provider(name, fn, B, H, N, D, dtype, quick):
@@ -104,30 +97,12 @@ def bench_provider(name, fn, B, H, N, D, dtype, quick):
             "B": B, "H": H, "N": N, "D": D}
     if name == OURS:
         base["path"] = ("triton" if on_gpu() else "triton-interpreter") if use_triton(qkv) else "reference"
-    rows = []
     try:
-        out = fn(qkv, H)  # also checks that the provider runs at all
-        torch.autograd.grad(out, qkv, dout)
-    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not skipped
-        if on_gpu():
-            torch.cuda.empty_cache()
-        return [dict(base, mode=mode, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") for mode in flops]
-    for mode in flops:
-        try:
-            if mode == "fwd":
-                run = lambda: fn(qkv, H)
-            elif mode == "bwd":
-                out = fn(qkv, H)
-                run = lambda: torch.autograd.grad(out, qkv, dout, retain_graph=True)
-            else:
-                run = lambda: torch.autograd.grad(fn(qkv, H), qkv, dout)
-            rows.append(dict(base, mode=mode, **measure(run, flops[mode], quick)))
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(base, mode=mode, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
-        finally:
-            out = None
-            if on_gpu():
-                torch.cuda.empty_cache()
+        rows = time_modes(fn, (qkv, H), qkv, base, quick, grads=[dout], flops=flops, memory_modes=MODES)
+    except Exception as e:  # noqa: BLE001
+        rows = error_rows(base, e)
+    if on_gpu():
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -147,7 +122,7 @@ def run(quick=False):
 def plot(rows, path):
     import matplotlib.pyplot as plt
 
-    modes = ("fwd", "bwd", "fwd+bwd")
+    modes = MODES
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     sweep = [r for r in rows if r.get("group") == "sweep" and r.get("tflops")]
     if not sweep:  # no sweep in quick mode: plot what there is against N
@@ -168,14 +143,8 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few shapes, short timing")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
-    args = parser.parse_args()
-    rows = run(quick=args.quick)
-    for path in write_results(KERNEL, rows, COLUMNS, args.out, plot):
-        print("wrote", path)
+def main(argv=None):
+    common.kernel_bench_main(KERNEL, run, COLUMNS, plot, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

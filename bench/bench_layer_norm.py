@@ -9,16 +9,19 @@ saved float32 mean and rstd). Peers: "torch" (F.layer_norm, with x + residual fo
 variant), "apex" (FusedLayerNorm's fused_layer_norm_affine, reported with an error when not
 importable) and "torch.compile" (of our plain-PyTorch reference).
 """
-import argparse
 import os
 import sys
+
+if __package__ in (None, ""):  # run as `python bench/bench_layer_norm.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common
+from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
 
-from bench.common import OURS, bench, cpu_warning, default_device, on_gpu, peak_memory_mb, write_results  # noqa: E402
+common.interpret_kernels_on_cpu()
 from kernels.layer_norm import (  # noqa: E402
     add_layer_norm,
     add_layer_norm_reference,
@@ -30,7 +33,6 @@ EPS = 1e-6
 SETR_SHAPES = [(8, 1025, 1024), (16, 1025, 1024)]
 SWEEP_ROWS = 8200
 SWEEP_WIDTHS = [256, 512, 768, 1000, 1024, 1280, 1500, 2048, 4096, 8192]
-MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = (OURS, "torch", "apex", "torch.compile")
 COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
 
@@ -95,42 +97,20 @@ def run_case(kernel, shape, dtype, quick=False):
     w = (1 + 0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
     b = (0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
     inputs = [x, r, w, b] if kernel == "add_layer_norm" else [x, w, b]
+    traffic = {mode: traffic_bytes(kernel, mode, shape, dtype) for mode in MODES}
     rows = []
     for provider in PROVIDERS:
         base = dict(kernel=kernel, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""))
         try:
-            fn = make_fn(kernel, provider)
-            outs = fn(x, r, w, b)
-            grads = [torch.randn_like(o) for o in outs]
-
-            def fwd():
-                return fn(x, r, w, b)
-
-            def bwd():
-                return torch.autograd.grad(outs, inputs, grads, retain_graph=True)
-
-            def fwd_bwd():
-                return torch.autograd.grad(fn(x, r, w, b), inputs, grads)
-
-            for mode, f in zip(MODES, (fwd, bwd, fwd_bwd)):
-                ms, p20, p80 = bench(f, quick=quick)
-                row = dict(base, mode=mode, ms=ms, ms_p20=p20, ms_p80=p80,
-                           gbps=traffic_bytes(kernel, mode, shape, dtype) / (ms * 1e-3) / 1e9)
-                if mode == "fwd+bwd":
-                    row["peak_mem_mb"] = peak_memory_mb(f)
-                rows.append(row)
-            outs = grads = None  # free before the next provider runs
-        except Exception as e:  # a peer that cannot run is reported, never skipped silently
-            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            rows += [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+            rows += time_modes(make_fn(kernel, provider), (x, r, w, b), inputs, base, quick, bytes_moved=traffic)
+        except Exception as e:  # noqa: BLE001
+            rows += error_rows(base, e)
     return rows
 
 
 def cases(quick=False):
     if not on_gpu():
-        shapes = [(2, 65, 64)] if quick else SETR_SHAPES
-        dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
-        return [(k, s, d) for k in ("layer_norm", "add_layer_norm") for s in shapes for d in dtypes]
+        return [(k, (2, 65, 64), torch.float32) for k in ("layer_norm", "add_layer_norm")]
     if quick:
         return [(k, SETR_SHAPES[0], torch.bfloat16) for k in ("layer_norm", "add_layer_norm")]
     out = [(k, s, d) for k in ("layer_norm", "add_layer_norm") for s in SETR_SHAPES
@@ -141,8 +121,6 @@ def cases(quick=False):
 
 def run(quick=False):
     """All cases; returns the result rows (bench/common.py schema)."""
-    if not on_gpu():
-        print(f"WARNING: {cpu_warning()}")
     rows = []
     for kernel, shape, dtype in cases(quick):
         print(f"{kernel} {tuple(shape)} {dtype}", flush=True)
@@ -174,14 +152,8 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few small cases (seconds on CPU)")
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/<device>)")
-    args = parser.parse_args()
-    rows = run(quick=args.quick)
-    for path in write_results("layer_norm", rows, COLUMNS, args.out, plot):
-        print("wrote", path)
+def main(argv=None):
+    common.kernel_bench_main("layer_norm", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

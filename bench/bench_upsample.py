@@ -16,20 +16,19 @@ computes it) and "torch.compile" (of the same function).
 `--quick`: a few cases (tiny ones on CPU, where ours runs under the Triton interpreter and the
 timings mean nothing).
 """
-import argparse
 import os
 import sys
 
+if __package__ in (None, ""):  # run as `python bench/bench_upsample.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common
+from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # run our kernels, not the reference, on CPU
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import OURS, bench, cpu_warning, default_device, on_gpu, peak_memory_mb, write_results  # noqa: E402
+common.interpret_kernels_on_cpu()
 from kernels.upsample import upsample_bilinear, upsample_cross_entropy  # noqa: E402
 
 BATCH = 8
@@ -39,7 +38,6 @@ LOSS_CASES = ((128, 512), (256, 512))   # fused loss: logits side -> label side
 NUM_CLASSES = 150
 CHANNELS = 256
 IGNORE_INDEX = 255
-MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = (OURS, "torch", "torch.compile")
 COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
 
@@ -69,32 +67,6 @@ def make_fn(kernel, provider):
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
-def time_modes(fn, args, leaf, quick, base, traffic=None, memory=False):
-    """Rows for fwd, bwd and fwd+bwd of out = fn(*args), gradient w.r.t. leaf."""
-    out = fn(*args)
-    grad_out = torch.randn_like(out) if out.dim() else None
-
-    def fwd():
-        return fn(*args)
-
-    def bwd():
-        return torch.autograd.grad(out, leaf, grad_out, retain_graph=True)
-
-    def fwd_bwd():
-        return torch.autograd.grad(fn(*args), leaf, grad_out)
-
-    rows = []
-    for mode, f in zip(MODES, (fwd, bwd, fwd_bwd)):
-        ms, p20, p80 = bench(f, quick=quick)
-        row = dict(base, mode=mode, ms=ms, ms_p20=p20, ms_p80=p80)
-        if traffic is not None:
-            row["gbps"] = traffic[mode] / (ms * 1e-3) / 1e9
-        if memory or mode == "fwd+bwd":
-            row["peak_mem_mb"] = peak_memory_mb(f)
-        rows.append(row)
-    return rows
-
-
 def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, quick=False):
     device = default_device()
     kernel = "upsample_bilinear_nhwc" if channels_last else "upsample_bilinear"
@@ -110,11 +82,9 @@ def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, qui
         base = dict(kernel=kernel, provider=provider, shape=[batch, channels, hw, hw, size, size],
                     dtype=str(dtype).replace("torch.", ""))
         try:
-            fn = make_fn(kernel, provider)
-            rows += time_modes(fn, (x, (size, size)), x, quick, base, traffic=traffic)
-        except Exception as e:  # a peer that cannot run is reported, never skipped silently
-            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            rows += [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+            rows += time_modes(make_fn(kernel, provider), (x, (size, size)), x, base, quick, bytes_moved=traffic)
+        except Exception as e:  # noqa: BLE001
+            rows += error_rows(base, e)
     return rows
 
 
@@ -128,11 +98,10 @@ def run_loss_case(batch, classes, hw, size, dtype, quick=False):
         base = dict(kernel="upsample_cross_entropy", provider=provider, shape=[batch, classes, hw, hw, size, size],
                     dtype=str(dtype).replace("torch.", ""))
         try:
-            fn = make_fn("upsample_cross_entropy", provider)
-            rows += time_modes(fn, (logits, labels), logits, quick, base, memory=True)
-        except Exception as e:  # a peer that cannot run is reported, never skipped silently
-            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            rows += [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+            rows += time_modes(make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base, quick,
+                               memory_modes=MODES)
+        except Exception as e:  # noqa: BLE001
+            rows += error_rows(base, e)
     return rows
 
 
@@ -140,10 +109,7 @@ def cases(quick=False):
     """(kind, args) of every case: kind "upsample" (B, C, hw, size, dtype, channels_last) or
     "loss" (B, classes, hw, size, dtype)."""
     if not on_gpu():
-        if quick:
-            return [("upsample", (2, 8, 8, 16, torch.float32, False)), ("loss", (2, 19, 8, 32, torch.float32))]
-        return [("upsample", (2, 16, 16, 32, torch.float32, False)), ("upsample", (2, 16, 16, 32, torch.float32, True)),
-                ("loss", (2, 19, 16, 64, torch.float32))]
+        return [("upsample", (2, 8, 8, 16, torch.float32, False)), ("loss", (2, 19, 8, 32, torch.float32))]
     if quick:
         return [("upsample", (BATCH, CHANNELS, 64, 128, torch.bfloat16, False)),
                 ("loss", (BATCH, NUM_CLASSES, 128, 512, torch.bfloat16))]
@@ -159,8 +125,6 @@ def cases(quick=False):
 
 def run(quick=False):
     """All cases; returns the result rows (bench/common.py schema)."""
-    if not on_gpu():
-        print(f"WARNING: {cpu_warning()}")
     rows = []
     for kind, args in cases(quick):
         print(kind, *args, flush=True)
@@ -205,13 +169,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few small cases (seconds on CPU)")
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/<device>)")
-    args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
-    for path in write_results("upsample", rows, COLUMNS, args.out, plot):
-        print("wrote", path)
+    common.kernel_bench_main("upsample", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Every benchmark produces rows (plain dicts) with at least:
 `write_results` adds, for each row of ours, the speed ratio to every peer measured in the same
 run, and writes JSON + markdown (+ a PNG plot when matplotlib is importable).
 """
+import argparse
 import datetime
 import json
 import os
@@ -29,6 +30,34 @@ def default_device():
 
 def cpu_warning():
     return "no CUDA device: these timings come from the CPU (Triton interpreter / reference) and mean nothing"
+
+
+def print_cpu_warning():
+    if not on_gpu():
+        bar = "!" * 100
+        print(f"{bar}\n!! WARNING: {cpu_warning()}.\n!! This is a smoke test of the harness "
+              f"(tiny config); run on a GPU for real numbers.\n{bar}", flush=True)
+
+
+def interpret_kernels_on_cpu():
+    """Without CUDA, run our Triton kernels through the interpreter (as the tests do) rather than
+    their PyTorch references; TRITON_INTERPRET=0 keeps the references. Call before importing kernels."""
+    if not on_gpu():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def kernel_bench_main(name, run, columns, plot, description, argv=None):
+    """Command line of one kernel's benchmark script: run(quick) -> <out>/<name>.{json,md,png}.
+    Without a GPU the quick cases always (the CPU run is a smoke test)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a few cases, short timing (always on CPU)")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
+    args = parser.parse_args(argv)
+    print_cpu_warning()
+    rows = run(quick=args.quick or not on_gpu())
+    for path in write_results(name, rows, columns, args.out, plot):
+        print("wrote", path)
+    print_cpu_warning()
 
 
 def environment():
@@ -75,14 +104,16 @@ def _nvidia_driver():
         return None
 
 
-def bench(fn, warmup=25, rep=100, quick=False):
+def bench(fn, quick=False):
     """Median, 20th and 80th percentile time of fn() in milliseconds.
 
-    CUDA: triton.testing.do_bench (flushes L2 between runs). CPU: a few wall-clock repeats.
+    CUDA: triton.testing.do_bench (flushes L2 between runs; warm-up and measurement in ms, shorter
+    with quick). CPU: a few wall-clock repeats.
     """
     if on_gpu():
         import triton.testing
 
+        warmup, rep = (5, 20) if quick else (25, 100)
         p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return p50, p20, p80
     fn()
@@ -108,17 +139,63 @@ def peak_memory_mb(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def add_ratios(rows):
-    """For each row of ours: speedup over every peer row with the same kernel/mode/shape/dtype."""
-    key = lambda r: (r["kernel"], r["mode"], str(r["shape"]), r["dtype"])
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def time_modes(fn, args, leaves, base, quick=False, grads=None, bytes_moved=None, flops=None,
+               memory_modes=("fwd+bwd",)):
+    """One row per mode of outs = fn(*args): fwd (leaves require grad), bwd (of a kept forward) and
+    fwd+bwd, with gradients w.r.t. `leaves`. grads: the output gradients (random by default; None
+    for a scalar). bytes_moved / flops: {mode: count} for GB/s / TFLOP/s. peak_mem_mb for
+    memory_modes. A provider that cannot run raises: the caller turns that into error_rows."""
+    outs = fn(*args)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+    if grads is None:
+        grads = [torch.randn_like(o) if o.dim() else None for o in outs]
+
+    def fwd():
+        return fn(*args)
+
+    def bwd():
+        return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(*args), leaves, grads)
+
+    rows = []
+    for mode, f in zip(MODES, (fwd, bwd, fwd_bwd)):
+        ms, p20, p80 = bench(f, quick=quick)
+        row = dict(base, mode=mode, ms=ms, ms_p20=p20, ms_p80=p80)
+        if bytes_moved:
+            row["gbps"] = bytes_moved[mode] / (ms * 1e-3) / 1e9
+        if flops:
+            row["tflops"] = flops[mode] / (ms * 1e-3) / 1e12
+        if mode in memory_modes:
+            row["peak_mem_mb"] = peak_memory_mb(f)
+        rows.append(row)
+    return rows
+
+
+def error_rows(base, exc):
+    """A provider that could not run, reported in every mode (never skipped silently)."""
+    if on_gpu():
+        torch.cuda.empty_cache()
+    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+
+
+def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype"), metric="ms", field="speedup_vs"):
+    """For each row whose provider is in `ours`: row[field] = {peer: peer[metric] / row[metric]} over
+    every other row with the same `keys` (a time ratio is a speedup, a memory ratio a saving)."""
+    key = lambda r: tuple(str(r.get(k)) for k in keys)
     groups = {}
     for r in rows:
         groups.setdefault(key(r), []).append(r)
     for r in rows:
-        if r["provider"] != OURS or r.get("ms") is None:
+        if r["provider"] not in ours or not r.get(metric):
             continue
-        r["speedup_vs"] = {p["provider"]: round(p["ms"] / r["ms"], 3)
-                           for p in groups[key(r)] if p is not r and p.get("ms")}
+        r[field] = {p["provider"]: round(p[metric] / r[metric], 3)
+                    for p in groups[key(r)] if p is not r and p.get(metric)}
     return rows
 
 

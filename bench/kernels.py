@@ -21,15 +21,9 @@ import traceback
 if __package__ in (None, ""):  # run as `python bench/kernels.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
+from bench import common
 
-if not torch.cuda.is_available():
-    # On CPU our kernels run through the Triton interpreter (as in the tests) unless the caller
-    # set TRITON_INTERPRET=0; either way the timings mean nothing.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench import common  # noqa: E402
-from bench.train_step import print_cpu_warning  # noqa: E402
+common.interpret_kernels_on_cpu()  # before any kernel module is imported
 
 KERNEL_BENCHES = ("layer_norm", "attention", "upsample")  # bench/bench_<name>.py
 COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "tflops",
@@ -112,7 +106,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     on_cpu = not common.on_gpu()
-    print_cpu_warning(common.default_device())
+    common.print_cpu_warning()
     quick = args.quick or on_cpu
     rows = []
     for name in args.only:
@@ -121,7 +115,7 @@ def main(argv=None):
     paths = common.write_results("kernels", rows, COLUMNS, args.out, plot=plot)
     print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
     print("wrote " + ", ".join(paths))
-    print_cpu_warning(common.default_device())
+    common.print_cpu_warning()
     bad = failures(rows)
     for r in bad:
         print(f"FAILED: {r['bench']}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}")

@@ -33,8 +33,8 @@ import torch
 from bench import common
 from bench.train_step import (
     GIB, GOAL_BATCH, GOAL_GPU_GIB, GOAL_MEM_PER_IMAGE_GIB, HEADS, append_section, autocast, build_model,
-    error_text, free_memory, gpu_memory_gib, is_oom, make_batch, make_optimizer, ours_note, print_cpu_warning,
-    set_memory_limit, sync, train_step,
+    add_model_args, error_text, free_memory, gpu_memory_gib, is_oom, make_batch, make_optimizer, ours_note,
+    resolve_model_args, set_memory_limit, sync, train_step,
 )
 
 VARIANTS = ("eager", "sdpa", "triton")
@@ -207,17 +207,6 @@ def run_variant(head, variant, cfg, device, outdir):
     return [phase], sweep
 
 
-def add_savings(rows):
-    """mem_saving_vs for our rows: peer peak / our peak at the same mode and batch."""
-    for r in rows:
-        if r["provider"] != OURS or not r.get("peak_gib"):
-            continue
-        r["mem_saving_vs"] = {p["provider"]: round(p["peak_gib"] / r["peak_gib"], 3) for p in rows
-                              if p is not r and p["mode"] == r["mode"] and p["batch"] == r["batch"]
-                              and p.get("peak_gib")}
-    return rows
-
-
 def goal_lines(head, sweep_rows, device, gpu_gib):
     if device.type != "cuda":
         return ["- n/a: every goal (CPU run: no device memory is measured)"]
@@ -277,29 +266,18 @@ def plot_sweep(rows, path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--head", default="pup", choices=HEADS + ("all",))
-    p.add_argument("--backbone", default=None, help="vit_large (GPU default) | vit_base | vit_tiny (CPU default)")
-    p.add_argument("--img-size", type=int, default=None, help="square crop; 512 on GPU, 64 on CPU")
-    p.add_argument("--batch", type=int, default=None, help="batch of the phase measurement; 8 on GPU, 2 on CPU")
+    add_model_args(p)
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sweep; 1 2 4 8 16 on GPU")
-    p.add_argument("--num-classes", type=int, default=150)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16 = autocast over fp32 params")
     p.add_argument("--snapshot", action="store_true", help=f"write a snapshot pickle per variant for {MEMVIZ}")
-    p.add_argument("--memory-limit-gb", type=float, default=None, help="cap this process's GPU memory (GiB)")
-    p.add_argument("--quick", action="store_true", help="tiny config (vit_tiny, 64x64), any device")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
     return p.parse_args(argv)
 
 
 def resolve_config(args, device):
-    defaults = TINY if args.quick or device.type != "cuda" else FULL
-    cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
-    cfg.update(num_classes=args.num_classes, dtype=args.dtype, snapshot=args.snapshot)
-    if cfg["img_size"] % 16:
-        raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of the patch size 16")
-    if cfg["batch"] < 1 or min(cfg["batches"]) < 1:
-        raise ValueError(f"batch sizes must be >= 1, got --batch {cfg['batch']} --batches {cfg['batches']}")
+    cfg = resolve_model_args(args, device, TINY, FULL)
+    cfg["snapshot"] = args.snapshot
+    if min(cfg["batches"]) < 1:
+        raise ValueError(f"--batches must all be >= 1, got {cfg['batches']}")
     cfg["batches"] = sorted(set(cfg["batches"]))
     return cfg
 
@@ -308,7 +286,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.default_device()
     cfg = resolve_config(args, device)
-    print_cpu_warning(device)
+    common.print_cpu_warning()
     if device.type != "cuda":
         print("memory: no CUDA device, so device memory (peaks, activations) is n/a; weights, grads and "
               "optimizer state are byte counts of the tensors" + ("; no snapshot" if args.snapshot else ""))
@@ -327,8 +305,8 @@ def main(argv=None):
             p, s = run_variant(head, variant, cfg, device, outdir)
             phases += p
             sweep += s
-        add_savings(phases)
-        add_savings(sweep)
+        for rows in (phases, sweep):  # peer peak / our peak at the same mode and batch
+            common.add_ratios(rows, ours=(OURS,), keys=("mode", "batch"), metric="peak_gib", field="mem_saving_vs")
         paths = common.write_results(f"memory_{head}", phases, PHASE_COLUMNS, outdir)
         sweep_paths = common.write_results(f"memory_sweep_{head}", sweep, SWEEP_COLUMNS, outdir, plot=plot_sweep)
         note = ["GB = 2^30 bytes. activations = forward peak - (weights + optimizer state + inputs)."]
@@ -343,7 +321,7 @@ def main(argv=None):
         print("wrote " + ", ".join(paths + sweep_paths))
         failed += [f"{head}/{r['provider']}/{r['mode']}/b{r['batch']}" for r in phases + sweep
                    if "error" in r and not r["error"].startswith("OOM")]
-    print_cpu_warning(device)
+    common.print_cpu_warning()
     if failed:
         print("FAILED: " + ", ".join(failed))
         return 1

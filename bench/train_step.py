@@ -19,7 +19,7 @@ eager+compile and triton+compile (torch.compile of the whole model; a variant th
 "error" field in its rows instead of stopping the run).
 
 Reported per variant: step time, images/s, achieved TFLOP/s and MFU from the analytic FLOPs
-(3 x model.forward_flops, against the GPU's dense bf16 peak; each variant counts the FLOPs it
+(3 x model.forward_flops, against the GPU's dense peak for the dtype; each variant counts the FLOPs it
 performs, so ours, which classifies before the last upsample, is credited ~7% fewer FLOPs for
 naive/PUP: its MFU is conservative), the first and last step's loss, peak allocated memory, the
 inference speed (eval mode, whole image, batch 1) and with --find-max-batch the largest batch
@@ -52,22 +52,13 @@ if __package__ in (None, ""):  # run as `python bench/train_step.py`: make the r
 import torch
 
 from bench import common
+from train.config import get_preset
+from train.trainer import param_groups, peak_flops
 
 VARIANTS = ("eager", "sdpa", "triton", "eager+compile", "triton+compile")
 OURS = ("triton", "triton+compile")
 HEADS = ("naive", "pup", "mla")
 GIB = 2**30
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s by GPU name; first substring match wins.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-)
 
 # Goals checked on a GPU run (DESIGN.md headline targets).
 GOAL_SPEEDUP_EAGER = 1.5
@@ -82,16 +73,6 @@ FULL = dict(backbone="vit_large", img_size=512, batch=8, steps=20, warmup=5, max
 
 
 # --- shared helpers (also used by bench/memory.py) -----------------------------------------
-
-def peak_flops(gpu_name):
-    """Dense bf16 peak FLOP/s of a GPU named like torch.cuda.get_device_name(), None if unknown."""
-    if not gpu_name:
-        return None
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in gpu_name:
-            return flops
-    return None
-
 
 def sync(device):
     if device.type == "cuda":
@@ -139,13 +120,11 @@ def build_model(head, backbone, impl, img_size, num_classes, device):
     return model.train()
 
 
-def make_optimizer(model, head, momentum=0.9):
-    """mmseg's SGD: lr 0.01 (naive) / 0.001, x10 for names containing "head", weight decay 0."""
-    lr = 0.01 if head == "naive" else 0.001
-    head_params = [p for n, p in model.named_parameters() if "head" in n]
-    other = [p for n, p in model.named_parameters() if "head" not in n]
-    return torch.optim.SGD([{"params": other, "lr": lr}, {"params": head_params, "lr": 10 * lr}],
-                           lr=lr, momentum=momentum, weight_decay=0.0)
+def make_optimizer(model, head):
+    """mmseg's SGD for this head's preset (the training engine's own parameter groups)."""
+    optim = get_preset(head).optim
+    return torch.optim.SGD(param_groups(model, optim.lr, optim.head_lr_mult), lr=optim.lr,
+                           momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 def autocast(device, dtype):
@@ -163,10 +142,8 @@ def train_step(runner, optimizer, images, labels, device, dtype):
     return loss.detach()
 
 
-def time_steps(fn, steps, warmup, device):
-    """Median, 20th and 80th percentile wall time of fn() in ms, synchronized, after warm-up."""
-    for _ in range(warmup):
-        fn()
+def time_steps(fn, steps, device):
+    """Median, 20th and 80th percentile wall time of fn() in ms, each call synchronized."""
     sync(device)
     times = []
     for _ in range(steps):
@@ -271,7 +248,7 @@ def run_variant(head, variant, cfg, device):
             ips = cfg["batch"] * 1e3 / train["ms"]
             train["images_per_s"] = ips
             train["tflops"] = flops_per_image * ips / 1e12
-            peak = peak_flops(cfg["gpu"])
+            peak = peak_flops(cfg["gpu"], cfg["dtype"])
             train["mfu"] = flops_per_image * ips / peak if peak and device.type == "cuda" else None
             if train.get("peak_mem_gib") is not None:
                 train["mem_per_image_gib"] = train["peak_mem_gib"] / cfg["batch"]
@@ -328,20 +305,11 @@ def _measure(row, fn, cfg, device):
         if device.type == "cuda":  # steady-state peak: after warm-up (and autotuning) steps
             sync(device)
             torch.cuda.reset_peak_memory_stats(device)
-        row["ms"], row["ms_p20"], row["ms_p80"] = time_steps(fn, cfg["steps"], 0, device)
+        row["ms"], row["ms_p20"], row["ms_p80"] = time_steps(fn, cfg["steps"], device)
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     except Exception as e:  # noqa: BLE001
         row["error"] = f"OOM at batch {row['batch']}" if is_oom(e) else error_text(e)
         row.pop("ms", None)
-
-
-def add_speedups(rows):
-    """speedup_vs for each row of ours: peer ms / our ms, same mode, every other variant."""
-    for r in rows:
-        if r["provider"] in OURS and r.get("ms"):
-            r["speedup_vs"] = {p["provider"]: round(p["ms"] / r["ms"], 3) for p in rows
-                               if p is not r and p["mode"] == r["mode"] and p.get("ms")}
-    return rows
 
 
 # --- goals -----------------------------------------------------------------------------------
@@ -430,38 +398,52 @@ def append_section(md_path, title, lines):
         f.write("\n## " + title + "\n\n" + "\n".join(lines) + "\n")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(p):
+    """The flags bench/train_step.py and bench/memory.py share: what model, batch and precision."""
     p.add_argument("--head", default="pup", choices=HEADS + ("all",))
     p.add_argument("--backbone", default=None, help="vit_large (GPU default) | vit_base | vit_tiny (CPU default)")
-    p.add_argument("--img-size", type=int, default=None, help="square crop; 512 on GPU, 64 on CPU")
+    p.add_argument("--img-size", type=int, default=None, help="square crop; 512 on GPU, 32 on CPU")
     p.add_argument("--batch", type=int, default=None, help="8 on GPU, 2 on CPU")
     p.add_argument("--num-classes", type=int, default=150)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16 = autocast over fp32 params")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="cap this process's GPU memory (GiB), e.g. 80 to check the 80 GB goal on an H200")
+    p.add_argument("--quick", action="store_true", help="tiny config (vit_tiny, 32x32), any device")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
+
+
+def resolve_model_args(args, device, tiny, full):
+    """The script's defaults (`tiny` on CPU or with --quick, else `full`) overridden by the flags
+    given, plus num_classes and dtype; checks the crop and the batch."""
+    defaults = tiny if args.quick or device.type != "cuda" else full
+    cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
+    cfg.update(num_classes=args.num_classes, dtype=args.dtype)
+    if cfg["img_size"] % 16:
+        raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of the patch size 16")
+    if cfg["batch"] < 1:
+        raise ValueError(f"--batch must be >= 1, got {cfg['batch']}")
+    return cfg
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=None, help="timed steps (median); 20 on GPU")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16 = autocast over fp32 params")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend; inductor on GPU, aot_eager on CPU (inductor takes minutes there)")
     p.add_argument("--find-max-batch", action="store_true", help="also find the largest batch that fits")
     p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (64 on GPU)")
-    p.add_argument("--memory-limit-gb", type=float, default=None,
-                   help="cap this process's GPU memory (GiB), e.g. 80 to check the 80 GB goal on an H200")
-    p.add_argument("--quick", action="store_true", help="tiny config (vit_tiny, 64x64, 3 steps), any device")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
     return p.parse_args(argv)
 
 
 def resolve_config(args, device):
-    """Fill the defaults that depend on the device (tiny on CPU or with --quick)."""
-    defaults = TINY if args.quick or device.type != "cuda" else FULL
-    cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
-    cfg.update(num_classes=args.num_classes, dtype=args.dtype, find_max_batch=args.find_max_batch,
+    cfg = resolve_model_args(args, device, TINY, FULL)
+    cfg.update(find_max_batch=args.find_max_batch,
                compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    if cfg["img_size"] % 16:
-        raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of the patch size 16")
-    for k in ("batch", "steps", "max_batch"):
+    for k in ("steps", "max_batch"):
         if cfg[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
     return cfg
@@ -488,18 +470,11 @@ def ours_note(device):
             "(TRITON_INTERPRET=1 runs our Triton kernels through the interpreter instead, slowly)")
 
 
-def print_cpu_warning(device):
-    if device.type != "cuda":
-        bar = "!" * 100
-        print(f"{bar}\n!! WARNING: {common.cpu_warning()}.\n!! This is a smoke test of the harness "
-              f"(tiny config); run on a GPU for real numbers.\n{bar}", flush=True)
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = common.default_device()
     cfg = resolve_config(args, device)
-    print_cpu_warning(device)
+    common.print_cpu_warning()
     set_memory_limit(args.memory_limit_gb, device)
     outdir = args.out or common.results_dir()
     heads = HEADS if args.head == "all" else (args.head,)
@@ -513,7 +488,7 @@ def main(argv=None):
             print(f"[{head}] {variant} ...", flush=True)
             rows += run_variant(head, variant, cfg, device)
             free_memory()  # the variant's model and graphs are gone once run_variant returned
-        add_speedups(rows)
+        common.add_ratios(rows, ours=OURS, keys=("mode",))  # each variant of ours vs every other
         name = f"train_step_{head}"
         paths = common.write_results(name, rows, COLUMNS, outdir, plot=plot)
         goals = goal_lines(head, rows, device, gpu_memory_gib(device, args.memory_limit_gb))
@@ -523,7 +498,7 @@ def main(argv=None):
         print("wrote " + ", ".join(paths))
         failed += [f"{head}/{r['provider']}/{r['mode']}" for r in rows
                    if ("error" in r and not r["error"].startswith("OOM")) or "max_batch_error" in r]
-    print_cpu_warning(device)
+    common.print_cpu_warning()
     if failed:
         print("FAILED: " + ", ".join(failed))
         return 1

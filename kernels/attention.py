@@ -38,17 +38,16 @@ The forward and backward are registered as torch.library custom ops (namespace "
 with fake implementations, and wrapped in autograd Functions, so torch.compile traces the model
 through them without graph breaks.
 """
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import INTERPRET, check_float, use_triton
+from kernels.utils import INTERPRET, check_float, check_triton_op, device_guard, use_triton
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # --- autotuning configs ----------------------------------------------------------------------
@@ -191,7 +190,7 @@ def _attn_fwd_kernel(
 
     # normalize, write the output and the log-sum-exp (converted to natural log)
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    lse = (m_i + tl.math.log2(l_i)) / LOG2E
     tl.store(LSE + offs_m, lse, mask=row_mask)
     o = _cast(acc, O.dtype.element_ty, INTERP_BF16)
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], o, mask=row_mask[:, None])
@@ -243,7 +242,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, st
             delta = tl.load(delta_ptrs + start_m)
         # recompute the probabilities, transposed: P^T = exp2(k q^T * scale*log2e - lse*log2e)
         s_t = _dot(k, tl.trans(q), INTERP_BF16) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
+        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
         if MASK_M:
             p_t = tl.where((start_m + offs_m)[None, :] < Nq, p_t, 0.0)
         # dV += P^T dO
@@ -378,7 +377,7 @@ def _attn_bwd_dq_kernel(
     # Nq are zero (finite probabilities) and never stored, so the loop needs no query mask
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask[:, None], other=0.0)
-    lse2 = tl.load(LSE + offs_m, mask=row_mask, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + offs_m, mask=row_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
@@ -413,10 +412,6 @@ def _interp_bf16(t):
     return INTERPRET and t.dtype == torch.bfloat16
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def attention_fwd(q, k, v, scale):
     """Launch the forward kernel.
 
@@ -430,11 +425,11 @@ def attention_fwd(q, k, v, scale):
     out = torch.empty(B, Nq, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-    with _device_guard(q):
+    with device_guard(q):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            H, Nq, Nk, scale * LOG2E,
+            H, Nq, Nk, scale * LOG2E.value,
             HEAD_DIM=D, INTERP_BF16=_interp_bf16(q),
         )
     return out, lse
@@ -451,7 +446,7 @@ def attention_bwd(do, q, k, v, out, lse, scale, dq, dk, dv):
     Nk = k.shape[2]
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     interp_bf16 = _interp_bf16(q)
-    with _device_guard(q):
+    with device_guard(q):
         # delta = rowsum(dO * O)
         pre_block = 64
         _attn_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_block), B * H)](
@@ -463,7 +458,7 @@ def attention_bwd(do, q, k, v, out, lse, scale, dq, dk, dv):
         _attn_bwd_dkdv_kernel[grid_kv](
             q, k, v, do, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            H, Nq, Nk, scale * LOG2E, scale,
+            H, Nq, Nk, scale * LOG2E.value, scale,
             HEAD_DIM=D, INTERP_BF16=interp_bf16,
         )
         # dQ: programs over query blocks
@@ -471,7 +466,7 @@ def attention_bwd(do, q, k, v, out, lse, scale, dq, dk, dv):
         _attn_bwd_dq_kernel[grid_q](
             q, k, v, do, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, Nq, Nk, scale * LOG2E, scale,
+            H, Nq, Nk, scale * LOG2E.value, scale,
             HEAD_DIM=D, INTERP_BF16=interp_bf16,
         )
     return dq, dk, dv
@@ -496,6 +491,7 @@ def merge_heads(out):
 @torch.library.custom_op("setr_kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_triton_op("attention_fwd", "kernels.attention.attention", q, k, v)
     return attention_fwd(q, k, v, scale)
 
 
@@ -509,6 +505,7 @@ def _(q, k, v, scale):
 @torch.library.custom_op("setr_kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_triton_op("attention_bwd", "kernels.attention.attention", do, q, k, v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     dq = torch.empty(B, Nq, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -527,6 +524,7 @@ def _(do, q, k, v, out, lse, scale):
 
 @torch.library.custom_op("setr_kernels::attention_qkv_packed_fwd", mutates_args=())
 def _attention_packed_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_triton_op("attention_qkv_packed_fwd", "kernels.attention.attention_qkv_packed", qkv)
     q, k, v = split_heads(_unit_stride_last(qkv), num_heads)
     out, lse = attention_fwd(q, k, v, scale)  # out: (B, H, N, D) view of a (B, N, H, D) buffer
     return merge_heads(out), lse
@@ -541,6 +539,7 @@ def _(qkv, num_heads, scale):
 @torch.library.custom_op("setr_kernels::attention_qkv_packed_bwd", mutates_args=())
 def _attention_packed_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                              num_heads: int, scale: float) -> torch.Tensor:
+    check_triton_op("attention_qkv_packed_bwd", "kernels.attention.attention_qkv_packed", dout, qkv)
     B, N, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     q, k, v = split_heads(_unit_stride_last(qkv), num_heads)
@@ -625,8 +624,8 @@ def attention(q, k, v, scale=None):
     q: (B, H, Nq, D), k, v: (B, H, Nk, D): any strides with unit stride on D (others are copied to
     unit stride first), float32 / bfloat16 / float16, D in (32, 64, 128), Nq and Nk >= 1 and free.
     scale: defaults to 1 / sqrt(D).
-    Returns (B, H, Nq, D) in q's dtype: a `.transpose(1, 2)` view of a contiguous (B, Nq, H, D)
-    buffer. float32 runs TF32 matrix products on the GPU. CPU tensors without TRITON_INTERPRET=1
+    Returns (B, H, Nq, D) in q's dtype; on the Triton path a `.transpose(1, 2)` view of a contiguous
+    (B, Nq, H, D) buffer. float32 runs TF32 matrix products on the GPU. CPU tensors without TRITON_INTERPRET=1
     run `attention_reference`.
     """
     _check_inputs(q, k, v)
@@ -646,9 +645,10 @@ def attention_qkv_packed(qkv, num_heads, scale=None):
     Returns (B, N, H*D), contiguous, ready for the out-projection. The backward writes dq, dk, dv
     into one (B, N, 3*H*D) gradient buffer. Same dtypes, head dims and dispatch as `attention`.
     """
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
-        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f"attention_qkv_packed: qkv has shape {shape}; expected (B, N, 3*H*D)")
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"attention_qkv_packed: qkv must be a tensor (B, N, 3*H*D), got {type(qkv).__name__}")
+    if qkv.dim() != 3:
+        raise ValueError(f"attention_qkv_packed: qkv has shape {tuple(qkv.shape)}; expected (B, N, 3*H*D)")
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"attention_qkv_packed: num_heads={num_heads!r}; expected a positive int")
     B, N, C3 = qkv.shape

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import calculate_settings, check_float, num_sms, use_triton
+from kernels.utils import calculate_settings, check_float, check_triton_op, device_guard, num_sms, use_triton
 
 MAX_WIDTH = 8192            # widest row the backward holds in registers without spilling (sm_90, 16 warps)
 FWD_TILE = 1024             # forward: rows per program = max(1, FWD_TILE // next_pow2(C)); one row at C=1024
@@ -210,12 +210,13 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None):
         r2, h2 = x2, y2  # unused by the kernel when HAS_RESIDUAL is False
     if m > 0:
         block_n, block_m, num_warps = _fwd_settings(n)
-        _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-            x2, r2, h2, y2, weight, bias, mean, rstd,
-            x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
-            m, n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
+        with device_guard(x):
+            _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+                x2, r2, h2, y2, weight, bias, mean, rstd,
+                x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
+                m, n, eps,
+                HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            )
     if residual is not None:
         return h, y, mean, rstd
     return y, mean, rstd
@@ -225,7 +226,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dh=None):
     """dy, x, dh: (..., C); weight: (C,); mean, rstd: (...) float32.
 
     Returns (dx, dweight, dbias): dx (..., C) in x.dtype (plus dh when given), dweight and dbias
-    (C,) reduced in float32 and returned in weight.dtype.
+    (C,) in float32 (the caller casts each once, to its parameter's dtype).
     """
     n = x.shape[-1]
     x2 = _rows(x, n)
@@ -236,7 +237,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dh=None):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(-1, n)
     if m == 0:
-        zeros = torch.zeros(n, dtype=weight.dtype, device=x.device)
+        zeros = torch.zeros(n, dtype=torch.float32, device=x.device)
         return dx, zeros, zeros.clone()
     block_n, block_m, num_warps = _bwd_settings(n)
     tiles = triton.cdiv(m, block_m)
@@ -245,31 +246,23 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dh=None):
     programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    _layer_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight, mean, rstd, dh2, dx2, dw_partial, db_partial,
-        dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0),
-        m, n, rows_per_program,
-        HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    with device_guard(x):
+        _layer_norm_bwd_kernel[(programs,)](
+            dy2, x2, weight, mean, rstd, dh2, dx2, dw_partial, db_partial,
+            dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0),
+            m, n, rows_per_program,
+            HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
     # second stage: a fixed-order float32 sum over the partial rows (deterministic)
-    dw = dw_partial.sum(dim=0).to(weight.dtype)
-    db = db_partial.sum(dim=0).to(weight.dtype)
-    return dx, dw, db
+    return dx, dw_partial.sum(dim=0), db_partial.sum(dim=0)
 
 
 # --- torch.library custom ops (opaque to torch.compile, with shape-only fake versions) -----
 
-def _needs_triton(op, *tensors):
-    if not use_triton(*tensors):
-        raise RuntimeError(f"setr_kernels::{op} runs the Triton kernel: it needs CUDA tensors, or CPU tensors "
-                           "with TRITON_INTERPRET=1 (use kernels.layer_norm.layer_norm, which falls back to the "
-                           "PyTorch reference)")
-
-
 @torch.library.custom_op("setr_kernels::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _needs_triton("layer_norm_fwd", x, weight, bias)
+    check_triton_op("layer_norm_fwd", "kernels.layer_norm.layer_norm", x, weight, bias)
     return layer_norm_fwd(x, weight, bias, eps)
 
 
@@ -282,7 +275,7 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("setr_kernels::add_layer_norm_fwd", mutates_args=())
 def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _needs_triton("add_layer_norm_fwd", x, residual, weight, bias)
+    check_triton_op("add_layer_norm_fwd", "kernels.layer_norm.add_layer_norm", x, residual, weight, bias)
     return layer_norm_fwd(x, weight, bias, eps, residual=residual)
 
 
@@ -296,13 +289,14 @@ def _(x, residual, weight, bias, eps):
 def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                        rstd: torch.Tensor, dh: Optional[torch.Tensor]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _needs_triton("layer_norm_bwd", dy, x, weight, mean, rstd)
+    check_triton_op("layer_norm_bwd", "kernels.layer_norm.layer_norm", dy, x, weight, mean, rstd)
     return layer_norm_bwd(dy, x, weight, mean, rstd, dh)
 
 
 @_layer_norm_bwd_op.register_fake
 def _(dy, x, weight, mean, rstd, dh):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=torch.float32), \
+        weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 # --- autograd -----------------------------------------------------------------------------
@@ -319,7 +313,7 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = torch.ops.setr_kernels.layer_norm_bwd(dy, x, weight, mean, rstd, None)
-        return dx, dw, db.to(ctx.bias_dtype), None
+        return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype), None
 
 
 class AddLayerNormFunction(torch.autograd.Function):
@@ -339,14 +333,14 @@ class AddLayerNormFunction(torch.autograd.Function):
             dy = torch.zeros_like(h)
         # dh_total = dh + d layer_norm(h) / dh, written by the kernel in one pass; x and residual share it
         dh_total, dw, db = torch.ops.setr_kernels.layer_norm_bwd(dy, h, weight, mean, rstd, dh)
-        return dh_total, dh_total.to(ctx.residual_dtype), dw, db.to(ctx.bias_dtype), None
+        return dh_total, dh_total.to(ctx.residual_dtype), dw.to(weight.dtype), db.to(ctx.bias_dtype), None
 
 
 # --- public API ---------------------------------------------------------------------------
 
 def layer_norm(x, weight, bias, eps=1e-6):
-    """LayerNorm over the last dim. x: (..., C) float32/bfloat16/float16; weight, bias: (C,) of any
-    float dtype. Returns y (..., C) in x.dtype; gradients of weight/bias come back in their dtype."""
+    """LayerNorm over the last dim. x: (..., C) float32/bfloat16/float16; weight, bias: (C,), each
+    float32/bfloat16/float16. Returns y (..., C) in x.dtype; gradients of weight/bias come back in their dtype."""
     _check("layer_norm", x, weight, bias)
     if not use_triton(x, weight, bias):
         return layer_norm_reference(x, weight, bias, eps)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.utils import INTERPRET, check_float, use_triton
+from kernels.utils import INTERPRET, check_float, check_triton_op, device_guard, use_triton
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -433,12 +433,13 @@ def upsample_bilinear_fwd(x, out_h, out_w, align_corners):
     x0, lx, _, _ = _axis_tables(W, out_w, align_corners, x.device)
     block_c, block_h, block_w, num_warps = _tile(C, out_h, out_w, cl, FWD_TILE)
     tiles = triton.cdiv(out_h, block_h) * triton.cdiv(out_w, block_w)
-    _upsample_fwd_kernel[(B * triton.cdiv(C, block_c) * tiles,)](
-        x, y, y0, ly, x0, lx,
-        C, H, W, out_h, out_w,
-        *x.stride(), *y.stride(),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
-    )
+    with device_guard(x):
+        _upsample_fwd_kernel[(B * triton.cdiv(C, block_c) * tiles,)](
+            x, y, y0, ly, x0, lx,
+            C, H, W, out_h, out_w,
+            *x.stride(), *y.stride(),
+            BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        )
     return y
 
 
@@ -452,12 +453,13 @@ def upsample_bilinear_bwd(dy, in_h, in_w, align_corners, channels_last):
     x0, lx, xs, win_x = _axis_tables(in_w, OW, align_corners, dy.device)
     block_c, block_h, block_w, num_warps = _tile(C, in_h, in_w, channels_last, BWD_TILE)
     tiles = triton.cdiv(in_h, block_h) * triton.cdiv(in_w, block_w)
-    _upsample_bwd_kernel[(B * triton.cdiv(C, block_c) * tiles,)](
-        dy, dx, y0, ly, x0, lx, ys, xs,
-        C, in_h, in_w, OH, OW,
-        *dy.stride(), *dx.stride(),
-        WIN_Y=win_y, WIN_X=win_x, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
-    )
+    with device_guard(dy):
+        _upsample_bwd_kernel[(B * triton.cdiv(C, block_c) * tiles,)](
+            dy, dx, y0, ly, x0, lx, ys, xs,
+            C, in_h, in_w, OH, OW,
+            *dy.stride(), *dx.stride(),
+            WIN_Y=win_y, WIN_X=win_x, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        )
     return dx
 
 
@@ -479,13 +481,14 @@ def upsample_cross_entropy_fwd(logits, labels, ignore_index, align_corners):
     programs = B * triton.cdiv(H, block_h) * triton.cdiv(W, block_w)
     loss_partial = torch.empty(programs, dtype=torch.float32, device=logits.device)
     count_partial = torch.empty((programs, 2), dtype=torch.int32, device=logits.device)
-    _upsample_ce_fwd_kernel[(programs,)](
-        logits, labels, lse, loss_partial, count_partial,
-        y0, ly, x0, lx,
-        C, h, w, H, W, ignore_index,
-        *logits.stride(),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
-    )
+    with device_guard(logits):
+        _upsample_ce_fwd_kernel[(programs,)](
+            logits, labels, lse, loss_partial, count_partial,
+            y0, ly, x0, lx,
+            C, h, w, H, W, ignore_index,
+            *logits.stride(),
+            BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
+        )
     # second stage: fixed-order sums of the per-program partials (deterministic)
     counts = count_partial.sum(dim=0, dtype=torch.int64)
     if counts[1].item() > 0:  # one tiny device-to-host copy: the price of a clear error
@@ -508,13 +511,14 @@ def upsample_cross_entropy_bwd(logits, labels, lse, scale, ignore_index, align_c
     x0, lx, xs, win_x = _axis_tables(w, W, align_corners, logits.device)
     block_c, block_h, block_w = _ce_tile(C, h, w, CE_BWD_BLOCK)
     grid = (B * triton.cdiv(h, block_h) * triton.cdiv(w, block_w) * triton.cdiv(C, block_c),)
-    _upsample_ce_bwd_kernel[grid](
-        logits, labels, lse, scale, dz,
-        y0, ly, x0, lx, ys, xs,
-        C, h, w, H, W, ignore_index,
-        *logits.stride(), *dz.stride(),
-        WIN_Y=win_y, WIN_X=win_x, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
-    )
+    with device_guard(logits):
+        _upsample_ce_bwd_kernel[grid](
+            logits, labels, lse, scale, dz,
+            y0, ly, x0, lx, ys, xs,
+            C, h, w, H, W, ignore_index,
+            *logits.stride(), *dz.stride(),
+            WIN_Y=win_y, WIN_X=win_x, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
+        )
     return dz
 
 
@@ -582,16 +586,9 @@ def _check_loss_inputs(name, logits, labels, reduction):
 
 # --- torch.library custom ops (opaque to torch.compile, with shape-only fake versions) -----
 
-def _needs_triton(op, *tensors):
-    if not use_triton(*tensors):
-        raise RuntimeError(f"setr_kernels::{op} runs the Triton kernel: it needs CUDA tensors, or CPU tensors "
-                           "with TRITON_INTERPRET=1 (use kernels.upsample.upsample_bilinear / "
-                           "upsample_cross_entropy, which fall back to the PyTorch reference)")
-
-
 @torch.library.custom_op("setr_kernels::upsample_bilinear_fwd", mutates_args=())
 def _upsample_fwd_op(x: torch.Tensor, out_h: int, out_w: int, align_corners: bool) -> torch.Tensor:
-    _needs_triton("upsample_bilinear_fwd", x)
+    check_triton_op("upsample_bilinear_fwd", "kernels.upsample.upsample_bilinear", x)
     return upsample_bilinear_fwd(x, out_h, out_w, align_corners)
 
 
@@ -603,7 +600,7 @@ def _(x, out_h, out_w, align_corners):
 @torch.library.custom_op("setr_kernels::upsample_bilinear_bwd", mutates_args=())
 def _upsample_bwd_op(dy: torch.Tensor, in_h: int, in_w: int, align_corners: bool,
                      channels_last: bool) -> torch.Tensor:
-    _needs_triton("upsample_bilinear_bwd", dy)
+    check_triton_op("upsample_bilinear_bwd", "kernels.upsample.upsample_bilinear", dy)
     return upsample_bilinear_bwd(dy, in_h, in_w, align_corners, channels_last)
 
 
@@ -615,7 +612,7 @@ def _(dy, in_h, in_w, align_corners, channels_last):
 @torch.library.custom_op("setr_kernels::upsample_cross_entropy_fwd", mutates_args=())
 def _upsample_ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                         align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _needs_triton("upsample_cross_entropy_fwd", logits, labels)
+    check_triton_op("upsample_cross_entropy_fwd", "kernels.upsample.upsample_cross_entropy", logits, labels)
     return upsample_cross_entropy_fwd(logits, labels, ignore_index, align_corners)
 
 
@@ -629,7 +626,8 @@ def _(logits, labels, ignore_index, align_corners):
 @torch.library.custom_op("setr_kernels::upsample_cross_entropy_bwd", mutates_args=())
 def _upsample_ce_bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
                         ignore_index: int, align_corners: bool) -> torch.Tensor:
-    _needs_triton("upsample_cross_entropy_bwd", logits, labels, lse, scale)
+    check_triton_op("upsample_cross_entropy_bwd", "kernels.upsample.upsample_cross_entropy", logits, labels,
+                    lse, scale)
     return upsample_cross_entropy_bwd(logits, labels, lse, scale, ignore_index, align_corners)
 
 

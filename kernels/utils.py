@@ -4,6 +4,7 @@ Dispatch rule (see DESIGN.md): CUDA tensors run the compiled Triton kernel; CPU 
 the same kernel through Triton's interpreter when TRITON_INTERPRET=1 (the tests), and the
 plain-PyTorch reference otherwise.
 """
+import contextlib
 import os
 
 import torch
@@ -37,8 +38,6 @@ def calculate_settings(n, max_block=65536):
         num_warps = 8
     if block >= 8192:
         num_warps = 16
-    if block >= 32768:
-        num_warps = 32
     return block, num_warps
 
 
@@ -47,3 +46,15 @@ def num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def device_guard(t):
+    """Triton launches on the current CUDA device: make it t's (cuda:1 tensors, cuda:0 current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_triton_op(op, fallback, *tensors):
+    """The registered ops always run the Triton kernel; say what to call instead when they cannot."""
+    if not use_triton(*tensors):
+        raise RuntimeError(f"setr_kernels::{op} runs the Triton kernel: it needs CUDA tensors, or CPU tensors "
+                           f"with TRITON_INTERPRET=1 (use {fallback}, which falls back to the PyTorch reference)")

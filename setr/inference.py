@@ -50,20 +50,13 @@ def _model_device(model):
     return torch.device("cpu")
 
 
-def encode_decode(model, images, patch_size=16):
-    """Logits (B, C, h, w) of images (B, 3, h, w) of any size, as mmseg's encode_decode.
-
-    The ViT needs sides divisible by the patch size: pad bottom/right with 0 (what mmseg's
-    PatchEmbed does with padding='corner'), run, and resize the logits bilinearly back to
-    (h, w) (what mmseg's encode_decode does with the head output); a no-op for divisible sides.
-    """
-    h, w = images.shape[-2:]
-    pad_h, pad_w = -h % patch_size, -w % patch_size
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h))
+def encode_decode(model, images, num_classes):
+    """Float32 logits (B, C, h, w) of normalized images (B, 3, h, w) of any size, as mmseg's
+    encode_decode: the ViT pads to its patch grid itself (mmseg's PatchEmbed padding='corner') and
+    the model resizes the head output once to (h, w)."""
     logits = model(images).float()
-    if logits.shape[-2:] != (h, w):
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"model returned {logits.shape[1]} channels, expected num_classes={num_classes}")
     return logits
 
 
@@ -78,10 +71,7 @@ def slide_logits(model, image, num_classes, crop_size=(512, 512), stride=(341, 3
     for k in range(0, len(windows), window_batch):
         chunk = windows[k:k + window_batch]
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-        logits = encode_decode(model, crops)
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"model returned {logits.shape[1]} channels, expected "
-                             f"num_classes={num_classes}")
+        logits = encode_decode(model, crops, num_classes)
         for (y1, y2, x1, x2), lg in zip(chunk, logits):
             preds[0, :, y1:y2, x1:x2] += lg
             count[0, :, y1:y2, x1:x2] += 1
@@ -108,10 +98,7 @@ def inference(model, image, num_classes, out_size, mode="slide", crop_size=(512,
         logits = slide_logits(model, image, num_classes, crop_size, to_pair(stride, "stride"),
                               window_batch)
     elif mode == "whole":
-        logits = encode_decode(model, image)
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"model returned {logits.shape[1]} channels, expected "
-                             f"num_classes={num_classes}")
+        logits = encode_decode(model, image, num_classes)
     else:
         raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
     out_size = tuple(int(s) for s in out_size)

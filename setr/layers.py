@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.attention import attention_qkv_packed, merge_heads, split_heads
+
 IMPLS = ("eager", "sdpa", "triton")
 OPS = ("attention", "layer_norm", "upsample", "loss")
 
@@ -38,20 +40,15 @@ def attention_packed(qkv, num_heads, impl):
     qkv: (B, N, 3*C) laid out [q; k; v] along the last dim, each (num_heads, C // num_heads),
     as nn.MultiheadAttention's in_proj produces it. Returns (B, N, C), scale 1/sqrt(head_dim).
     """
-    B, N, C3 = qkv.shape
-    C = C3 // 3
-    D = C // num_heads
     if impl == "triton":
-        from kernels.attention import attention_qkv_packed
-
         return attention_qkv_packed(qkv, num_heads)
-    q, k, v = qkv.view(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
+    q, k, v = split_heads(qkv, num_heads)  # (B, H, N, D) views
     if impl == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
     else:
-        attn = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, N, N)
+        attn = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, N, N)
         out = attn.softmax(dim=-1) @ v
-    return out.transpose(1, 2).reshape(B, N, C)
+    return merge_heads(out)
 
 
 # --- layer norm ----------------------------------------------------------------------------

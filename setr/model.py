@@ -96,7 +96,8 @@ class SETR(nn.Module):
     def forward_flops(self, height, width):
         """Analytic FLOPs (2 per multiply-add) of one image's training forward, aux heads
         included (convolutions and matmuls; norms, activations and resizes are not counted)."""
-        grid = (-(-height // 16), -(-width // 16))
+        p = self.backbone.patch_size
+        grid = (-(-height // p), -(-width // p))
         heads = [m for m in [self.neck, self.decode_head, *self.auxiliary_head] if m is not None]
         return self.backbone.forward_flops(height, width) + sum(m.flops(grid) for m in heads)
 

@@ -31,22 +31,14 @@ class PredictError(Exception):
 
 
 def _load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise PredictError(f"checkpoint {path}: no such file")
+    """(checkpoint dict, our export's meta or {}, state dict) of a checkpoint file."""
+    from setr.weights import read_checkpoint
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PredictError(f"checkpoint {path}: not a readable PyTorch checkpoint "
-                           f"({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise PredictError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
+        obj, state = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise PredictError(str(e)) from None
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) and "head" in obj["meta"] else {}
-    state = obj
-    for key in ("state_dict", "model"):
-        if isinstance(obj.get(key), dict):
-            state = obj[key]
-            break
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     return obj, dict(meta), state
 
 

@@ -24,17 +24,17 @@ VIT_CONFIGS = {
 }
 
 
-def resize_pos_embed(pos_embed, src_hw, dst_hw, mode="bilinear"):
+def resize_pos_embed(pos_embed, src_hw, dst_hw):
     """Resize the patch grid of a (1, 1 + h*w, C) pos-embed to dst_hw; the cls entry is kept.
 
-    Computed in float32 with align_corners=False, as mmseg's `resize_pos_embed`.
+    Bilinear in float32 with align_corners=False, as mmseg's `resize_pos_embed`.
     """
     if tuple(src_hw) == tuple(dst_hw):
         return pos_embed
     cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
     C = pos_embed.shape[-1]
     grid = grid.reshape(1, src_hw[0], src_hw[1], C).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(dst_hw), mode=mode, align_corners=False)
+    grid = F.interpolate(grid, size=tuple(dst_hw), mode="bilinear", align_corners=False)
     grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)
     return torch.cat([cls_pos, grid], dim=1)
 

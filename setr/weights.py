@@ -41,6 +41,12 @@ def _unwrap(obj, source):
     return obj
 
 
+def read_checkpoint(path):
+    """(the whole checkpoint dict, its state dict) of a checkpoint file, with clear errors."""
+    obj, source = _read(path)
+    return obj, _unwrap(obj, source)
+
+
 def read_checkpoint_meta(path):
     """The `meta` dict of a checkpoint written by export_model ({} for other checkpoints)."""
     obj, _ = _read(path)

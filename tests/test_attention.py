@@ -176,6 +176,8 @@ def test_bad_dtypes_and_devices_raise():
         attention(q, q.to("meta"), q)
     with pytest.raises(ValueError, match="not divisible by 3 \\* num_heads"):
         attention_qkv_packed(torch.randn(1, 4, 100, device=DEVICE), 2)
+    with pytest.raises(TypeError, match="qkv must be a tensor"):
+        attention_qkv_packed([[1.0]], 1)
     with pytest.raises(ValueError, match="expected \\(B, N, 3\\*H\\*D\\)"):
         attention_qkv_packed(torch.randn(4, 96, device=DEVICE), 1)
     with pytest.raises(ValueError, match="head dim 16 is not supported"):
@@ -191,6 +193,8 @@ def test_cpu_without_interpreter_runs_reference(monkeypatch):
     qkv = torch.randn(1, 9, 3 * 64)
     torch.testing.assert_close(attention_qkv_packed(qkv, 2), merge_heads(attention_reference(*split_heads(qkv, 2))),
                                rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1"):
+        torch.ops.setr_kernels.attention_qkv_packed_fwd(qkv, 2, 0.125)  # the raw op: no fallback, a clear error
 
 
 def test_torch_compile_traces_without_graph_break():

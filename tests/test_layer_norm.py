@@ -104,6 +104,15 @@ def test_mixed_dtypes():
     check_layer_norm((5, 257), torch.float32, param_dtype=torch.bfloat16)
 
 
+def test_weight_and_bias_grads_are_rounded_once_to_their_own_dtype():
+    x, w, _ = make((33, 200), torch.float32, param_dtype=torch.bfloat16)
+    b = torch.randn(200, device=x.device, requires_grad=True)  # float32 bias beside a bfloat16 weight
+    dy = torch.randn(33, 200, device=x.device)
+    dw, db = torch.autograd.grad(layer_norm(x, w, b), (w, b), dy)
+    assert dw.dtype == torch.bfloat16 and db.dtype == torch.float32
+    assert_close(db, dy.double().sum(0), torch.float32, "dbias")  # float32-exact, not bf16-rounded
+
+
 def test_narrow_and_eps():
     # several rows per program (narrow rows) and a large eps that matters
     check_layer_norm((67, 40), torch.float32, eps=1e-1)

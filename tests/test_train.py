@@ -22,7 +22,7 @@ from train.trainer import PolyLR, param_groups
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "train", "main.py")
 # A tiny, fast run: ViT-tiny, 64x64 crops, a small synthetic split, every step logged.
-BASE = ["--head", "pup", "--preset", "demo", "--deterministic", "--log-interval", "1", "--eval-interval", "0",
+BASE = ["--device", "cpu", "--head", "pup", "--preset", "demo", "--deterministic", "--log-interval", "1", "--eval-interval", "0",
         "--num-workers", "0", "--metrics.progress_bar", "off"]
 TINY = BASE + ["--data.synthetic_train_samples", "32", "--data.synthetic_val_samples", "4"]
 
@@ -217,8 +217,10 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
         if complete:
             (root / name / ckpt.META).write_text(json.dumps({"iteration": int(name[5:13]), "model": {}}))
     assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
-    (root / ckpt.LATEST).write_text("iter_00000010")  # stale pointer: the newer complete one wins
-    assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
+    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000020")
+    (root / ckpt.LATEST).write_text("iter_00000010")  # written last (a resume from 10): the pointer decides
+    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000010")
+    (root / ckpt.LATEST).write_text("iter_00000030")  # names an incomplete one: the newest complete
     assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000020")
     assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
     assert ckpt.resolve_resume(str(tmp_path), "unused") == str(root / "iter_00000020")
@@ -285,9 +287,11 @@ def test_step_accumulation_normalizes_by_micro_batches(tmp_path, single_process_
         torch.testing.assert_close(p2.full_tensor(), p1.full_tensor(), atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_non_finite_loss_skips_the_step(tmp_path, single_process_group):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_non_finite_loss_skips_the_step(tmp_path, single_process_group, precision):
     lines = []
-    trainer = _trainer(tmp_path, lines, schedule__batch_size=2)
+    trainer = _trainer(tmp_path, lines, schedule__batch_size=2, parallel__precision=precision)
+    assert (trainer.scaler is not None) == (precision == "fp16")
     before = [p.full_tensor().clone() for p in trainer.model.parameters()]
     buffers = [b.clone() for b in trainer.model.buffers()]
     assert len(trainer.bn_buffers) > 0
@@ -300,7 +304,10 @@ def test_non_finite_loss_skips_the_step(tmp_path, single_process_group):
         assert torch.equal(b, p.full_tensor())
     for b, now in zip(buffers, trainer.model.buffers()):  # nor the BatchNorm running statistics
         assert torch.equal(b, now)
-    assert trainer.train_step([_batch(2, seed=1)])["applied"]
+    scale = trainer.scaler.get_scale() if trainer.scaler else None
+    assert trainer.train_step([_batch(2, seed=1)])["applied"]  # the next step runs (and the scaler too)
+    if scale is not None:
+        assert trainer.scaler.get_scale() == scale  # backed off once by the skipped step, not again
 
 
 def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
@@ -329,6 +336,12 @@ def test_checkpoint_of_another_head_or_corrupt_is_refused(tmp_path, single_proce
                      checkpoint__resume=path)
     with pytest.raises(ckpt.CheckpointError, match="another model .*head: checkpoint 'pup' vs this run 'naive'"):
         other.resume()
+    other = _trainer(tmp_path / "other_batch", [], schedule__batch_size=4, checkpoint__resume=path)
+    with pytest.raises(ckpt.CheckpointError, match="global_batch: checkpoint 2 vs this run 4"):
+        other.resume()
+    assert other.iteration == 0 and any(  # refused before loading: the weights are still its own
+        not torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(trainer.model.parameters(),
+                                                                       other.model.parameters()))
     same = _trainer(tmp_path / "same", [], schedule__batch_size=2, checkpoint__resume=path)
     same.resume()
     assert same.iteration == 1 and same.scheduler.last_iter == 1
@@ -399,6 +412,8 @@ def test_two_rank_fsdp_demo_run(two_rank_run):
     assert len(evals) == 1 and evals[0]["iter"] == 6 and 0 <= evals[0]["mIoU"] <= 100 and "loss" in evals[0]
     assert json.load(open(os.path.join(work, "config.json")))["model"]["backbone"] == "vit_tiny"
     assert [i for i, _ in ckpt.complete_checkpoints(work)] == [3, 6]
+    with open(os.path.join(work, "checkpoints", "iter_00000006", ckpt.META)) as f:
+        assert json.load(f)["last"]["mIoU"] == evals[0]["mIoU"]  # evaluated before the checkpoint of iter 6
     # the consolidated export loads strictly into a plain model and predicts
     export = os.path.join(work, "model_final.pth")
     meta = setr.read_checkpoint_meta(export)

@@ -6,7 +6,7 @@ Layout of a run directory:
         .metadata, __0_0.distcp, ...         model + optimizer, sharded (DCP): each rank writes its shards
         rng_rank{r}.pt                       torch / cuda / numpy / python RNG states of rank r
         meta.json                            iteration, scheduler, data position, model identity, ...
-    work_dir/checkpoints/latest              name of the newest complete checkpoint
+    work_dir/checkpoints/latest              name of the checkpoint written last
     work_dir/model_final.pth                 consolidated single-file model (setr.export_model)
 
 A checkpoint is written to `iter_k.tmp/`; `meta.json` is written last, then rank 0 renames the
@@ -90,15 +90,18 @@ def complete_checkpoints(work_dir):
 
 
 def latest_checkpoint(work_dir):
-    """Path of the newest complete checkpoint of a run (None if there is none)."""
+    """Path of the checkpoint the run wrote last (None if there is none).
+
+    The `latest` pointer decides when it names a complete checkpoint: after a resume from an older
+    checkpoint, the newer ones of the abandoned continuation stay on disk but are not picked. Without
+    a usable pointer, the highest complete iteration."""
     pointer = os.path.join(checkpoint_root(work_dir), LATEST)
-    candidates = complete_checkpoints(work_dir)
     if os.path.isfile(pointer):
         with open(pointer) as f:
             path = os.path.join(checkpoint_root(work_dir), f.read().strip())
-        # the pointer is only a hint: a newer complete directory wins (crash between rename and pointer)
-        if is_complete(path) and (not candidates or os.path.samefile(path, candidates[-1][1])):
+        if is_complete(path):
             return path
+    candidates = complete_checkpoints(work_dir)
     return candidates[-1][1] if candidates else None
 
 
@@ -203,7 +206,9 @@ class Checkpointer:
                 os.rename(tmp, final)
             _fsync_dir(checkpoint_root(self.work_dir))
             _write_atomic(os.path.join(checkpoint_root(self.work_dir), LATEST), os.path.basename(final))
-            for _, path in complete_checkpoints(self.work_dir)[:-self.keep_last]:
+            # keep the newest keep_last up to this one; newer ones (an abandoned continuation) are left alone
+            older = [path for it, path in complete_checkpoints(self.work_dir) if it <= iteration]
+            for path in older[:-self.keep_last]:
                 shutil.rmtree(path, ignore_errors=True)
         _barrier()
         return final, time.perf_counter() - start
@@ -211,14 +216,17 @@ class Checkpointer:
     def load(self, path, model, optimizer, identity):
         """Load model + optimizer + this rank's RNG states from checkpoint `path`; returns its meta.
 
-        identity: {head, backbone, num_classes, ...} of the model being trained; a checkpoint
-        of another model is refused before anything is loaded."""
+        identity: {head, backbone, num_classes, global_batch, seed, ...} of this run; a checkpoint
+        of another model or data stream is refused before anything is loaded."""
         meta = read_meta(path)
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}; this code reads "
+                                  f"format {FORMAT_VERSION}")
         theirs = meta["model"]
         diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
         if diff:
             what = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"checkpoint {path} was written by another model ({what})")
+            raise CheckpointError(f"checkpoint {path} was written by another model or data stream ({what})")
         state = _sharded_state(model, optimizer)
         try:
             dcp.load(state, checkpoint_id=path)

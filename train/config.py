@@ -145,10 +145,6 @@ class Config:
             f.write("\n")
         os.replace(tmp, path)
 
-    @property
-    def head_and_backbone(self):
-        return f"SETR-{self.model.head.upper()} {self.model.backbone}"
-
     def batch_layout(self, world_size):
         """(per-rank batch, micro-batch, accumulation steps) for this world size."""
         b, mb = self.schedule.batch_size, self.schedule.micro_batch_size
@@ -210,14 +206,12 @@ class Config:
             raise ConfigError(f"optim.lr (--lr) must be > 0 and schedule.min_lr >= 0, got {o.lr}, {s.min_lr}")
         if o.clip_grad < 0:
             raise ConfigError(f"optim.clip_grad (--clip-grad) must be >= 0 (0 = off), got {o.clip_grad}")
-        for name, value in (("metrics.log_interval (--log-interval)", self.metrics.log_interval),
-                            ("eval.interval (--eval-interval)", e.interval),
-                            ("checkpoint.interval (--ckpt-interval)", c.interval),
-                            ("checkpoint.keep_last", c.keep_last - 1)):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= {0 if 'keep' not in name else 1}, got {value}")
-        if self.metrics.log_interval == 0:
-            raise ConfigError("metrics.log_interval (--log-interval) must be >= 1")
+        for name, value, least in (("metrics.log_interval (--log-interval)", self.metrics.log_interval, 1),
+                                   ("eval.interval (--eval-interval, 0 = only at the end)", e.interval, 0),
+                                   ("checkpoint.interval (--ckpt-interval, 0 = only at the end)", c.interval, 0),
+                                   ("checkpoint.keep_last", c.keep_last, 1)):
+            if value < least:
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
         if c.resume not in ("", "auto") and not os.path.exists(c.resume):
             raise ConfigError(f"--resume {c.resume!r}: no such checkpoint (expected 'auto' or a "
                               f"checkpoint directory)")

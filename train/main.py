@@ -49,14 +49,14 @@ def main(argv=None):
     device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    rank, world_size, local_rank = init_distributed(device_type)
-    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # cores / processes on this node, minus the data workers: oversubscribed OpenMP spins (10x slower)
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // per_node - cfg.data.num_workers))
-    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
-    log = None
+    rank, log = int(os.environ.get("RANK", 0)), None
     try:
+        rank, world_size, local_rank = init_distributed(device_type)
+        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # cores / processes on this node, minus the data workers: oversubscribed OpenMP spins (10x slower)
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // per_node - cfg.data.num_workers))
+        device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
         cfg.validate(world_size)
         check_work_dir(cfg.work_dir)
         log = Logger(cfg.work_dir, rank, cfg.schedule.max_iters, cfg.metrics.progress_bar, cfg.metrics.tensorboard)

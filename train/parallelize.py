@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.config import ConfigError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -29,6 +31,10 @@ def init_distributed(device_type):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device_type == "cuda":
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+            if per_node > gpus:  # every rank checks, so every rank stops (none waits for the others)
+                raise ConfigError(f"{per_node} processes per node (--nproc_per_node) but this node has "
+                                  f"{gpus} GPU(s): start at most {gpus}, or pass --device cpu")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=timeout)
     else:
@@ -42,12 +48,6 @@ def init_distributed(device_type):
 def destroy_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,40 +23,35 @@ from torch.distributed.tensor import DTensor
 import setr
 from setr.data import EvalSamples, PositionSampler, TrainSamples, build_dataset
 from setr.inference import evaluate
-from train.checkpoint import Checkpointer, CheckpointError, resolve_resume
+from train.checkpoint import Checkpointer, resolve_resume
 from train.config import ConfigError
 from train.logger import format_duration
 from train.parallelize import DTYPES
 
-# Dense peak FLOP/s per device by name (substring, first match) and compute dtype, for MFU.
+# Dense (no sparsity) peak FLOP/s per device by name (substring, first match wins) and compute
+# dtype, for MFU. Shared with bench/.
 PEAK_FLOPS = [
     ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
     ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
     ("H20", {"bf16": 148e12, "fp16": 148e12, "fp32": 44e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
     ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
     ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
 ]
 MAX_SKIPPED_IN_A_ROW = 20
 
 
-def peak_flops(device, precision):
-    """Peak dense FLOP/s of one device for this precision, or None (CPU, unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+def peak_flops(device_name, precision):
+    """Peak dense FLOP/s of a GPU named like torch.cuda.get_device_name() for precision
+    'bf16' | 'fp16' | 'fp32'; None for an unknown GPU or no name (CPU)."""
     for key, table in PEAK_FLOPS:
-        if key in name:
+        if device_name and key in device_name:
             return table[precision]
     return None
-
-
-def clean_name(name):
-    """Parameter name without the wrappers added by AC / compile / FSDP."""
-    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
 
 
 def param_groups(model, lr, head_lr_mult):
@@ -65,7 +60,7 @@ def param_groups(model, lr, head_lr_mult):
     base, head = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if "head" in clean_name(name) else base).append(p)
+            (head if "head" in name else base).append(p)  # wrapper prefixes (AC, compile) never say "head"
     groups = [{"params": base, "lr": lr, "name": "base"}]
     if head:
         groups.append({"params": head, "lr": lr * head_lr_mult, "name": "head"})
@@ -177,8 +172,9 @@ class Trainer:
         self.per_rank, self.micro_batch, self.accum_steps = cfg.batch_layout(self.world_size)
         self.global_batch = cfg.schedule.batch_size
         m = cfg.model
+        # a checkpoint must match these to be resumed (the batch and seed define the data stream)
         self.identity = {"head": m.head, "backbone": m.backbone, "num_classes": m.num_classes,
-                         "ignore_index": m.ignore_index}
+                         "ignore_index": m.ignore_index, "global_batch": self.global_batch, "seed": cfg.seed}
         self.train_samples, self.eval_samples = data.train, data.eval
         self.class_names, self.data_desc = data.class_names, data.description
         self.num_params = sum(p.numel() for p in eval_model.parameters())
@@ -206,7 +202,8 @@ class Trainer:
         self.last_saved = None
         self.last_loss = None
         self.stop_signal = None
-        self.peak = peak_flops(device, cfg.parallel.precision)
+        self.peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                               cfg.parallel.precision)
 
     # ---------------------------------------------------------------------------------------------
     def describe(self):
@@ -230,8 +227,8 @@ class Trainer:
 
     def checkpoint_meta(self):
         return {"model": self.identity, "scheduler": self.scheduler.state_dict(),
-                "data_position": self.iteration * self.global_batch, "global_batch": self.global_batch,
-                "seed": self.cfg.seed, "scaler": self.scaler.state_dict() if self.scaler else None,
+                "data_position": self.iteration * self.global_batch,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
                 "best": self.best, "last": self.last, "skipped_total": self.skipped_total,
                 "config": self.cfg.to_dict()}
 
@@ -242,10 +239,6 @@ class Trainer:
                 self.log.info(f"--resume auto: no checkpoint in {self.cfg.work_dir}, starting from scratch")
             return
         meta = self.checkpointer.load(path, self.model, self.optimizer, self.identity)
-        if meta.get("global_batch") != self.global_batch or meta.get("seed") != self.cfg.seed:
-            raise CheckpointError(f"checkpoint {path} was trained with global batch {meta.get('global_batch')} "
-                                  f"and seed {meta.get('seed')}; this run has {self.global_batch} and "
-                                  f"{self.cfg.seed} (the data stream would not continue)")
         self.iteration = int(meta["iteration"])
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.scaler and meta.get("scaler"):
@@ -321,6 +314,8 @@ class Trainer:
             else:
                 opt.step()
                 applied = True
+        elif scaler:  # unscale_ ran: close the scaler's iteration, backing off as for an overflow
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
         if not applied:  # the forward's BatchNorm statistics are not kept either
             with torch.no_grad():
                 for b, saved in zip(self.bn_buffers, bn_state):
@@ -378,7 +373,8 @@ class Trainer:
         self.sync_eval_model()
         path = os.path.join(self.cfg.work_dir, "model_final.pth")
         if self.rank == 0:
-            setr.export_model(self.eval_model, path, class_names=self.class_names, iteration=self.iteration,
+            setr.export_model(self.eval_model, path, class_names=self.class_names,
+                              palette=[list(map(int, c)) for c in self.eval_samples.palette], iteration=self.iteration,
                               dataset=self.cfg.data.dataset, crop_size=list(self.cfg.data.crop_size),
                               eval=dict(mode=self.cfg.eval.mode, crop_size=list(self.cfg.eval.crop_size),
                                         stride=list(self.cfg.eval.stride), scale=list(self.cfg.eval.scale)),
@@ -450,10 +446,11 @@ class Trainer:
                 if memory_profile and it - start_iter == cfg.profiler.snapshot_iters:
                     self._dump_memory_snapshot(it)
                     memory_profile = False
-                if cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0 and it < s.max_iters:
-                    self.save_checkpoint()
+                # evaluate first, so that a checkpoint of the same iteration holds its best / last mIoU
                 if cfg.eval.interval and it % cfg.eval.interval == 0 and it < s.max_iters:
                     self.evaluate()
+                if cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0 and it < s.max_iters:
+                    self.save_checkpoint()
                 if out["stop"]:
                     status = self.stop_signal or "SIGTERM"
                     break
@@ -469,10 +466,10 @@ class Trainer:
                 self.save_checkpoint()
             self.log.info(f"stopped by {status} at iteration {self.iteration}; continue with --resume auto")
             return status
-        if self.last_saved != self.iteration:
-            self.save_checkpoint()
         if cfg.eval.at_end:
             self.evaluate()
+        if self.last_saved != self.iteration:
+            self.save_checkpoint()
         if cfg.checkpoint.export:
             self.export()
         if self.best["mIoU"] is not None:

@@ -115,7 +115,7 @@ class FolderSegmentation:
     num_classes: ids are 0..num_classes-1 (after reduce_zero_label).
     ignore_index: label value excluded from loss and metrics (>= num_classes).
     reduce_zero_label: raw 0 -> ignore_index, raw k -> k - 1 (ADE20K). A raw value equal to
-        ignore_index stays ignore_index (mmseg would turn a raw 255 into 254).
+        ignore_index stays ignore_index (as in mmseg).
     class_names: a sequence, a path to a text file (one name per line), or None for
         root/classes.txt when it exists, else 'class0', 'class1', ...
     palette: num_classes RGB triples, or None for mmseg's seeded random palette.

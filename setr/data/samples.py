@@ -24,7 +24,7 @@ class TrainSamples(torch.utils.data.Dataset):
     """mmseg's ADE20K training pipeline over a raw dataset, indexed by global position.
 
     dataset: a raw dataset (items (image uint8 (H, W, 3), label (H, W), name)).
-    crop_size: int or (h, w), multiples of patch_size. scale, ratio_range, cat_max_ratio: the
+    crop_size: int or (h, w), multiples of the patch size 16. scale, ratio_range, cat_max_ratio: the
     Resize / RandomCrop parameters (mmseg: (2048, 512), (0.5, 2.0), 0.75).
     skip_corrupt: on a DataError (unreadable / inconsistent sample) log a warning naming the
     file and use the next dataset item instead; otherwise raise.
@@ -33,7 +33,7 @@ class TrainSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, crop_size, seed, scale=(2048, 512), ratio_range=(0.5, 2.0),
-                 cat_max_ratio=0.75, skip_corrupt=False, patch_size=16):
+                 cat_max_ratio=0.75, skip_corrupt=False):
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty")
         if int(seed) < 0:
@@ -42,7 +42,7 @@ class TrainSamples(torch.utils.data.Dataset):
         if not 0 < lo <= hi:
             raise ValueError(f"ratio_range must be 0 < lo <= hi, got {ratio_range}")
         self.dataset = dataset
-        self.crop_size = check_crop_size(crop_size, patch_size)
+        self.crop_size = check_crop_size(crop_size)
         self.seed = int(seed)
         self.scale = to_pair(scale, "scale")
         self.ratio_range = (float(lo), float(hi))

@@ -89,7 +89,6 @@ class SyntheticSegmentation:
         self.border_ignore = int(border_ignore)
         self.class_names = synthetic_class_names(self.num_classes)
         self.palette = synthetic_palette(self.num_classes)
-        self.label_dtype = np.uint8
         yy, xx = np.mgrid[0:h, 0:w]
         self._yy, self._xx = yy.astype(np.float32), xx.astype(np.float32)
 
