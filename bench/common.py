@@ -39,6 +39,14 @@ def print_cpu_warning():
               f"(tiny config); run on a GPU for real numbers.\n{bar}", flush=True)
 
 
+def finish(failed):
+    """End of a benchmark run: the CPU banner again, what failed; exit status 1 if anything did."""
+    print_cpu_warning()
+    for what in failed:
+        print(f"FAILED: {what}")
+    return 1 if failed else 0
+
+
 def interpret_kernels_on_cpu():
     """Without CUDA, run our Triton kernels through the interpreter (as the tests do) rather than
     their PyTorch references; TRITON_INTERPRET=0 keeps the references. Call before importing kernels."""

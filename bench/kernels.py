@@ -115,11 +115,8 @@ def main(argv=None):
     paths = common.write_results("kernels", rows, COLUMNS, args.out, plot=plot)
     print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
     print("wrote " + ", ".join(paths))
-    common.print_cpu_warning()
-    bad = failures(rows)
-    for r in bad:
-        print(f"FAILED: {r['bench']}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}")
-    return 1 if bad else 0
+    return common.finish([f"{r['bench']}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}"
+                          for r in failures(rows)])
 
 
 if __name__ == "__main__":

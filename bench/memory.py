@@ -321,11 +321,7 @@ def main(argv=None):
         print("wrote " + ", ".join(paths + sweep_paths))
         failed += [f"{head}/{r['provider']}/{r['mode']}/b{r['batch']}" for r in phases + sweep
                    if "error" in r and not r["error"].startswith("OOM")]
-    common.print_cpu_warning()
-    if failed:
-        print("FAILED: " + ", ".join(failed))
-        return 1
-    return 0
+    return common.finish(failed)
 
 
 if __name__ == "__main__":

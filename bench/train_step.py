@@ -498,11 +498,7 @@ def main(argv=None):
         print("wrote " + ", ".join(paths))
         failed += [f"{head}/{r['provider']}/{r['mode']}" for r in rows
                    if ("error" in r and not r["error"].startswith("OOM")) or "max_batch_error" in r]
-    common.print_cpu_warning()
-    if failed:
-        print("FAILED: " + ", ".join(failed))
-        return 1
-    return 0
+    return common.finish(failed)
 
 
 if __name__ == "__main__":

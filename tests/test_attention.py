@@ -86,14 +86,21 @@ def packed_inputs(B, N, H, D, dtype):
     return qkv, dout
 
 
+def packed_baselines(qkv, dout, H):
+    """(same, gold) [out, dqkv] of packed attention: PyTorch's math in qkv's dtype, and float64."""
+    D = qkv.shape[-1] // (3 * H)
+    same = run_with_grads(lambda x: merge_heads(math_attention(*split_heads(x, H), D ** -0.5)), (qkv,), dout)
+    gold = run_with_grads(lambda x: merge_heads(attention_reference(*split_heads(x, H))), (qkv.double(),),
+                          dout.double())
+    return same, gold
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_qkv_packed_matches_reference(dtype):
     B, N, H, D = 2, 97, 2, 32
     qkv, dout = packed_inputs(B, N, H, D, dtype)
     ours = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
-    same = run_with_grads(lambda x: merge_heads(math_attention(*split_heads(x, H), D ** -0.5)), (qkv,), dout)
-    gold = run_with_grads(lambda x: merge_heads(attention_reference(*split_heads(x, H))), (qkv.double(),),
-                          dout.double())
+    same, gold = packed_baselines(qkv, dout, H)
     out, dqkv = ours
     assert out.shape == (B, N, H * D) and out.is_contiguous()
     assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
@@ -112,9 +119,7 @@ def test_strided_views_of_packed_qkv(dtype):
     assert out.shape == (B, H, N, D) and out.transpose(1, 2).is_contiguous()
     ours = run_with_grads(lambda x: merge_heads(attention(*split_heads(x, H))), (qkv,), dout)
     packed = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
-    gold = run_with_grads(lambda x: merge_heads(attention_reference(*split_heads(x, H))), (qkv.double(),),
-                          dout.double())
-    same = run_with_grads(lambda x: merge_heads(math_attention(*split_heads(x, H), D ** -0.5)), (qkv,), dout)
+    same, gold = packed_baselines(qkv, dout, H)
     assert_rule(ours, same, gold, ATOL[dtype], ("out", "dqkv"))
     # the packed entry point runs the same kernels: identical results
     assert torch.equal(ours[0], packed[0]) and torch.equal(ours[1], packed[1])
@@ -247,7 +252,5 @@ def test_gpu_packed_setr_block_deterministic():
     ours = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
     again = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
-    same = run_with_grads(lambda x: merge_heads(math_attention(*split_heads(x, H), D ** -0.5)), (qkv,), dout)
-    gold = run_with_grads(lambda x: merge_heads(attention_reference(*split_heads(x, H))), (qkv.double(),),
-                          dout.double())
+    same, gold = packed_baselines(qkv, dout, H)
     assert_rule(ours, same, gold, ATOL[torch.bfloat16], ("out", "dqkv"))
