@@ -1,18 +1,11 @@
-import json
-import os
-
 import pytest
 import torch
 
 import setr
+from reference import ref_json
 from setr import layers
 
 HEADS = ["naive", "pup", "mla"]
-
-
-def ref_json(shared_dir, name):
-    with open(os.path.join(shared_dir, "ref", name)) as f:
-        return json.load(f)
 
 
 def tiny(head, impl="eager", **kw):
@@ -20,30 +13,30 @@ def tiny(head, impl="eager", **kw):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_parameter_counts_and_keys_equal_mmseg(head, shared_dir):
+def test_parameter_counts_and_keys_equal_mmseg(head):
     model = setr.build_setr(head, device="meta")
-    counts = ref_json(shared_dir, "mmseg_setr_params.json")[head]
+    counts = ref_json("mmseg_setr_params.json")[head]
     assert sum(p.numel() for p in model.parameters()) == counts["total"]
     assert sum(p.numel() for p in model.backbone.parameters()) == counts["backbone"]
     assert sum(p.numel() for p in model.decode_head.parameters()) == counts["decode_head"]
     assert [sum(p.numel() for p in a.parameters()) for a in model.auxiliary_head] == counts["auxiliary_heads"]
-    keys = ref_json(shared_dir, f"mmseg_setr_{head}_keys.json")
+    keys = ref_json(f"mmseg_setr_{head}_keys.json")
     state = model.state_dict()
     assert list(state) == list(keys)
     assert {k: list(v.shape) for k, v in state.items()} == keys
 
 
-def test_patch_bias_false_is_1024_fewer(shared_dir):
+def test_patch_bias_false_is_1024_fewer():
     model = setr.build_setr("pup", patch_bias=False, device="meta")
-    counts = ref_json(shared_dir, "mmseg_setr_params.json")["pup"]
+    counts = ref_json("mmseg_setr_params.json")["pup"]
     assert sum(p.numel() for p in model.parameters()) == counts["total"] - 1024
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_lr_groups_match_mmseg(head, shared_dir):
+def test_lr_groups_match_mmseg(head):
     """'head' substring selects the 10x-lr parameters; the MLA neck stays at base lr."""
     model = setr.build_setr(head, device="meta")
-    per_lr = ref_json(shared_dir, "mmseg_setr_params.json")[head]["optimizer"]["params_per_lr"]
+    per_lr = ref_json("mmseg_setr_params.json")[head]["optimizer"]["params_per_lr"]
     head_params = sum(p.numel() for n, p in model.named_parameters() if "head" in n)
     base_params = sum(p.numel() for n, p in model.named_parameters() if "head" not in n)
     assert sorted([head_params, base_params]) == sorted(per_lr.values())

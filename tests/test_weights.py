@@ -1,11 +1,9 @@
-import json
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import setr
+from reference import ref_json
 
 
 def empty_model(head, **kw):
@@ -27,14 +25,9 @@ def fabricate(shapes, seed=0):
     return out
 
 
-def ref_keys(shared_dir, name):
-    with open(os.path.join(shared_dir, "ref", name)) as f:
-        return json.load(f)
-
-
 @pytest.mark.parametrize("head", ["naive", "pup", "mla"])
-def test_mmseg_keys_load_strictly_and_round_trip(head, shared_dir, tmp_path):
-    shapes = ref_keys(shared_dir, f"mmseg_setr_{head}_keys.json")
+def test_mmseg_keys_load_strictly_and_round_trip(head, tmp_path):
+    shapes = ref_json(f"mmseg_setr_{head}_keys.json")
     ckpt = {"meta": {"mmseg_version": "0.15.0"}, "state_dict": fabricate(shapes)}
     path = tmp_path / "setr.pth"
     torch.save(ckpt, path)
@@ -47,8 +40,8 @@ def test_mmseg_keys_load_strictly_and_round_trip(head, shared_dir, tmp_path):
         assert torch.equal(state[k], v.to(state[k].dtype)), k
 
 
-def test_mmseg_checkpoint_without_wrapper_and_without_patch_bias(shared_dir):
-    shapes = ref_keys(shared_dir, "mmseg_setr_pup_keys.json")
+def test_mmseg_checkpoint_without_wrapper_and_without_patch_bias():
+    shapes = ref_json("mmseg_setr_pup_keys.json")
     sd = fabricate(shapes)
     del sd["backbone.patch_embed.projection.bias"]
     model = empty_model("pup")
@@ -57,8 +50,8 @@ def test_mmseg_checkpoint_without_wrapper_and_without_patch_bias(shared_dir):
     assert model.backbone.patch_embed.projection.bias.abs().sum() == 0
 
 
-def test_missing_key_is_named(shared_dir):
-    sd = fabricate(ref_keys(shared_dir, "mmseg_setr_naive_keys.json"))
+def test_missing_key_is_named():
+    sd = fabricate(ref_json("mmseg_setr_naive_keys.json"))
     del sd["decode_head.conv_seg.weight"]
     with pytest.raises(ValueError, match="missing key.*decode_head.conv_seg.weight"):
         setr.load_mmseg_checkpoint(empty_model("naive"), sd)
@@ -66,16 +59,16 @@ def test_missing_key_is_named(shared_dir):
     assert report["missing"] == ["decode_head.conv_seg.weight"]
 
 
-def test_wrong_shape_is_named(shared_dir):
-    sd = fabricate(ref_keys(shared_dir, "mmseg_setr_naive_keys.json"))
+def test_wrong_shape_is_named():
+    sd = fabricate(ref_json("mmseg_setr_naive_keys.json"))
     sd["decode_head.conv_seg.weight"] = torch.zeros(19, 256, 1, 1)  # a Cityscapes head
     sd["decode_head.conv_seg.bias"] = torch.zeros(19)
     with pytest.raises(ValueError, match=r"mis-shaped.*decode_head.conv_seg.weight \(checkpoint \(19, 256, 1, 1\)"):
         setr.load_mmseg_checkpoint(empty_model("naive"), sd)
 
 
-def test_checkpoint_of_another_head_is_rejected(shared_dir):
-    sd = fabricate(ref_keys(shared_dir, "mmseg_setr_pup_keys.json"))
+def test_checkpoint_of_another_head_is_rejected():
+    sd = fabricate(ref_json("mmseg_setr_pup_keys.json"))
     with pytest.raises(ValueError, match="unexpected key"):
         setr.load_mmseg_checkpoint(empty_model("naive"), sd)
 
@@ -99,8 +92,8 @@ def test_non_checkpoint_files(tmp_path):
         setr.load_mmseg_checkpoint(model, listfile)
 
 
-def test_timm_vit_large_loads_with_pos_embed_resized(shared_dir):
-    shapes = ref_keys(shared_dir, "timm_vit_large_patch16_384_keys.json")
+def test_timm_vit_large_loads_with_pos_embed_resized():
+    shapes = ref_json("timm_vit_large_patch16_384_keys.json")
     sd = fabricate(shapes)
     sd["pos_embed"] = torch.randn(1, 577, 1024)
     model = empty_model("pup")
@@ -112,15 +105,15 @@ def test_timm_vit_large_loads_with_pos_embed_resized(shared_dir):
     expected = F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False)
     torch.testing.assert_close(pos[:, 1:], expected.flatten(2).transpose(1, 2))
     torch.testing.assert_close(pos[:, :1], sd["pos_embed"][:, :1])
-    keymap = ref_keys(shared_dir, "timm_to_mmseg_backbone_keymap.json")
+    keymap = ref_json("timm_to_mmseg_backbone_keymap.json")
     state = model.backbone.state_dict()
     for timm_key, mmseg_key in keymap.items():
         if timm_key.startswith("blocks.3.") or timm_key == "cls_token":
             assert torch.equal(state[mmseg_key], sd[timm_key]), timm_key
 
 
-def test_timm_key_map_matches_reference(shared_dir):
-    keymap = ref_keys(shared_dir, "timm_to_mmseg_backbone_keymap.json")
+def test_timm_key_map_matches_reference():
+    keymap = ref_json("timm_to_mmseg_backbone_keymap.json")
     for timm_key, mmseg_key in keymap.items():
         if timm_key.startswith("norm."):  # the final norm (mmseg ln1) that SETR does not build
             assert setr.weights.timm_to_mmseg_key(timm_key) is None
@@ -128,8 +121,8 @@ def test_timm_key_map_matches_reference(shared_dir):
             assert setr.weights.timm_to_mmseg_key(timm_key) == mmseg_key
 
 
-def test_timm_missing_block_is_an_error(shared_dir):
-    sd = fabricate(ref_keys(shared_dir, "timm_vit_large_patch16_384_keys.json"))
+def test_timm_missing_block_is_an_error():
+    sd = fabricate(ref_json("timm_vit_large_patch16_384_keys.json"))
     del sd["blocks.23.mlp.fc2.weight"]
     with pytest.raises(ValueError, match="layers.23.ffn.layers.1.weight"):
         setr.load_timm_vit(empty_model("mla"), sd)
