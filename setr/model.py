@@ -11,6 +11,7 @@ from setr.heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUPHead
 from setr.vit import VIT_CONFIGS, build_vit
 
 HEADS = ("naive", "pup", "mla")
+BACKBONES = tuple(VIT_CONFIGS)  # vit_large, vit_base, vit_tiny
 AUX_WEIGHT = 0.4
 
 
@@ -20,8 +21,8 @@ class SETR(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
-        if backbone not in VIT_CONFIGS:
-            raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(VIT_CONFIGS)}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.impl = layers.resolve_impl(impl)
@@ -106,7 +107,7 @@ def build_setr(head, backbone="vit_large", num_classes=150, img_size=512, impl="
                patch_bias=True, ignore_index=255, device=None, dtype=None):
     """Build SETR-Naive / PUP / MLA as mmseg's ADE20K configs do.
 
-    head: "naive" | "pup" | "mla"; backbone: "vit_large" | "vit_base" | "vit_tiny";
-    impl: "eager" | "sdpa" | "triton" or a per-op dict (see setr.layers).
+    head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.layers.IMPLS or a per-op
+    dict (the table in setr.layers says what runs).
     """
     return SETR(head, backbone, num_classes, img_size, impl, aux, patch_bias, ignore_index, device, dtype)

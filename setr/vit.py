@@ -27,13 +27,15 @@ VIT_CONFIGS = {
 def resize_pos_embed(pos_embed, src_hw, dst_hw):
     """Resize the patch grid of a (1, 1 + h*w, C) pos-embed to dst_hw; the cls entry is kept.
 
-    Bilinear in float32 with align_corners=False, as mmseg's `resize_pos_embed`.
+    Bilinear with align_corners=False, as mmseg's `resize_pos_embed`, computed in float32 for
+    half-precision weights and in float64 for float64 ones.
     """
     if tuple(src_hw) == tuple(dst_hw):
         return pos_embed
     cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
     C = pos_embed.shape[-1]
-    grid = grid.reshape(1, src_hw[0], src_hw[1], C).permute(0, 3, 1, 2).float()
+    grid = grid.reshape(1, src_hw[0], src_hw[1], C).permute(0, 3, 1, 2)
+    grid = grid.to(torch.promote_types(grid.dtype, torch.float32))
     grid = F.interpolate(grid, size=tuple(dst_hw), mode="bilinear", align_corners=False)
     grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)
     return torch.cat([cls_pos, grid], dim=1)
@@ -42,7 +44,7 @@ def resize_pos_embed(pos_embed, src_hw, dst_hw):
 class PatchEmbed(nn.Module):
     """16x16 patches -> tokens. Pads bottom/right to a multiple of the patch ('corner')."""
 
-    def __init__(self, embed_dims, patch_size=16, bias=True, device=None, dtype=None):
+    def __init__(self, embed_dims, patch_size=layers.PATCH_SIZE, bias=True, device=None, dtype=None):
         super().__init__()
         self.patch_size = patch_size
         self.projection = nn.Conv2d(3, embed_dims, patch_size, stride=patch_size, bias=bias,
@@ -124,7 +126,7 @@ class VisionTransformer(nn.Module):
     with_cls_token=False (MLA) drops the cls token before block 0; it stays in the state dict.
     """
 
-    def __init__(self, img_size=512, patch_size=16, embed_dims=1024, num_layers=24, num_heads=16,
+    def __init__(self, img_size=512, patch_size=layers.PATCH_SIZE, embed_dims=1024, num_layers=24, num_heads=16,
                  mlp_ratio=4, out_indices=(9, 14, 19, 23), with_cls_token=True, patch_bias=True,
                  impl="eager", device=None, dtype=None):
         super().__init__()

@@ -1,9 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 import setr
 from reference import ref_json
 from setr import layers
+from setr.vit import resize_pos_embed
 
 HEADS = ["naive", "pup", "mla"]
 
@@ -72,7 +74,8 @@ def test_vit_large_token_count_and_out_indices():
 
 @pytest.mark.parametrize("head", HEADS)
 def test_head_output_shapes_at_512(head):
-    """Decode/aux output sizes of spec s.4 at 512 input, from the 32x32 token grid."""
+    """Decode/aux output sizes at 512 input, from the 32x32 token grid: Naive x4 and MLA x4 at
+    1/4 of the input, PUP four x2 steps to the full size; aux heads at the full size (MLA: 1/16)."""
     model = setr.build_setr(head, device="meta")
     feats = [torch.empty(1, 1024, 32, 32, device="meta")] * 4
     if head == "mla":
@@ -113,17 +116,80 @@ def test_train_loss_terms(head):
     assert model.backbone.patch_embed.projection.weight.grad is not None
 
 
-def test_loss_is_mmseg_reduction():
-    """CE of logits resized to the label size, ignored pixels 0, divided by ALL pixels."""
-    logits = torch.randn(2, 5, 8, 8, dtype=torch.float64)
-    labels = torch.randint(0, 5, (2, 32, 32))
+def loss_reference(logits, labels, ignore_index=255):
+    """mmseg's loss from log-softmax by hand, in float64: logits resized to the label size,
+    ignored pixels 0, summed over the pixels and divided by all of them."""
+    up = F.interpolate(logits.double(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    logp = up - up.logsumexp(dim=1, keepdim=True)
+    valid = labels != ignore_index
+    picked = logp.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return -(picked * valid).sum() / labels.numel(), -picked[valid].mean()
+
+
+def test_loss_is_mmseg_reduction_and_float64_stays_float64():
+    """CE of logits resized to the label size, ignored pixels 0, divided by ALL pixels; float64
+    logits give a float64 loss, half-precision logits a float32 one."""
+    logits = torch.randn(2, 5, 8, 9, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 31, 35))
     labels[0, :10] = 255
-    up = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
-    per_pixel = torch.nn.functional.cross_entropy(up, labels, ignore_index=255, reduction="none")
-    expected = per_pixel.sum() / labels.numel()
+    expected, mean_over_valid = loss_reference(logits, labels)
     got = layers.seg_loss(logits, labels, 255, "eager")
-    torch.testing.assert_close(got, expected.float())
-    assert not torch.isclose(got, per_pixel[labels != 255].mean().float())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.isclose(got, mean_over_valid)
+    half = logits.to(torch.bfloat16)
+    got = layers.seg_loss(half, labels, 255, "eager")
+    assert got.dtype == torch.float32
+    # the resize runs in bf16 (as under mmseg's autocast), the cross-entropy in float32
+    up = F.interpolate(half, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got.double(), loss_reference(up, labels)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_float64_model_resizes_pos_embed_in_float64():
+    """A float64 model run at another grid (pos-embed resized on the fly) equals one built for
+    that grid holding the pos-embed resized independently in float64, to float64 precision."""
+    torch.manual_seed(4)
+    model = tiny("naive").double().eval()  # 4x4 grid
+    state = model.state_dict()
+    grid = state["backbone.pos_embed"][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(6, 2), mode="bilinear", align_corners=False)
+    state["backbone.pos_embed"] = torch.cat([state["backbone.pos_embed"][:, :1],
+                                             resized.flatten(2).transpose(1, 2)], dim=1)
+    exact = setr.build_setr("naive", backbone="vit_tiny", num_classes=7, img_size=(96, 32),
+                            dtype=torch.float64).eval()
+    exact.load_state_dict(state)
+    x = torch.randn(1, 3, 96, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), exact(x), rtol=1e-12, atol=1e-12)
+    half = resize_pos_embed(model.backbone.pos_embed.detach().to(torch.bfloat16), (4, 4), (6, 2))
+    assert half.dtype == torch.bfloat16
+
+
+def test_impl_names_per_op():
+    """A name means one thing per op; a per-op name that does not exist for the op is refused."""
+    eager = {op: "eager" for op in layers.OP_IMPLS}
+    assert layers.resolve_impl("eager") == eager
+    assert layers.resolve_impl("sdpa") == {**eager, "attention": "sdpa"}
+    assert layers.resolve_impl("triton") == {op: "triton" for op in layers.OP_IMPLS}
+    assert layers.resolve_impl({"loss": "triton"}) == {**eager, "loss": "triton"}
+    for op in ("layer_norm", "upsample", "loss"):
+        with pytest.raises(ValueError, match=f"impl\\['{op}'\\] = 'sdpa' is not an implementation of {op}"):
+            layers.resolve_impl({op: "sdpa"})
+    with pytest.raises(ValueError, match="unknown op.*'norm'"):
+        layers.resolve_impl({"norm": "triton"})
+    with pytest.raises(ValueError, match="impl 'cuda'; expected one of"):
+        layers.resolve_impl("cuda")
+
+
+def test_sdpa_model_calls_scaled_dot_product_attention(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    with torch.no_grad():
+        tiny("pup", impl="eager").eval()(torch.randn(1, 3, 32, 32))
+        assert not calls
+        tiny("pup", impl="sdpa").eval()(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 4  # one per block of vit_tiny
 
 
 @pytest.mark.parametrize("head", HEADS)
