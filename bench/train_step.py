@@ -51,16 +51,18 @@ if __package__ in (None, ""):  # run as `python bench/train_step.py`: make the r
 
 import torch
 
+import setr
 from bench import common
+from setr.layers import PATCH_SIZE
+from setr.model import HEADS
 from train.config import get_preset
 from train.trainer import param_groups, peak_flops
 
 VARIANTS = ("eager", "sdpa", "triton", "eager+compile", "triton+compile")
 OURS = ("triton", "triton+compile")
-HEADS = ("naive", "pup", "mla")
 GIB = 2**30
 
-# Goals checked on a GPU run (DESIGN.md headline targets).
+# Goals checked on a GPU run (the project's headline targets).
 GOAL_SPEEDUP_EAGER = 1.5
 GOAL_SPEEDUP_EAGER_COMPILE = 1.1
 GOAL_MFU = 0.50
@@ -113,8 +115,6 @@ def make_batch(batch, img_size, num_classes, device, ignore_index=255, seed=0):
 
 
 def build_model(head, backbone, impl, img_size, num_classes, device):
-    import setr
-
     model = setr.build_setr(head, backbone, num_classes=num_classes, img_size=img_size, impl=impl,
                             device=device)
     return model.train()
@@ -418,8 +418,8 @@ def resolve_model_args(args, device, tiny, full):
     defaults = tiny if args.quick or device.type != "cuda" else full
     cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
     cfg.update(num_classes=args.num_classes, dtype=args.dtype)
-    if cfg["img_size"] % 16:
-        raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of the patch size 16")
+    if cfg["img_size"] % PATCH_SIZE:
+        raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of the patch size {PATCH_SIZE}")
     if cfg["batch"] < 1:
         raise ValueError(f"--batch must be >= 1, got {cfg['batch']}")
     return cfg

@@ -1,6 +1,6 @@
 """Launch helpers shared by every kernel family.
 
-Dispatch rule (see DESIGN.md): CUDA tensors run the compiled Triton kernel; CPU tensors run
+Dispatch rule: CUDA tensors run the compiled Triton kernel; CPU tensors run
 the same kernel through Triton's interpreter when TRITON_INTERPRET=1 (the tests), and the
 plain-PyTorch reference otherwise.
 """

@@ -1,4 +1,4 @@
-"""Inference and evaluation as mmseg's EncoderDecoder does it (spec section 8).
+"""Inference and evaluation as mmseg's EncoderDecoder does it.
 
 whole: logits of the whole (test-scale) image. slide: crops of crop_size at stride, placed as
 mmseg's `slide_inference` places them, logits summed on a canvas and divided by the per-pixel

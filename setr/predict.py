@@ -20,10 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+import setr
 from setr.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE
 from setr.data.datasets import DataError, random_palette, read_image
 from setr.data.transforms import check_crop_size, eval_transform
 from setr.inference import MS_RATIOS, aug_inference, inference
+from setr.layers import IMPLS
+from setr.model import BACKBONES, HEADS
+from setr.vit import VIT_CONFIGS
+from setr.weights import read_checkpoint
 
 
 class PredictError(Exception):
@@ -32,8 +37,6 @@ class PredictError(Exception):
 
 def _load_checkpoint(path):
     """(checkpoint dict, our export's meta or {}, state dict) of a checkpoint file."""
-    from setr.weights import read_checkpoint
-
     try:
         obj, state = read_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -71,9 +74,6 @@ def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="
     Returns (model in eval mode on device, info dict with head, backbone, num_classes,
     img_size, class_names, palette).
     """
-    import setr
-    from setr.vit import VIT_CONFIGS
-
     obj, meta, state = _load_checkpoint(checkpoint)
     key_head, dims, key_classes, key_img = _infer_from_keys(state)
     if head is not None and meta.get("head") not in (None, head):
@@ -159,9 +159,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m setr.predict", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="exported or mmseg SETR checkpoint")
-    p.add_argument("--head", choices=("naive", "pup", "mla"), default=None,
+    p.add_argument("--head", choices=HEADS, default=None,
                    help="decode head (default: from the checkpoint)")
-    p.add_argument("--backbone", choices=("vit_large", "vit_base", "vit_tiny"), default=None,
+    p.add_argument("--backbone", choices=BACKBONES, default=None,
                    help="default: from the checkpoint, else vit_large")
     p.add_argument("--num-classes", type=int, default=None,
                    help="default: from the checkpoint, else 150")
@@ -176,7 +176,7 @@ def parse_args(argv=None):
                    help="slide stride (default: the checkpoint's, else 2/3 crop)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--impl", choices=("eager", "sdpa", "triton"), default="sdpa",
+    p.add_argument("--impl", choices=IMPLS, default="sdpa",
                    help="op implementations (default sdpa)")
     return p.parse_args(argv)
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import setr
 from train import checkpoint as ckpt
-from train.config import ConfigError, config_from_dict, get_preset, parse_config
+from train.config import ConfigError, get_preset, parse_config
 from train.parallelize import SyncBatchNorm2d, convert_sync_batchnorm
 from train.trainer import PolyLR, param_groups
 
@@ -59,7 +59,7 @@ def test_preset_choice_overrides_and_roundtrip(tmp_path):
     assert cfg.parallel.activation_checkpointing is True and cfg.parallel.compile is False
     assert cfg.checkpoint.resume == "auto" and cfg.data.synthetic_size == (48, 64)
     cfg.save(tmp_path / "config.json")
-    assert config_from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
 
 
 def _demo(**changes):
@@ -91,9 +91,10 @@ def test_bad_config_is_a_clear_error(changes, world, message):
 def test_unknown_preset_and_head_on_the_command_line(capsys):
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("pup_b4")
-    with pytest.raises(SystemExit):
-        parse_config(["--head", "fpn"], cuda_available=False)
-    assert "invalid choice: 'fpn'" in capsys.readouterr().err
+    for cuda in (False, True):
+        with pytest.raises(SystemExit):
+            parse_config(["--head", "fpn"], cuda_available=cuda)
+        assert "unknown model.head (--head) 'fpn'; expected one of ('naive', 'pup', 'mla')" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ Presets (`--preset`, or picked by `--head` when no preset is given):
             cores. Chosen automatically on a machine without a GPU when --preset is not given.
 
 Every field can be overridden with `--section.field value` (e.g. `--optim.momentum 0.8`), and
-the common ones have short flags (`--lr`, `--batch-size`, `--data-root`, ...; `--help`).
-The resolved config is written to `<work_dir>/config.json`.
+the common ones have short flags (`--lr`, `--batch-size`, `--data-root`, ...; `--help` shows
+each one's default per preset). The resolved config is written to `<work_dir>/config.json`.
 """
 import argparse
 import dataclasses
@@ -21,12 +21,14 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-HEADS = ("naive", "pup", "mla")
-BACKBONES = ("vit_large", "vit_base", "vit_tiny")
+import torch
+
+from setr.data.ade20k import ADE20K_CLASSES
+from setr.layers import IMPLS, PATCH_SIZE
+from setr.model import BACKBONES, HEADS
+
 DATASETS = ("ade20k", "folder", "synthetic")
-IMPLS = ("eager", "sdpa", "triton")
 PRECISIONS = ("fp32", "bf16", "fp16")
-PATCH = 16
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    """Poly lr per param group, lr(t) = (lr0 - min_lr) * (1 - t / max_iters)^poly_power + min_lr, as mmcv
+    0.x's PolyLrUpdaterHook, which trained the released checkpoints (kept on purpose: mmengine's
+    PolyLR(end=160000) reaches min_lr at iteration 159,999, total_iters = end - begin - 1)."""
     max_iters: int = 160000
     batch_size: int = 16  # global batch (all ranks, all micro-batches)
     micro_batch_size: int = 0  # images per rank per forward; 0 = the whole per-rank batch
@@ -156,27 +161,19 @@ class Config:
         """Raise ConfigError naming the first field that cannot work."""
         m, d, o, s, p, c, e = self.model, self.data, self.optim, self.schedule, self.parallel, \
             self.checkpoint, self.eval
-        _choice("preset", self.preset, PRESETS)
-        _choice("model.head (--head)", m.head, HEADS)
-        _choice("model.backbone", m.backbone, BACKBONES)
-        _choice("model.impl (--impl)", m.impl, IMPLS)
-        _choice("data.dataset (--dataset)", d.dataset, DATASETS)
-        _choice("parallel.precision (--precision)", p.precision, PRECISIONS)
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
-        _choice("eval.mode", e.mode, ("slide", "whole"))
-        _choice("metrics.progress_bar", self.metrics.progress_bar, ("auto", "on", "off"))
+        self.check_choices()
         if m.num_classes < 2:
             raise ConfigError(f"model.num_classes (--num-classes) must be >= 2, got {m.num_classes}")
         if not 0 <= m.ignore_index <= 255 or m.ignore_index < m.num_classes:
             raise ConfigError(f"model.ignore_index (--ignore-index) must be in [num_classes={m.num_classes}, "
                               f"255] (labels are 8-bit PNGs), got {m.ignore_index}")
-        if d.dataset == "ade20k" and (m.num_classes != 150 or m.ignore_index != 255):
-            raise ConfigError(f"ADE20K has 150 classes and ignore_index 255, got --num-classes "
-                              f"{m.num_classes} --ignore-index {m.ignore_index}")
+        if d.dataset == "ade20k" and (m.num_classes, m.ignore_index) != (len(ADE20K_CLASSES), 255):
+            raise ConfigError(f"ADE20K has {len(ADE20K_CLASSES)} classes and ignore_index 255, got "
+                              f"--num-classes {m.num_classes} --ignore-index {m.ignore_index}")
         for name, size in (("data.crop_size (--crop-size)", d.crop_size), ("eval.crop_size", e.crop_size)):
-            if len(size) != 2 or min(size) <= 0 or size[0] % PATCH or size[1] % PATCH:
-                raise ConfigError(f"{name} must be two positive multiples of the patch size {PATCH} "
-                                  f"(the ViT tokenizes {PATCH}x{PATCH} patches), got {tuple(size)}")
+            if len(size) != 2 or min(size) <= 0 or size[0] % PATCH_SIZE or size[1] % PATCH_SIZE:
+                raise ConfigError(f"{name} must be two positive multiples of the patch size {PATCH_SIZE} "
+                                  f"(the ViT tokenizes {PATCH_SIZE}x{PATCH_SIZE} patches), got {tuple(size)}")
         if d.dataset in ("ade20k", "folder"):
             if not d.root:
                 raise ConfigError(f"--data-root is required for --dataset {d.dataset} (for ADE20K the "
@@ -217,14 +214,17 @@ class Config:
                               f"checkpoint directory)")
         return self
 
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; expected one of {tuple(choices)}")
+    def check_choices(self):
+        """Raise ConfigError for a name that is not one of its field's choices (CHOICES)."""
+        for dotted, choices in CHOICES.items():
+            value = _get(self, dotted)
+            if value not in choices:
+                flag = next((f" (--{k.replace('_', '-')})" for k, v in SHORT_FLAGS.items() if v == dotted), "")
+                raise ConfigError(f"unknown {dotted}{flag} {value!r}; expected one of {tuple(choices)}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets: plain instances, the recipe of mmseg's configs (spec sections 5-8).
+# Presets: plain instances, the recipes of mmseg's SETR ADE20K configs.
 # ----------------------------------------------------------------------------------------------
 
 def _ade20k_preset(head, lr, batch_size=16):
@@ -286,8 +286,11 @@ SHORT_FLAGS = {
     "ckpt_interval": "checkpoint.interval", "resume": "checkpoint.resume",
     "eval_interval": "eval.interval", "log_interval": "metrics.log_interval",
 }
-CHOICES = {"model.head": HEADS, "model.backbone": BACKBONES, "model.impl": IMPLS,
-           "data.dataset": DATASETS, "parallel.precision": PRECISIONS}
+# the fields whose value is one of a few names (checked by Config.check_choices)
+CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cpu", "cuda"), "model.head": HEADS,
+           "model.backbone": BACKBONES, "model.impl": IMPLS, "data.dataset": DATASETS,
+           "parallel.precision": PRECISIONS, "eval.mode": ("slide", "whole"),
+           "metrics.progress_bar": ("auto", "on", "off")}
 
 
 def _fields(cls, prefix=""):
@@ -332,28 +335,45 @@ def _converter(t):
     return t
 
 
+def _default_help(dotted):
+    """' (default X)' for --help, with the presets that differ: ' (default 150; demo 8)'."""
+    groups = {}
+    for name in PRESETS:
+        value = _get(get_preset(name), dotted)
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else \
+            str(value).lower() if isinstance(value, bool) else str(value) or "none"
+        groups.setdefault(text, []).append(name)
+    (common, _), *others = sorted(groups.items(), key=lambda item: -len(item[1]))
+    return f" (default {common}" + "".join(f"; {'/'.join(names)}: {v}" for v, names in others) + ")"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="train/main.py", description="Train SETR (mmseg's recipe) with FSDP2.",
-        epilog="Every field has a --section.field flag too (e.g. --optim.momentum 0.8, "
+        epilog="Defaults come from the preset: --head's ADE20K preset on a GPU, 'demo' without one. "
+               "Every field has a --section.field flag too (e.g. --optim.momentum 0.8, "
                "--data.synthetic_size 96,128); see train/config.py.")
-    parser.add_argument("--preset", choices=tuple(PRESETS),
+    parser.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}",
                         help="recipe (default: the --head's ADE20K preset on a GPU, 'demo' without one)")
-    parser.add_argument("--work-dir", dest="work_dir", help="run directory (logs, checkpoints, config)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--work-dir", dest="work_dir", help="run directory: logs, checkpoints, config "
+                        "(default work_dirs/setr_<head>_<backbone>_<preset>; demo: work_dirs/demo)")
+    parser.add_argument("--seed", type=int, help="(default 0)")
     parser.add_argument("--deterministic", nargs="?", const=True, type=_parse_bool,
-                        help="deterministic algorithms (bitwise-reproducible runs on CPU)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+                        help="deterministic algorithms (bitwise-reproducible runs on CPU; default false)")
+    parser.add_argument("--device", metavar="{auto,cpu,cuda}", help="(default auto: cuda when available)")
     types = dict(_fields(Config))
     for short, dotted in SHORT_FLAGS.items():
         t = types[dotted]
-        kw = dict(dest=dotted, help=f"= --{dotted}")
+        kw = dict(dest=dotted, help=f"= --{dotted}" + _default_help(dotted), metavar=short.upper())
         if t is bool:
             kw.update(nargs="?", const=True, type=_parse_bool)
         else:
-            kw.update(type=_converter(t), choices=CHOICES.get(dotted))
-            if dotted == "checkpoint.resume":
-                kw.update(metavar="{auto,PATH}")
+            kw.update(type=_converter(t))
+        if dotted in CHOICES or dotted == "checkpoint.resume":
+            kw.update(metavar="{" + ",".join(CHOICES.get(dotted, ("auto", "PATH"))) + "}")
+        if dotted == "model.head":
+            kw.update(help="decode head; without --preset it also picks that head's ADE20K preset on a GPU "
+                           "(default pup)")
         parser.add_argument("--" + short.replace("_", "-"), **kw)
     for dotted, t in types.items():
         if "." not in dotted:
@@ -365,58 +385,52 @@ def build_parser():
     return parser
 
 
-def _set(cfg, dotted, value):
+def _get(cfg, dotted):
     obj = cfg
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set(cfg, dotted, value):
     *path, leaf = dotted.split(".")
-    for p in path:
-        obj = getattr(obj, p)
-    setattr(obj, leaf, value)
+    setattr(_get(cfg, ".".join(path)) if path else cfg, leaf, value)
 
 
 def parse_config(argv=None, cuda_available=None):
-    """Preset (chosen as documented above) + CLI overrides -> Config (not yet validated)."""
-    args = vars(build_parser().parse_args(argv))
+    """Preset (chosen as documented above) + CLI overrides -> Config (choices checked, the rest
+    not yet validated). A bad choice is a usage error (exit 2) naming the flag."""
+    parser = build_parser()
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if cuda_available is None:
-        import torch
-
         cuda_available = torch.cuda.is_available()
-    head = args.get("model.head") or "pup"
-    notes = []
-    if args.get("preset"):
-        name = args["preset"]
-    else:
-        on_cpu = args.get("device") == "cpu" or not cuda_available
-        if on_cpu:
-            name = "demo"
-            notes.append(f"no GPU: using the small CPU 'demo' preset (ViT-tiny, synthetic data, "
-                         f"64x64 crops, fp32) with head {head!r}; pass --preset {head} for the full "
-                         f"ADE20K recipe")
-        else:
-            name = head
-            notes.append(f"preset {name!r} (mmseg's SETR-{head.upper()} ADE20K 512x512 recipe)")
-    cfg = get_preset(name)
-    cfg.notes = notes
-    for key, value in args.items():
-        if value is not None and key != "preset":
-            _set(cfg, key, value)
-    if not args.get("work_dir") and cfg.preset != "demo":
-        cfg.work_dir = f"work_dirs/setr_{cfg.model.head}_{cfg.model.backbone}_{cfg.preset}"
-    return cfg
-
-
-def config_from_dict(d):
-    """Inverse of Config.to_dict (for tests and tools)."""
-    cfg = Config()
-    for key, value in d.items():
-        if isinstance(value, dict):
-            sub = getattr(cfg, key)
-            hints = typing.get_type_hints(type(sub))
-            for k, v in value.items():
-                if isinstance(v, list) and typing.get_origin(hints[k]) in (tuple, typing.Tuple):
-                    v = tuple(v)
-                setattr(sub, k, v)
-        else:
-            setattr(cfg, key, value)
+    head = args.get("model.head", "pup")
+    on_cpu = args.get("device") == "cpu" or not cuda_available
+    # an unknown --head is reported by check_choices below
+    name = args.get("preset") or ("demo" if on_cpu else head if head in HEADS else "pup")
+    try:
+        cfg = get_preset(name)
+        for key, value in args.items():
+            if key != "preset":
+                _set(cfg, key, value)
+        cfg.check_choices()
+    except ConfigError as e:
+        parser.error(str(e))
+    d, m = cfg.data, cfg.model
+    if d.dataset == "ade20k":  # the dataset's classes unless given (the demo preset has 8)
+        m.num_classes = args.get("model.num_classes", len(ADE20K_CLASSES))
+        m.ignore_index = args.get("model.ignore_index", 255)
+    if not args.get("preset"):
+        cfg.notes.append(f"no GPU: using the small CPU 'demo' preset ({m.backbone}, {d.dataset} data, "
+                         f"{d.crop_size[0]}x{d.crop_size[1]} crops, {cfg.parallel.precision}) with head "
+                         f"{head!r}; pass --preset {head} for the full ADE20K recipe" if on_cpu else
+                         f"preset {name!r} (mmseg's SETR-{head.upper()} ADE20K 512x512 recipe)")
+    if cfg.preset == "demo" and d.dataset != "synthetic":
+        cfg.notes.append(f"the 'demo' preset trains on {d.crop_size[0]}x{d.crop_size[1]} crops and evaluates "
+                         f"at {min(cfg.eval.scale)} px (images rescaled into {cfg.eval.scale}), not at "
+                         f"mmseg's 512: pass --preset {m.head} on a GPU for the ADE20K recipe")
+    if "work_dir" not in args and cfg.preset != "demo":
+        cfg.work_dir = f"work_dirs/setr_{m.head}_{m.backbone}_{cfg.preset}"
     return cfg
 
 

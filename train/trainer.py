@@ -69,7 +69,9 @@ def param_groups(model, lr, head_lr_mult):
 
 class PolyLR:
     """mmseg's poly schedule per parameter group: lr(t) = (lr0 - min_lr) * (1 - t / T)^power + min_lr,
-    t = the iteration about to run (0 for the first step)."""
+    t = the iteration about to run (0 for the first step). This is mmcv 0.x's PolyLrUpdaterHook,
+    which trained the released checkpoints; mmengine's PolyLR(end=T) reaches min_lr one iteration
+    earlier (total_iters = end - begin - 1)."""
 
     def __init__(self, optimizer, max_iters, power=0.9, min_lr=1e-4):
         self.optimizer = optimizer

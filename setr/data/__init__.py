@@ -3,7 +3,7 @@
 Raw datasets (`ADE20K`, `FolderSegmentation`, `SyntheticSegmentation`, or `build_dataset`)
 yield (image uint8 (H, W, 3) RGB, label int64 (H, W), name). `TrainSamples` applies mmseg's
 ADE20K training pipeline by global sample position, `PositionSampler` hands each rank its
-positions, `EvalSamples` applies the test pipeline. See ../shared/ref/setr_spec.md s.7-8.
+positions, `EvalSamples` applies the test pipeline.
 """
 
 from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE

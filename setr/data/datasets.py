@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE
+from .synthetic import SyntheticSegmentation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": "training", "training": "train", "val": "validation",
@@ -314,8 +315,6 @@ def build_dataset(name, root=None, split="training", num_classes=None, ignore_in
                                   reduce_zero_label=bool(reduce_zero_label),
                                   class_names=class_names)
     if name == "synthetic":
-        from .synthetic import SyntheticSegmentation
-
         if synthetic_samples is None:
             synthetic_samples = 512 if split in ("train", "training") else 64
         return SyntheticSegmentation(synthetic_samples, size=synthetic_size,

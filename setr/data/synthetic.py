@@ -60,13 +60,12 @@ class SyntheticSegmentation:
     cross, ellipse, then repeating with other colours).
 
     num_samples: dataset length; size: (H, W); seed, split: select the scenes (deterministic
-    per (seed, split, index)); border_ignore: width in pixels of an ignore_index band drawn
-    along object boundaries (0 = every pixel labelled). Items as every dataset here:
+    per (seed, split, index)); every pixel is labelled. Items as every dataset here:
     (image (H, W, 3) uint8 RGB, label (H, W) int64, name).
     """
 
     def __init__(self, num_samples, size=(128, 160), num_classes=8, seed=0, split="training",
-                 ignore_index=255, border_ignore=0):
+                 ignore_index=255):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         h, w = (size, size) if isinstance(size, int) else size
@@ -86,7 +85,6 @@ class SyntheticSegmentation:
         self.ignore_index = int(ignore_index)
         self.seed = int(seed)
         self.split = split
-        self.border_ignore = int(border_ignore)
         self.class_names = synthetic_class_names(self.num_classes)
         self.palette = synthetic_palette(self.num_classes)
         yy, xx = np.mgrid[0:h, 0:w]
@@ -119,8 +117,6 @@ class SyntheticSegmentation:
             image[mask] = self._texture(k, rng)[mask]
             label[mask] = k
         image += rng.normal(0.0, 10.0, size=image.shape).astype(np.float32)
-        if self.border_ignore > 0:
-            label[self._boundary(label)] = self.ignore_index
         return np.clip(image, 0, 255).astype(np.uint8), label, f"synthetic_{self.split}_{index:06d}"
 
     def _background(self, rng):
@@ -183,19 +179,3 @@ class SyntheticSegmentation:
             return ((np.abs(u) < s) & (np.abs(v) < arm)) | ((np.abs(v) < s) & (np.abs(u) < arm))
         # ellipse
         return (u / s) ** 2 + (v / (0.5 * s)) ** 2 < 1.0
-
-    def _boundary(self, label):
-        """Pixels within border_ignore of a label change: (H, W) bool."""
-        edge = np.zeros(label.shape, dtype=bool)
-        edge[1:] |= label[1:] != label[:-1]
-        edge[:-1] |= label[1:] != label[:-1]
-        edge[:, 1:] |= label[:, 1:] != label[:, :-1]
-        edge[:, :-1] |= label[:, 1:] != label[:, :-1]
-        for _ in range(self.border_ignore - 1):
-            grown = edge.copy()
-            grown[1:] |= edge[:-1]
-            grown[:-1] |= edge[1:]
-            grown[:, 1:] |= edge[:, :-1]
-            grown[:, :-1] |= edge[:, 1:]
-            edge = grown
-        return edge

@@ -3,7 +3,7 @@
 Images are uint8 (H, W, 3) RGB numpy arrays, labels (H, W) non-negative integer arrays, until
 `normalize_pad` turns them into the tensors the model eats. Randomness comes from an explicit
 `numpy.random.Generator`, drawn in the same order and from the same distributions as mmseg's
-transforms draw from numpy's global RNG (spec section 7):
+transforms draw from numpy's global RNG:
 
     train: rescale (ratio 0.5-2.0 of (2048, 512), keep ratio) -> random crop (cat_max_ratio 0.75)
            -> horizontal flip 0.5 -> photometric distortion -> normalize -> pad to the crop
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from setr.layers import PATCH_SIZE
+
 # ImageNet mean / std of RGB images on the 0-255 scale (mmseg's ADE20K config).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -39,7 +41,7 @@ def to_pair(value, name="size"):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
 
 
-def check_crop_size(crop_size, patch_size=16, name="crop_size"):
+def check_crop_size(crop_size, patch_size=PATCH_SIZE, name="crop_size"):
     """(h, w) of a crop whose sides are positive multiples of the ViT patch size."""
     h, w = to_pair(crop_size, name)
     if h <= 0 or w <= 0 or h % patch_size or w % patch_size:
@@ -308,7 +310,7 @@ def normalize_pad(image, label, crop_size, ignore_index=255):
 
 def train_transform(image, label, rng, crop_size, scale=(2048, 512), ratio_range=(0.5, 2.0),
                     cat_max_ratio=0.75, flip_prob=0.5, ignore_index=255):
-    """mmseg's ADE20K train pipeline on one sample (spec section 7).
+    """mmseg's ADE20K train pipeline on one sample.
 
     image: (H, W, 3) uint8 RGB; label: (H, W) non-negative ints; rng: numpy Generator.
     Returns image float32 (3, ch, cw) normalized and padded with 0, label int64 (ch, cw) padded

@@ -1,0 +1,48 @@
+"""Command-line config: defaults shown by --help, dataset-driven class counts, the demo preset's notes."""
+import argparse
+
+import pytest
+
+from train.config import SHORT_FLAGS, ConfigError, build_parser, parse_config
+
+
+def test_help_shows_a_default_for_every_flag():
+    parser = build_parser()
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
+    assert len(shown) == len(SHORT_FLAGS) + 5  # + --preset --work-dir --seed --deterministic --device
+    for action in shown:
+        assert "default" in action.help, action.option_strings
+    text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "= --optim.lr (default 0.001; naive: 0.01; demo: 0.02)" in text
+    assert "= --model.num_classes (default 150; demo: 8)" in text
+    assert "--seed SEED (default 0)" in text
+
+
+def test_ade20k_on_the_demo_preset_takes_its_150_classes(tmp_path):
+    cfg = parse_config(["--dataset", "ade20k", "--data-root", str(tmp_path)], cuda_available=False)
+    assert cfg.preset == "demo" and (cfg.model.num_classes, cfg.model.ignore_index) == (150, 255)
+    cfg.validate()
+    cfg = parse_config(["--dataset", "ade20k", "--data-root", str(tmp_path), "--num-classes", "8"],
+                       cuda_available=False)
+    with pytest.raises(ConfigError, match="ADE20K has 150 classes.*got --num-classes 8"):
+        cfg.validate()
+
+
+def test_demo_preset_says_what_it_does_with_real_data(tmp_path):
+    cfg = parse_config(["--dataset", "folder", "--data-root", str(tmp_path), "--num-classes", "11"],
+                       cuda_available=False)
+    assert "folder data" in cfg.notes[0] and "synthetic" not in cfg.notes[0]
+    assert "evaluates at 64 px" in cfg.notes[1] and "(256, 64)" in cfg.notes[1]
+    assert len(parse_config([], cuda_available=False).notes) == 1  # built-in data: no such note
+    assert len(parse_config(["--preset", "pup"], cuda_available=False).notes) == 0
+
+
+def test_choices_are_checked_once_for_flags_and_fields(capsys):
+    for argv in (["--impl", "cuda"], ["--model.impl", "cuda"]):
+        with pytest.raises(SystemExit):
+            parse_config(argv, cuda_available=False)
+        assert "unknown model.impl (--impl) 'cuda'; expected one of ('eager', 'sdpa', 'triton')" \
+            in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--preset", "pup_b4"], cuda_available=True)
+    assert "unknown preset 'pup_b4'" in capsys.readouterr().err
