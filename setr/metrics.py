@@ -58,10 +58,6 @@ class SegMetric:
         return self.counts[0]
 
     @property
-    def area_pred(self):
-        return self.counts[1]
-
-    @property
     def area_label(self):
         return self.counts[2]
 

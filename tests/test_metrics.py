@@ -1,6 +1,7 @@
 """SegMetric against hand-computed confusion matrices; distributed reduction over gloo."""
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_hand_computed_confusion_matrix():
     m = SegMetric(4, ignore_index=255, class_names=["a", "b", "c", "d"])
     m.update(PRED, LABEL)
     assert m.area_intersect.tolist() == [2, 3, 2, 0]
-    assert m.area_pred.tolist() == [4, 4, 2, 0]
+    assert m.counts[1].tolist() == [4, 4, 2, 0]  # prediction areas
     assert m.area_label.tolist() == [3, 4, 3, 0]
     assert m.area_union.tolist() == [5, 5, 3, 0]
     r = m.compute()
@@ -120,7 +121,17 @@ def _reduce_worker(rank, world_size, init_file, out_dir):
 
 
 def test_all_reduce_across_two_ranks(tmp_path):
-    mp.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ctx = mp.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                pytest.fail("the two gloo workers did not finish within 120 s")
+    finally:
+        for p in ctx.processes:
+            p.kill()
+            p.join(10)
+        assert not any(p.is_alive() for p in ctx.processes)
     full = SegMetric(4, 255)
     full.update(PRED[0:2], LABEL[0:2])
     full.update(PRED[2:3], LABEL[2:3])
