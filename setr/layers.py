@@ -27,7 +27,7 @@ import kernels
 from kernels.attention import merge_heads, split_heads
 
 IMPLS = ("eager", "sdpa", "triton")
-OP_IMPLS = {"attention": ("eager", "sdpa", "triton"), "layer_norm": ("eager", "triton"),
+OP_IMPLS = {"attention": IMPLS, "layer_norm": ("eager", "triton"),
             "upsample": ("eager", "triton"), "loss": ("eager", "triton")}
 PATCH_SIZE = 16  # ViT patch side: crops, slide windows and img_size are multiples of it
 

@@ -5,9 +5,8 @@ import torch.nn.functional as F
 import setr
 from reference import ref_json
 from setr import layers
+from setr.model import HEADS
 from setr.vit import resize_pos_embed
-
-HEADS = ["naive", "pup", "mla"]
 
 
 def tiny(head, impl="eager", **kw):
