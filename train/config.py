@@ -419,12 +419,12 @@ def parse_config(argv=None, cuda_available=None):
     d, m = cfg.data, cfg.model
     if d.dataset == "ade20k":  # the dataset's classes unless given (the demo preset has 8)
         m.num_classes = args.get("model.num_classes", len(ADE20K_CLASSES))
-        m.ignore_index = args.get("model.ignore_index", 255)
-    if not args.get("preset"):
+    if not args.get("preset") and on_cpu:
         cfg.notes.append(f"no GPU: using the small CPU 'demo' preset ({m.backbone}, {d.dataset} data, "
                          f"{d.crop_size[0]}x{d.crop_size[1]} crops, {cfg.parallel.precision}) with head "
-                         f"{head!r}; pass --preset {head} for the full ADE20K recipe" if on_cpu else
-                         f"preset {name!r} (mmseg's SETR-{head.upper()} ADE20K 512x512 recipe)")
+                         f"{head!r}; pass --preset {head} for the full ADE20K recipe")
+    elif not args.get("preset"):
+        cfg.notes.append(f"preset {name!r} (mmseg's SETR-{head.upper()} ADE20K 512x512 recipe)")
     if cfg.preset == "demo" and d.dataset != "synthetic":
         cfg.notes.append(f"the 'demo' preset trains on {d.crop_size[0]}x{d.crop_size[1]} crops and evaluates "
                          f"at {min(cfg.eval.scale)} px (images rescaled into {cfg.eval.scale}), not at "
