@@ -141,3 +141,17 @@ def test_export_round_trip(tmp_path):
     with pytest.raises(ValueError, match="head 'mla'"):
         setr.load_mmseg_checkpoint(setr.build_setr("pup", backbone="vit_tiny", num_classes=5, img_size=64), path)
     assert not any(p.name.startswith("model.pth.tmp") for p in (tmp_path / "out").iterdir())
+
+
+def test_float64_checkpoint_pos_embed_is_resized_in_float64():
+    """A float64 checkpoint trained at another grid loads with its pos-embed resized in float64."""
+    src = setr.build_setr("pup", backbone="vit_tiny", num_classes=5, img_size=48, dtype=torch.float64)
+    dst = setr.build_setr("pup", backbone="vit_tiny", num_classes=5, img_size=80, dtype=torch.float64)
+    report = setr.load_mmseg_checkpoint(dst, src.state_dict())
+    assert any("(3, 3) to (5, 5)" in n for n in report["notes"])
+    pos = src.backbone.pos_embed.detach()
+    grid = pos[:, 1:].reshape(1, 3, 3, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(5, 5), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    got = dst.backbone.pos_embed.detach()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.cat([pos[:, :1], expected], dim=1), rtol=0, atol=1e-15)
