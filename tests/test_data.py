@@ -23,12 +23,17 @@ ADE_RAW_VALUES = {"ADE_val_00000001": {0, 1, 2, 3, 5, 7, 10, 18},
                   "ADE_val_00000003": {0, 1, 2, 3, 5, 7, 12, 21, 44, 81, 88, 97, 103}}
 
 
-@pytest.fixture
-def ade_root(shared_dir):
-    root = os.path.join(shared_dir, "data", "ade20k_sceneparsing_samples")
+def shared_data(shared_dir, name):
+    """The shared data folder `name`; skips the test where it is absent."""
+    root = os.path.join(shared_dir, "data", name)
     if not os.path.isdir(root):
         pytest.skip(f"{root} not found")
     return root
+
+
+@pytest.fixture
+def ade_root(shared_dir):
+    return shared_data(shared_dir, "ade20k_sceneparsing_samples")
 
 
 @pytest.fixture
@@ -86,9 +91,7 @@ def test_split_aliases_and_missing_split(ade_root):
 
 
 def test_camvid_folder_dataset(shared_dir):
-    root = os.path.join(shared_dir, "data", "camvid_segnet_subset")
-    if not os.path.isdir(root):
-        pytest.skip(f"{root} not found")
+    root = shared_data(shared_dir, "camvid_segnet_subset")
     ds = build_dataset("folder", root, "val", num_classes=11, ignore_index=11)
     assert len(ds) == 13 and ds.class_names[0] == "Sky" and ds.class_names[-1] == "Bicyclist"
     image, label, _ = ds[0]

@@ -17,25 +17,15 @@ import setr
 from setr.data.ade20k import ADE20K_PALETTE
 from setr.evaluate import main
 from setr.predict import main as predict_main
+from test_data import ade_root, shared_data  # noqa: F401 (ade_root is a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADE_NAMES = ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
 
 
 @pytest.fixture
-def ade_root(shared_dir):
-    root = os.path.join(shared_dir, "data", "ade20k_sceneparsing_samples")
-    if not os.path.isdir(root):
-        pytest.skip(f"{root} not found")
-    return root
-
-
-@pytest.fixture
 def camvid_root(shared_dir):
-    root = os.path.join(shared_dir, "data", "camvid_segnet_subset")
-    if not os.path.isdir(root):
-        pytest.skip(f"{root} not found")
-    return root
+    return shared_data(shared_dir, "camvid_segnet_subset")
 
 
 @pytest.fixture(scope="module")
