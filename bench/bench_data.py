@@ -26,6 +26,14 @@ from bench.common import OURS, environment, markdown_table, results_dir  # noqa:
 from setr.data import ADE20K, TrainSamples  # noqa: E402
 from setr.data import transforms as T  # noqa: E402
 
+try:  # mmseg 1.x's own transforms, timed side by side where installed
+    from mmcv.transforms import LoadImageFromFile
+    from mmseg.datasets.transforms import (LoadAnnotations, PhotoMetricDistortion, RandomCrop, RandomFlip,
+                                           RandomResize)
+    MMSEG_MISSING = None
+except ImportError as e:
+    MMSEG_MISSING = str(e)
+
 SHARED_ADE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                           "data", "ade20k_sceneparsing_samples")
 COLUMNS = ["kernel", "provider", "shape", "samples_per_s", "ms", "n", "error"]
@@ -63,12 +71,8 @@ def ours_rows(dataset, n, crop):
 def mmseg_rows(dataset, n, crop):
     """mmseg 1.x's ADE20K train pipeline on the same files (when mmseg is importable)."""
     base = dict(kernel="train pipeline", provider="mmseg", shape=f"{crop}x{crop}", n=n)
-    try:
-        from mmseg.datasets.transforms import (LoadAnnotations, PhotoMetricDistortion, RandomCrop,
-                                               RandomFlip, RandomResize)
-        from mmcv.transforms import LoadImageFromFile
-    except ImportError as e:
-        return [dict(base, error=f"mmseg not installed ({e})")]
+    if MMSEG_MISSING:
+        return [dict(base, error=f"mmseg not installed ({MMSEG_MISSING})")]
     pipeline = [LoadImageFromFile(), LoadAnnotations(reduce_zero_label=True),
                 RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
                 RandomCrop(crop_size=(crop, crop), cat_max_ratio=0.75), RandomFlip(prob=0.5),

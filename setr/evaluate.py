@@ -78,18 +78,19 @@ def _dataset(args, info, ignore_index):
         raise PredictError(f"--data-root {args.data_root} --split {args.split}: {e}") from None
 
 
-def _json_numbers(values):
-    return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+def _nan_to_none(value):
+    """JSON has no NaN: undefined metrics (a class absent from labels and predictions) become null."""
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def write_metrics(path, result, settings):
     """metrics.json (atomic): mIoU, mAcc, aAcc, per-class IoU / Acc lists (null where undefined),
     class names, images/s, seconds, and the settings that produced them."""
-    record = {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"],
-              "IoU": _json_numbers(result["IoU"]), "Acc": _json_numbers(result["Acc"]),
-              "class_names": [p["name"] for p in result["per_class"]], "num_images": result["num_images"],
-              "seconds": result["seconds"], "images_per_s": result["images_per_s"], **settings}
-    record = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+    record = {k: _nan_to_none(result[k]) for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images",
+                                                    "seconds", "images_per_s")}
+    record = {**record, "class_names": [p["name"] for p in result["per_class"]], **settings}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
