@@ -176,5 +176,9 @@ def test_bad_input_is_named(camvid_root, ade_root, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "c")]) == 2
     assert "metrics.json exists" in capsys.readouterr().err
+    assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "c"),
+                        "--overwrite", "--aug", "--mode", "whole"]) == 0
+    again = json.load(open(tmp_path / "c" / "metrics.json"))
+    assert again["aug"] and again["mode"] == "whole" and again["num_images"] == 1
     assert main(args + ["--checkpoint", str(tmp_path / "none.pth"), "--data-root", ade_root]) == 2
     assert "none.pth" in capsys.readouterr().err
