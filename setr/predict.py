@@ -163,7 +163,8 @@ def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(204
 
 def add_model_args(p):
     """Flags shared with setr.evaluate: the checkpoint, the model, the test pipeline, the device."""
-    p.add_argument("--checkpoint", required=True, help="exported or mmseg SETR checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="our export, an mmseg SETR checkpoint, or a training run / checkpoint folder")
     p.add_argument("--head", choices=("naive", "pup", "mla"), default=None,
                    help="decode head (default: from the checkpoint)")
     p.add_argument("--backbone", choices=("vit_large", "vit_base", "vit_tiny"), default=None,
