@@ -6,7 +6,10 @@ setup(
     description="SETR (ViT-L/16 + Naive/PUP/MLA heads) trained with our own Triton kernels and FSDP2",
     packages=["kernels", "setr", "setr.data", "train", "bench"],
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.2", "numpy", "pillow"],
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"], "tb": ["tensorboard"]},
-    entry_points={"console_scripts": ["setr-train=train.main:main", "setr-predict=setr.predict:main"]},
+    install_requires=["torch>=2.6", "triton>=3.2", "numpy", "pillow", "opencv-python-headless>=4.5",
+                      "safetensors>=0.4", "huggingface_hub>=0.24"],
+    extras_require={"test": ["pytest"], "bench": ["matplotlib"], "plot": ["matplotlib"], "tb": ["tensorboard"],
+                    "all": ["matplotlib", "tensorboard", "pytest"]},
+    entry_points={"console_scripts": ["setr-train=train.main:main", "setr-predict=setr.predict:main",
+                                      "setr-eval=setr.evaluate:main", "setr-plot=train.plot:main"]},
 )

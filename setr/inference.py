@@ -158,13 +158,15 @@ def _eval_items(eval_dataset, indices, aug, num_workers):
 
 def evaluate(model, eval_dataset, num_classes, ignore_index=255, mode="slide",
              crop_size=(512, 512), stride=(341, 341), class_names=None, rank=0, world_size=1,
-             max_samples=None, aug=False, num_workers=0, autocast_dtype=None, window_batch=4):
+             max_samples=None, aug=False, num_workers=0, autocast_dtype=None, window_batch=4,
+             on_prediction=None):
     """mIoU / mAcc / aAcc (percent) of `model` on `eval_dataset` (an EvalSamples).
 
     Rank r evaluates items r, r + world_size, ... of the first max_samples; the per-class
     counts are summed over ranks (torch.distributed must be initialized when world_size > 1).
     `model` is called a data-dependent number of times per rank, so give a plain module (an
     unsharded copy), never an FSDP one. aug=True: multi-scale + flip (needs eval_dataset.raw).
+    on_prediction(name, pred): called per image with its (H, W) int64 class ids on the CPU.
     Returns SegMetric.compute()'s dict (mIoU, mAcc, aAcc, IoU, Acc, per_class, table,
     num_images) plus 'seconds'.
     """
@@ -194,7 +196,10 @@ def evaluate(model, eval_dataset, num_classes, ignore_index=255, mode="slide",
                 else:
                     probs = inference(model, image, num_classes, label.shape, mode, crop_size,
                                       stride, window_batch)
-                metric.update(probs.argmax(dim=1)[0], label.to(probs.device))
+                pred = probs.argmax(dim=1)[0]
+                metric.update(pred, label.to(pred.device))
+                if on_prediction is not None:
+                    on_prediction(name, pred.cpu())
     finally:
         model.train(was_training)
     if world_size > 1:

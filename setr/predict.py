@@ -121,13 +121,9 @@ def colorize(label, palette):
     return table[label]
 
 
-def save_outputs(image, label, palette, out_dir, stem):
-    """Write <stem>_label.png and <stem>_overlay.png; returns their paths.
-
-    image: (H, W, 3) uint8; label: (H, W) class ids.
-    """
-    label_path = os.path.join(out_dir, f"{stem}_label.png")
-    overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
+def save_label(label, palette, path):
+    """Write (H, W) class ids as a PNG: the ids are the pixel values (8-bit with the palette
+    attached, so viewers show colours; 16-bit grey beyond 256 classes)."""
     if len(palette) <= 256:
         im = Image.fromarray(label.astype(np.uint8))  # mode L: the ids themselves
         flat = np.zeros((256, 3), dtype=np.uint8)
@@ -135,7 +131,17 @@ def save_outputs(image, label, palette, out_dir, stem):
         im.putpalette(flat.ravel().tolist())  # L -> P, pixel values unchanged
     else:
         im = Image.fromarray(label.astype(np.uint16))
-    im.save(label_path)
+    im.save(path)
+    return path
+
+
+def save_outputs(image, label, palette, out_dir, stem):
+    """Write <stem>_label.png and <stem>_overlay.png; returns their paths.
+
+    image: (H, W, 3) uint8; label: (H, W) class ids.
+    """
+    label_path = save_label(label, palette, os.path.join(out_dir, f"{stem}_label.png"))
+    overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
     colour = colorize(label, palette)
     overlay = (image.astype(np.uint16) + colour.astype(np.uint16) + 1) // 2
     Image.fromarray(overlay.astype(np.uint8)).save(overlay_path)
@@ -155,10 +161,10 @@ def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(204
     return probs.argmax(dim=1)[0].cpu().numpy()
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m setr.predict", description=__doc__.split("\n")[0])
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="exported or mmseg SETR checkpoint")
+def add_model_args(p):
+    """Flags shared with setr.evaluate: the checkpoint, the model, the test pipeline, the device."""
+    p.add_argument("--checkpoint", required=True,
+                   help="our export, an mmseg SETR checkpoint, or a training run / checkpoint folder")
     p.add_argument("--head", choices=HEADS, default=None,
                    help="decode head (default: from the checkpoint)")
     p.add_argument("--backbone", choices=BACKBONES, default=None,
@@ -174,10 +180,35 @@ def parse_args(argv=None):
                    help="slide window (default: the checkpoint's, else its img_size, else 512)")
     p.add_argument("--stride", type=int, default=None,
                    help="slide stride (default: the checkpoint's, else 2/3 crop)")
-    p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--impl", choices=IMPLS, default="sdpa",
                    help="op implementations (default sdpa)")
+
+
+def pipeline_settings(args, info):
+    """(mode, scale, crop, stride) from the flags, else what the exported checkpoint was
+    evaluated with, else mmseg's ADE20K test settings. Raises PredictError on bad values."""
+    saved = info["eval"]
+    img_size = info["img_size"]
+    mode = args.mode or saved.get("mode", "slide")
+    scale = tuple(args.scale or saved.get("scale", (2048, 512)))
+    crop = args.crop_size or max(saved.get("crop_size") or [img_size if isinstance(img_size, int) else max(img_size)])
+    stride = args.stride or (max(saved["stride"]) if args.crop_size is None and saved.get("stride")
+                             else max(crop * 2 // 3, 1))
+    try:
+        check_crop_size(crop, name="--crop-size")
+        if not 0 < stride <= crop:
+            raise ValueError(f"--stride must be in [1, crop size {crop}], got {stride}")
+    except ValueError as e:
+        raise PredictError(str(e)) from None
+    return mode, scale, crop, stride
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m setr.predict", description=__doc__.split("\n")[0])
+    p.add_argument("images", nargs="+", help="image files")
+    add_model_args(p)
+    p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     return p.parse_args(argv)
 
 
@@ -196,23 +227,9 @@ def main(argv=None):
             stems[stem] = path
         model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes,
                                   device, args.impl)
+        mode, scale, crop, stride = pipeline_settings(args, info)
         os.makedirs(args.out, exist_ok=True)
     except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # test pipeline: flags, else what the exported checkpoint was evaluated with, else mmseg's
-    saved = info["eval"]
-    img_size = info["img_size"]
-    mode = args.mode or saved.get("mode", "slide")
-    scale = tuple(args.scale or saved.get("scale", (2048, 512)))
-    crop = args.crop_size or max(saved.get("crop_size") or [img_size if isinstance(img_size, int) else max(img_size)])
-    stride = args.stride or (max(saved["stride"]) if args.crop_size is None and saved.get("stride")
-                             else max(crop * 2 // 3, 1))
-    try:
-        check_crop_size(crop, name="--crop-size")
-        if not 0 < stride <= crop:
-            raise ValueError(f"--stride must be in [1, crop size {crop}], got {stride}")
-    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = 0

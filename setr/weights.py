@@ -1,24 +1,80 @@
 """Strict checkpoint loading: mmseg SETR checkpoints, timm ViT weights, our single-file export.
 
 Every loader reports missing, unexpected and mis-shaped keys by name, and raises unless the
-caller passes strict=False. Files are read with torch.load(weights_only=True).
+caller passes strict=False. Files: .safetensors (read with the safetensors package, whatever the
+torch release) or PyTorch pickles .pth / .bin (torch.load(weights_only=True)). Weights on the
+Hugging Face hub are named `timm/<model>` or `hf-hub:timm/<model>` and come from the local hub
+cache (HF_HOME / HF_HUB_CACHE), downloaded there first when online (HF_HUB_OFFLINE=1 forbids it).
 """
 import math
 import os
 import pickle
 import zipfile
 
+import huggingface_hub
+import safetensors
+import safetensors.torch
 import torch
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
 from setr.vit import resize_pos_embed
+
+
+HUB_PREFIX = "hf-hub:"
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm repository on the hub holds
+
+
+def is_hub_id(name):
+    """True for `hf-hub:<org>/<model>`, and for `timm/<model>` unless that is a local path."""
+    name = os.fspath(name)
+    return name.startswith(HUB_PREFIX) or (name.startswith("timm/") and not os.path.exists(name))
+
+
+def hub_weights(name):
+    """Local path of the weights of hub model `name` (timm/<model> or hf-hub:<org>/<model>):
+    model.safetensors, else pytorch_model.bin, from the Hugging Face cache, downloaded into it
+    when the hub is reachable and HF_HUB_OFFLINE is not set."""
+    repo = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
+    offline = False
+    for filename in HUB_FILES:
+        try:
+            return huggingface_hub.hf_hub_download(repo, filename)
+        except LocalEntryNotFoundError:  # not cached, and offline or the hub unreachable
+            offline = True
+        except EntryNotFoundError:  # the repository has no such file
+            continue
+        except (HfHubHTTPError, ValueError) as e:  # no such repository, bad name, server error
+            raise ValueError(f"weights {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not offline:
+        raise FileNotFoundError(f"weights {name}: the hub repository {repo} has none of {', '.join(HUB_FILES)}")
+    why = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+    raise FileNotFoundError(
+        f"weights {name}: {HUB_FILES[0]} of {repo} is not in the Hugging Face cache "
+        f"{huggingface_hub.constants.HF_HUB_CACHE} and {why}. Fetch "
+        f"https://huggingface.co/{repo}/resolve/main/{HUB_FILES[0]} and pass the file itself, or run "
+        f"`hf download {repo} {HUB_FILES[0]}` (cache set by HF_HOME / HF_HUB_CACHE) where the hub is reachable")
+
+
+def _is_safetensors(path):
+    """Named .safetensors, or starts as one: 8 bytes of header length, then the JSON header's '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return path.endswith(".safetensors") or head[8:9] == b"{"
 
 
 def _read(path_or_state_dict):
     if isinstance(path_or_state_dict, dict):
         return path_or_state_dict, "<state dict>"
     path = os.fspath(path_or_state_dict)
+    if is_hub_id(path):
+        path = hub_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
+    if _is_safetensors(path):
+        try:
+            return safetensors.torch.load_file(path, device="cpu"), path
+        except (safetensors.SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint {path}: not a readable safetensors file ({e})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:

@@ -1,9 +1,18 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
 import setr
 from reference import ref_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def empty_model(head, **kw):
@@ -155,3 +164,110 @@ def test_float64_checkpoint_pos_embed_is_resized_in_float64():
     got = dst.backbone.pos_embed.detach()
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, torch.cat([pos[:, :1], expected], dim=1), rtol=0, atol=1e-15)
+
+
+# ------------------------------------------------------------------ safetensors and the hub cache
+MMSEG_TO_TIMM = {"ln1.": "norm1.", "ln2.": "norm2.", "attn.attn.in_proj_weight": "attn.qkv.weight",
+                 "attn.attn.in_proj_bias": "attn.qkv.bias", "attn.attn.out_proj.": "attn.proj.",
+                 "ffn.layers.0.0.": "mlp.fc1.", "ffn.layers.1.": "mlp.fc2."}
+
+
+def tiny_timm_state(seed=0):
+    """A timm-format ViT state dict for the vit_tiny backbone at 48 px (3x3 grid), with timm's
+    classifier and final norm, random values."""
+    g = torch.Generator().manual_seed(seed)
+    own = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48).backbone.state_dict()
+    sd = {}
+    for k, v in own.items():
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            old = next(o for o in MMSEG_TO_TIMM if rest.startswith(o))
+            k = f"blocks.{i}.{MMSEG_TO_TIMM[old]}{rest[len(old):]}"
+        k = k.replace("patch_embed.projection.", "patch_embed.proj.")
+        sd[k] = torch.randn(v.shape, generator=g)
+    sd.update({"norm.weight": torch.ones(128), "norm.bias": torch.zeros(128),
+               "head.weight": torch.randn(10, 128, generator=g), "head.bias": torch.zeros(10)})
+    return sd
+
+
+def test_safetensors_and_bin_files_load_without_torch_load(tmp_path, monkeypatch):
+    sd = tiny_timm_state()
+    st = tmp_path / "vit.safetensors"
+    safetensors.torch.save_file(sd, st)
+    seg = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48).state_dict()
+    seg_st = tmp_path / "setr_pup.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in seg.items()}, seg_st)
+    torch.save({"model": sd}, tmp_path / "pytorch_model.bin")
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used on a safetensors file"))
+    model = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48)
+    report = setr.load_timm_vit(model, st)
+    assert not report["missing"] and not report["unexpected"] and report["source"] == str(st)
+    assert torch.equal(model.backbone.layers[2].attn.attn.in_proj_weight, sd["blocks.2.attn.qkv.weight"])
+    other = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48)
+    setr.load_mmseg_checkpoint(other, seg_st)
+    assert all(torch.equal(v, seg[k]) for k, v in other.state_dict().items())
+    monkeypatch.setattr(torch, "load", real_load)
+    again = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48)
+    setr.load_timm_vit(again, tmp_path / "pytorch_model.bin")
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in again.backbone.state_dict().items())
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(st.read_bytes()[:300])
+    with pytest.raises(ValueError, match="broken.safetensors: not a readable safetensors file"):
+        setr.load_timm_vit(model, broken)
+
+
+HUB_SCRIPT = """
+import os, sys, torch, setr
+sd_file, commit = sys.argv[1], sys.argv[2]
+expected = setr.weights.hub_weights("timm/vit_tiny_fake")
+assert expected.endswith(os.path.join("snapshots", commit, "model.safetensors")), expected
+for name in ("timm/vit_tiny_fake", "hf-hub:timm/vit_tiny_fake"):
+    model = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48)
+    report = setr.load_timm_vit(model, name)
+    assert report["source"] == expected and not report["missing"], report
+    ref = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48)
+    setr.load_timm_vit(ref, sd_file)
+    assert all(torch.equal(v, ref.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items())
+try:
+    setr.load_timm_vit(model, "timm/vit_absent")
+except FileNotFoundError as e:
+    print(e)
+"""
+
+
+def test_hub_names_resolve_through_the_local_cache_offline(tmp_path):
+    """timm/<model> and hf-hub:timm/<model> read a fabricated HF cache under HF_HOME, offline; an
+    uncached model fails naming the file to fetch and where it goes."""
+    sd_file = tmp_path / "vit.safetensors"
+    safetensors.torch.save_file(tiny_timm_state(seed=1), sd_file)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--timm--vit_tiny_fake"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(sd_file, repo / "snapshots" / commit / "model.safetensors")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(sd_file), commit], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    message = out.stdout
+    assert "model.safetensors of timm/vit_absent is not in the Hugging Face cache" in message, message
+    assert str(tmp_path / "hf" / "hub") in message and "HF_HUB_OFFLINE is set" in message
+    assert "https://huggingface.co/timm/vit_absent/resolve/main/model.safetensors" in message
+
+
+def test_pretrained_flag_accepts_hub_names_and_checks_files(tmp_path):
+    assert setr.weights.is_hub_id("timm/vit_large_patch16_384.augreg_in21k_ft_in1k")
+    assert setr.weights.is_hub_id("hf-hub:timm/vit_large_patch16_384")
+    assert not setr.weights.is_hub_id(tmp_path / "vit.safetensors")
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "local.pth").write_bytes(b"")
+    assert not setr.weights.is_hub_id(str(tmp_path / "timm" / "local.pth"))
+    from train.config import ConfigError, parse_config
+
+    cfg = parse_config(["--pretrained", "timm/vit_large_patch16_384.augreg_in21k_ft_in1k"], cuda_available=False)
+    cfg.validate()
+    with pytest.raises(ConfigError, match="missing.safetensors': no such file"):
+        parse_config(["--pretrained", str(tmp_path / "missing.safetensors")], cuda_available=False).validate()

@@ -26,6 +26,7 @@ import torch
 from setr.data.ade20k import ADE20K_CLASSES
 from setr.layers import IMPLS, PATCH_SIZE
 from setr.model import BACKBONES, HEADS
+from setr.weights import is_hub_id
 
 DATASETS = ("ade20k", "folder", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -43,7 +44,7 @@ class ModelConfig:
     ignore_index: int = 255
     impl: str = "triton"  # eager | sdpa | triton (our kernels)
     aux: bool = True  # auxiliary heads (loss weight 0.4 each, as mmseg)
-    pretrained: str = ""  # timm ViT checkpoint loaded into the backbone before sharding
+    pretrained: str = ""  # timm ViT weights (file or timm/<model> on the hub) loaded into the backbone
 
 
 @dataclass
@@ -184,8 +185,9 @@ class Config:
         if d.dataset == "synthetic" and d.root:
             raise ConfigError(f"--data-root {d.root!r} is not used by --dataset synthetic (the built-in "
                               f"data); pass --dataset ade20k or --dataset folder to train on it")
-        if m.pretrained and not os.path.isfile(m.pretrained):
-            raise ConfigError(f"--pretrained {m.pretrained!r}: no such file")
+        if m.pretrained and not is_hub_id(m.pretrained) and not os.path.isfile(m.pretrained):
+            raise ConfigError(f"--pretrained {m.pretrained!r}: no such file (a .safetensors / .pth / .bin file, "
+                              f"or timm/<model> from the Hugging Face hub)")
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
         if s.max_iters < 1:

@@ -1,4 +1,4 @@
-"""Image and label transforms: mmsegmentation's ADE20K train and test pipelines in numpy/torch.
+"""Image and label transforms: mmsegmentation's ADE20K train and test pipelines (numpy, OpenCV).
 
 Images are uint8 (H, W, 3) RGB numpy arrays, labels (H, W) non-negative integer arrays, until
 `normalize_pad` turns them into the tensors the model eats. Randomness comes from an explicit
@@ -9,19 +9,15 @@ transforms draw from numpy's global RNG:
            -> horizontal flip 0.5 -> photometric distortion -> normalize -> pad to the crop
     test:  rescale to (2048, 512) keep ratio -> normalize
 
-Resizing. mmseg resizes with cv2 (INTER_LINEAR for images, INTER_NEAREST for labels); there is
-no cv2 here. Images use torch `F.interpolate(bilinear, align_corners=False, antialias=False)`,
-which is the same half-pixel bilinear with clamped borders as cv2 (no antialiasing when
-shrinking, unlike PIL). cv2 computes in 11-bit fixed point, so results differ by at most one
-grey level on some pixels: the float path (`fast=False`, used at test time) rounds to the
-nearest level and differs from cv2 by 1 on ~5-10% of pixels; torch's uint8 kernel (`fast=True`,
-used for training, ~10x faster) on ~15-25%. Labels use cv2's nearest rule exactly:
-source index floor(dst * in / out).
+Resizing and colour conversions go through OpenCV exactly as mmcv calls it (backend 'cv2'):
+cv2.resize INTER_LINEAR for images, INTER_NEAREST for labels, cv2.cvtColor for the photometric
+distortion's uint8 HSV round trips. An RGB image converted with the RGB codes gives the same
+numbers as mmcv's BGR codes on the BGR image.
 """
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from setr.layers import PATCH_SIZE
 
@@ -65,42 +61,32 @@ def rescale_size(height, width, scale):
     return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
-def resize_image(image, size, fast=False):
-    """Bilinear resize (cv2 INTER_LINEAR semantics, see the module docstring).
+def resize_image(image, size):
+    """mmcv.imresize(interpolation='bilinear', backend='cv2'): cv2.resize INTER_LINEAR.
 
     image: (H, W, 3) uint8; size: (h, w). Returns (h, w, 3) uint8.
     """
     h, w = size
     if image.shape[:2] == (h, w):
         return image
-    # (1, 3, H, W) view of the HWC array: channels-last, so the output is channels-last too
-    # and y[0].permute(1, 2, 0) is a contiguous HWC array without a copy.
-    x = torch.from_numpy(np.ascontiguousarray(image))[None].permute(0, 3, 1, 2)
-    if fast:
-        # torch's uint8 kernel (fixed point, channels-last) is the fast CPU path.
-        y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-    else:
-        y = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False,
-                          antialias=False)
-        y = y.round_().clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
+    return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label, size):
-    """Nearest resize exactly as cv2 INTER_NEAREST: source index = floor(dst * in / out).
+    """mmcv.imresize(interpolation='nearest', backend='cv2'): cv2.resize INTER_NEAREST.
 
     label: (H, W) integer array; size: (h, w). Returns (h, w), same dtype.
     """
-    H, W = label.shape
     h, w = size
-    if (H, W) == (h, w):
+    if label.shape == (h, w):
         return label
-    ys = np.minimum(np.floor(np.arange(h) * (H / h)).astype(np.intp), H - 1)
-    xs = np.minimum(np.floor(np.arange(w) * (W / w)).astype(np.intp), W - 1)
-    return np.take(np.take(label, ys, axis=0), xs, axis=1)
+    # cv2 resizes 8/16/32-bit integers; labels are 8-bit PNGs, so uint8 unless a value is larger.
+    work = np.uint8 if label.dtype == np.uint8 or int(label.max(initial=0)) < 256 else np.int32
+    out = cv2.resize(np.ascontiguousarray(label, dtype=work), (w, h), interpolation=cv2.INTER_NEAREST)
+    return out.astype(label.dtype, copy=False)
 
 
-def random_rescale(image, label, rng, scale=(2048, 512), ratio_range=(0.5, 2.0), fast=True):
+def random_rescale(image, label, rng, scale=(2048, 512), ratio_range=(0.5, 2.0)):
     """mmseg Resize(img_scale=scale, ratio_range=ratio_range, keep_ratio=True).
 
     ratio ~ U(ratio_range); target scale = (int(scale[0] * ratio), int(scale[1] * ratio));
@@ -110,7 +96,7 @@ def random_rescale(image, label, rng, scale=(2048, 512), ratio_range=(0.5, 2.0),
     ratio = rng.random() * (hi - lo) + lo
     target = (int(scale[0] * ratio), int(scale[1] * ratio))
     size = rescale_size(image.shape[0], image.shape[1], target)
-    return resize_image(image, size, fast=fast), resize_label(label, size)
+    return resize_image(image, size), resize_label(label, size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,79 +147,8 @@ def random_flip(image, label, rng, prob=0.5):
 
 
 # --------------------------------------------------------------------------------------------
-# Photometric distortion (mmseg PhotoMetricDistortion, OpenCV uint8 HSV semantics)
+# Photometric distortion (mmseg PhotoMetricDistortion: mmcv.bgr2hsv / hsv2bgr on uint8)
 # --------------------------------------------------------------------------------------------
-
-def _hsv_tables():
-    """Lookup tables reproducing OpenCV's uint8 HSV conversions bit for bit.
-
-    RGB2HSV_b (integer, 12-bit fixed point): s = (diff * round((255 << 12) / v) + 2048) >> 12,
-    h = (num * round((180 << 12) / (6 diff)) + 2048) >> 12 (+180 if < 0) with num = g - b,
-    b - r + 2 diff or r - g + 4 diff when the max is r, g or b. Tabulated over (v, diff) and
-    (num, diff). HSV2RGB_b (float32): each channel is v (1 - s c) with c in {0, 1, f, 1 - f}
-    picked by the hue sector, f the fractional hue; 1 - s c is tabulated over (h, s).
-    """
-    shift, half = 12, 1 << 11
-    i = np.arange(256, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        sdiv = np.where(i > 0, np.rint((255 << shift) / i), 0).astype(np.int64)
-        hdiv = np.where(i > 0, np.rint((180 << shift) / (6 * i)), 0).astype(np.int64)
-    diff = np.arange(256)
-    s_table = ((diff[None, :] * sdiv[:, None] + half) >> shift).clip(0, 255)  # [v, diff]
-    num = np.arange(-255, 5 * 255 + 1)
-    h = (num[:, None] * hdiv[None, :] + half) >> shift  # [num + 255, diff]
-    h = np.where(h < 0, h + 180, h)
-    # Hue coefficient per (uint8 hue, output channel r/g/b), float32 as OpenCV computes it.
-    hue = np.arange(256, dtype=np.float32) * np.float32(6.0 / 180.0)
-    hue = np.fmod(hue, np.float32(6.0))
-    sector = np.floor(hue).astype(np.int64)
-    frac = (hue - sector.astype(np.float32)).astype(np.float32)
-    one = np.float32(1.0)
-    coef = np.stack([np.zeros_like(frac), np.ones_like(frac), frac, one - frac], -1)  # tab 0..3
-    # (r, g, b) <- tab index per sector; OpenCV's sector_data gives (b, g, r).
-    sector_rgb = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
-    c_table = np.take_along_axis(coef, sector_rgb[sector], axis=-1).astype(np.float64)
-    s = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)
-    # 1 - s c rounded once to float32 (a fused multiply-add), indexed by h * 256 + s.
-    t_table = (1.0 - s.astype(np.float64)[None, :, None] * c_table[:, None, :]).astype(np.float32)
-    return s_table.astype(np.uint8).ravel(), h.astype(np.uint8).ravel(), t_table.reshape(-1, 3)
-
-
-_S_TABLE, _H_TABLE, _T_TABLE = _hsv_tables()
-
-
-def rgb2hsv(image):
-    """uint8 RGB -> uint8 HSV exactly as cv2.cvtColor(COLOR_RGB2HSV): H in [0, 180), S, V 0-255.
-
-    (mmcv.bgr2hsv on a BGR image gives the same numbers.) image: (..., 3) uint8.
-    """
-    r, g, b = image[..., 0], image[..., 1], image[..., 2]
-    v = np.maximum(np.maximum(r, g), b)
-    diff = v - np.minimum(np.minimum(r, g), b)  # uint8, no overflow
-    r, g, b = r.astype(np.int16), g.astype(np.int16), b.astype(np.int16)
-    d = diff.astype(np.int16)
-    num = np.where(v == r, g - b, np.where(v == g, b - r + 2 * d, r - g + 4 * d))
-    h = np.take(_H_TABLE, (num.astype(np.intp) + 255) * 256 + diff)
-    s = np.take(_S_TABLE, v.astype(np.intp) * 256 + diff)
-    return np.stack([h, s, v], axis=-1)
-
-
-def hsv2rgb(hsv):
-    """uint8 HSV (H in [0, 180)) -> uint8 RGB as cv2.cvtColor(COLOR_HSV2RGB) does on x86.
-
-    Per channel v (1 - s c) * 255 in float32, truncated to uint8: OpenCV >= 4.1.1's vectorized
-    HSV2RGB_b truncates (v_trunc), and its AVX2 build fuses 1 - s c into one FMA (tabulated
-    over (h, s) with a single rounding). Bit-exact with opencv-python 5.0 on every (h, s, v),
-    except that OpenCV converts the last (width mod 32 or 64) pixels of each row in scalar
-    code that rounds instead (those can differ by one level; machine dependent, not copied).
-    hsv: (..., 3) uint8.
-    """
-    v = hsv[..., 2:3].astype(np.float32) * np.float32(1.0 / 255.0)
-    rgb = np.take(_T_TABLE, hsv[..., 0].astype(np.intp) * 256 + hsv[..., 1], axis=0)  # 1 - s c
-    rgb *= v
-    rgb *= np.float32(255.0)
-    return rgb.clip(0, 255).astype(np.uint8)
-
 
 def _convert(x, alpha=1.0, beta=0.0):
     """mmseg PhotoMetricDistortion.convert: float32 x * alpha + beta, clip, truncate to uint8."""
@@ -255,14 +170,14 @@ def photometric_distortion(image, rng, brightness_delta=32, contrast_range=(0.5,
     if mode == 1 and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
     if rng.integers(2):
-        hsv = rgb2hsv(image)
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
         hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
-        image = hsv2rgb(hsv)
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if rng.integers(2):
-        hsv = rgb2hsv(image)
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
         hue = hsv[..., 0].astype(np.int32) + int(rng.integers(-hue_delta, hue_delta))
         hsv[..., 0] = hue % 180
-        image = hsv2rgb(hsv)
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if mode == 0 and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
     return image
@@ -316,7 +231,7 @@ def train_transform(image, label, rng, crop_size, scale=(2048, 512), ratio_range
     Returns image float32 (3, ch, cw) normalized and padded with 0, label int64 (ch, cw) padded
     with ignore_index.
     """
-    image, label = random_rescale(image, label, rng, scale, ratio_range, fast=True)
+    image, label = random_rescale(image, label, rng, scale, ratio_range)
     image, label = random_crop(image, label, crop_size, rng, cat_max_ratio, ignore_index)
     image, label = random_flip(image, label, rng, flip_prob)
     image = photometric_distortion(image, rng)
@@ -329,4 +244,4 @@ def eval_transform(image, scale=(2048, 512)):
     image: (H, W, 3) uint8 RGB -> float32 tensor (3, h, w).
     """
     size = rescale_size(image.shape[0], image.shape[1], scale)
-    return normalize(resize_image(image, size, fast=False))
+    return normalize(resize_image(image, size))

@@ -1,0 +1,156 @@
+"""Evaluate a SETR checkpoint on a segmentation split: mIoU, mAcc, aAcc, per-class IoU / Acc, speed.
+
+    python -m setr.evaluate --checkpoint CKPT --dataset ade20k --data-root ADEChallengeData2016
+        [--split validation] [--mode slide|whole] [--aug] [--crop-size 512] [--stride 341]
+        [--out DIR] [--save-predictions]
+    torchrun --nproc_per_node=8 -m setr.evaluate ...      # images split across ranks
+
+CKPT: our export, an mmseg SETR checkpoint, or a training run (see setr.predict.build_model).
+The metrics are computed by setr.inference.evaluate, the evaluation the training loop runs, on
+mmseg's test pipeline (keep-ratio rescale into the test scale, slide or whole inference, logits
+resized to the original size). Under torchrun each rank evaluates every world_size-th image and the
+per-class counts are summed, so any number of ranks gives the same numbers. On a GPU the model
+runs under bf16 autocast (--precision fp32 turns it off). Writes <out>/metrics.json and, with
+--save-predictions, <out>/<image name>_label.png as setr.predict writes them.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from setr.data import EvalSamples, build_dataset
+from setr.data.datasets import DataError
+from setr.inference import evaluate
+from setr.predict import PredictError, add_model_args, build_model, pipeline_settings, save_label
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m setr.evaluate", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--dataset", choices=("ade20k", "folder"), default="ade20k",
+                   help="ade20k (default): the ADEChallengeData2016 folder; folder: images/<split> + annotations/<split>")
+    p.add_argument("--data-root", required=True, help="dataset folder")
+    p.add_argument("--split", default="validation", help="split folder name (default validation)")
+    p.add_argument("--ignore-index", type=int, default=None,
+                   help="folder datasets: label value ignored (default: the checkpoint's, else 255)")
+    p.add_argument("--reduce-zero-label", action="store_true",
+                   help="folder datasets: raw label 0 is ignored, k becomes k - 1 (ADE20K does this always)")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers prefetching images (default 2)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="autocast dtype on a GPU (default bf16; the CPU always runs fp32)")
+    p.add_argument("--out", default=None, help="output folder (default: eval_<checkpoint name>)")
+    p.add_argument("--save-predictions", action="store_true", help="write <out>/<image name>_label.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing <out>/metrics.json")
+    return p.parse_args(argv)
+
+
+def _distributed():
+    """(rank, world_size, device) under torchrun (process group initialized), else (0, 1, None)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, None
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    device = None
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world_size, device
+
+
+def _dataset(args, info, ignore_index):
+    """The test split (EvalSamples at the test scale set later) and its checks against the model."""
+    if args.dataset == "ade20k" and (info["num_classes"] != 150 or ignore_index != 255):
+        raise PredictError(f"ADE20K has 150 classes and ignore_index 255; the checkpoint has "
+                           f"{info['num_classes']} classes, ignore_index {ignore_index}")
+    try:
+        return build_dataset(args.dataset, args.data_root, args.split, num_classes=info["num_classes"],
+                             ignore_index=ignore_index, reduce_zero_label=args.reduce_zero_label or None,
+                             class_names=info["class_names"] if args.dataset == "folder" else None)
+    except (DataError, ValueError) as e:
+        raise PredictError(f"--data-root {args.data_root} --split {args.split}: {e}") from None
+
+
+def _nan_to_none(value):
+    """JSON has no NaN: undefined metrics (a class absent from labels and predictions) become null."""
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_metrics(path, result, settings):
+    """metrics.json (atomic): mIoU, mAcc, aAcc, per-class IoU / Acc lists (null where undefined),
+    class names, images/s, seconds, and the settings that produced them."""
+    record = {k: _nan_to_none(result[k]) for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images",
+                                                    "seconds", "images_per_s")}
+    record = {**record, "class_names": [p["name"] for p in result["per_class"]], **settings}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _run(args, rank, world_size, device):
+    """Load, evaluate, report; returns the result dict (rank 0 writes the files)."""
+    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl)
+    ignore_index = args.ignore_index if args.ignore_index is not None else model.ignore_index
+    mode, scale, crop, stride = pipeline_settings(args, info)
+    samples = EvalSamples(_dataset(args, info, ignore_index), scale=scale)
+    out = args.out or f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]}"
+    metrics_path = os.path.join(out, "metrics.json")
+    if os.path.exists(metrics_path) and not args.overwrite:
+        raise PredictError(f"{metrics_path} exists (another evaluation's); pass --overwrite or another --out")
+    os.makedirs(out, exist_ok=True)
+    save = None
+    if args.save_predictions:
+        def save(name, pred):
+            save_label(pred.numpy(), info["palette"], os.path.join(out, f"{name}_label.png"))
+    autocast = torch.bfloat16 if torch.device(device).type == "cuda" and args.precision == "bf16" else None
+    result = evaluate(model, samples, info["num_classes"], ignore_index, mode=mode, crop_size=(crop, crop),
+                      stride=(stride, stride), class_names=info["class_names"] or samples.class_names,
+                      rank=rank, world_size=world_size, max_samples=args.max_samples, aug=args.aug,
+                      num_workers=args.num_workers, autocast_dtype=autocast, on_prediction=save)
+    if world_size > 1:  # the evaluation took as long as its slowest rank
+        seconds = torch.tensor([result["seconds"]], dtype=torch.float64, device=device)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        result["seconds"] = float(seconds)
+    result["images_per_s"] = result["num_images"] / max(result["seconds"], 1e-9)
+    if rank == 0:
+        settings = dict(checkpoint=args.checkpoint, dataset=args.dataset, data_root=args.data_root,
+                        split=args.split, mode=mode, aug=args.aug, scale=list(scale), crop_size=crop,
+                        stride=stride, impl=args.impl, precision="bf16" if autocast else "fp32",
+                        world_size=world_size)
+        write_metrics(metrics_path, result, settings)
+        print(result["table"])
+        print(f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}  "
+              f"{result['num_images']} images in {result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s, "
+              f"{world_size} process(es))  -> {metrics_path}")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = _distributed()
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise PredictError(f"--device {device}: CUDA is not available")
+        _run(args, rank, world_size, device)
+        return 0
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""python -m setr.evaluate: mmseg's test pipeline pixel for pixel, the training loop's numbers,
+the same numbers on two processes as on one, and clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import setr
+from setr.data.ade20k import ADE20K_PALETTE
+from setr.evaluate import main
+from setr.predict import main as predict_main
+from test_data import ade_root, shared_data  # noqa: F401 (ade_root is a fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADE_NAMES = ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
+
+
+@pytest.fixture
+def camvid_root(shared_dir):
+    return shared_data(shared_dir, "camvid_segnet_subset")
+
+
+@pytest.fixture(scope="module")
+def mmseg_pup(tmp_path_factory):
+    """(path, model): a SETR-PUP in mmseg's checkpoint format (state_dict + mmseg's own meta, no
+    export meta), ViT-tiny sized so that a 512x512 window runs in about a second on a CPU."""
+    torch.manual_seed(0)
+    model = setr.build_setr("pup", backbone="vit_tiny", num_classes=150, img_size=512, impl="sdpa").eval()
+    with torch.no_grad():  # BN statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("mmseg") / "setr_pup_tiny_ade20k.pth"
+    torch.save({"meta": {"mmseg_version": "0.15.0", "CLASSES": list(setr.data.ADE20K_CLASSES)},
+                "state_dict": model.state_dict()}, path)
+    return str(path), model
+
+
+def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341):
+    """mmseg 1.2.2's ADE20K test pipeline from its published description, independently of
+    setr.data / setr.inference: LoadImageFromFile (cv2, BGR) -> Resize(scale, keep_ratio) with
+    mmcv's rescale rule and cv2 INTER_LINEAR -> SegDataPreProcessor (bgr_to_rgb, (x - mean) / std)
+    -> slide inference -> logits resized bilinear (align_corners=False) to the original size ->
+    argmax. Returns (H, W) class ids."""
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    h, w = bgr.shape[:2]
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
+    bgr = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    x = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float()
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    x = ((x - mean) / std)[None]
+    preds = torch.zeros(1, 150, new_h, new_w)
+    count = torch.zeros(1, 1, new_h, new_w)
+    h_grids = max(new_h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(new_w - crop + stride - 1, 0) // stride + 1
+    with torch.no_grad():
+        for i in range(h_grids):
+            for j in range(w_grids):
+                y2, x2 = min(i * stride + crop, new_h), min(j * stride + crop, new_w)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                preds[:, :, y1:y2, x1:x2] += model(x[:, :, y1:y2, x1:x2])
+                count[:, :, y1:y2, x1:x2] += 1
+    logits = F.interpolate(preds / count, size=(h, w), mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)[0].numpy()
+
+
+def test_label_maps_equal_mmseg_test_pipeline_on_ade20k(ade_root, mmseg_pup, tmp_path, capsys):
+    ckpt, model = mmseg_pup
+    images = [os.path.join(ade_root, "images", "validation", f"{n}.jpg") for n in ADE_NAMES]
+    assert predict_main(images + ["--checkpoint", ckpt, "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert main(["--checkpoint", ckpt, "--data-root", ade_root, "--out", str(tmp_path / "eval"), "--device", "cpu",
+                 "--save-predictions", "--num-workers", "0"]) == 0
+    out = capsys.readouterr().out
+    for name, path in zip(ADE_NAMES, images):
+        ref = mmseg_test_pipeline(model, path)
+        for folder in ("pred", "eval"):
+            png = Image.open(tmp_path / folder / f"{name}_label.png")
+            assert png.mode == "P" and tuple(png.getpalette()[3:6]) == ADE20K_PALETTE[1]
+            got = np.array(png)
+            assert got.shape == ref.shape and np.array_equal(got, ref), (name, folder, (got != ref).mean())
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert metrics["num_images"] == 3 and len(metrics["IoU"]) == 150 and metrics["class_names"][0] == "wall"
+    assert metrics["images_per_s"] > 0 and (metrics["mode"], metrics["crop_size"], metrics["stride"]) == ("slide", 512, 341)
+    assert "chest of drawers" in out and "images/s" in out and f"mIoU {metrics['mIoU']:.2f}" in out
+
+
+def test_evaluate_equals_the_training_loops_evaluation(camvid_root, tmp_path, capsys):
+    """A short training run evaluates at its end and exports; setr.evaluate on the export and the
+    same split gives the numbers the training loop logged."""
+    from train.main import main as train_main
+
+    work = tmp_path / "run"
+    assert train_main(["--device", "cpu", "--preset", "demo", "--head", "pup", "--dataset", "folder",
+                       "--data-root", camvid_root, "--num-classes", "11", "--ignore-index", "11",
+                       "--max-iters", "2", "--batch-size", "2", "--ckpt-interval", "0", "--eval-interval", "0",
+                       "--eval.max_samples", "4", "--num-workers", "0", "--metrics.progress_bar", "off",
+                       "--work-dir", str(work)]) == 0
+    with open(work / "metrics.jsonl") as f:
+        logged = [r for r in map(json.loads, f) if r["event"] == "eval"][-1]
+    assert main(["--checkpoint", str(work / "model_final.pth"), "--dataset", "folder", "--data-root", camvid_root,
+                 "--max-samples", "4", "--impl", "eager", "--num-workers", "0", "--out", str(tmp_path / "eval")]) == 0
+    got = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert got["num_images"] == logged["num_images"] == 4
+    assert got["mIoU"] == logged["mIoU"] and got["aAcc"] == logged["aAcc"] and got["mAcc"] == logged["mAcc"]
+    assert [v for v in got["IoU"] if v is not None] == [v for v in logged["IoU"] if v != "nan"]
+    assert (got["crop_size"], got["stride"], got["scale"]) == (64, 43, [256, 64])  # the run's eval settings
+
+
+def _tiny_export(path, classes=11):
+    torch.manual_seed(1)
+    model = setr.build_setr("naive", backbone="vit_tiny", num_classes=classes, img_size=64, ignore_index=11)
+    setr.export_model(model, path, class_names=[f"c{i}" for i in range(classes)],
+                      eval=dict(mode="slide", crop_size=[64, 64], stride=[43, 43], scale=[256, 64]))
+    return str(path)
+
+
+def _alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
+    ckpt = _tiny_export(tmp_path / "tiny.pth")
+    common = ["--checkpoint", ckpt, "--dataset", "folder", "--data-root", camvid_root, "--max-samples", "5",
+              "--num-workers", "0", "--save-predictions", "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "setr.evaluate"] + common + ["--out", str(tmp_path / "two")]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("2-process evaluation did not finish in 180 s")
+    finally:
+        if _alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert not _alive(proc.pid), "a process of the 2-process run is still alive"
+    one = json.load(open(tmp_path / "one" / "metrics.json"))
+    two = json.load(open(tmp_path / "two" / "metrics.json"))
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["num_images"] == one["num_images"] == 5
+    for key in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "class_names"):
+        assert two[key] == one[key], key
+    pngs = sorted(p for p in os.listdir(tmp_path / "one") if p.endswith("_label.png"))
+    assert len(pngs) == 5 and pngs == sorted(p for p in os.listdir(tmp_path / "two") if p.endswith("_label.png"))
+    for p in pngs:
+        assert np.array_equal(np.array(Image.open(tmp_path / "one" / p)), np.array(Image.open(tmp_path / "two" / p)))
+
+
+def test_bad_input_is_named(camvid_root, ade_root, tmp_path, capsys):
+    ckpt = _tiny_export(tmp_path / "tiny.pth")
+    args = ["--checkpoint", ckpt, "--num-workers", "0", "--device", "cpu", "--max-samples", "1"]
+    assert main(args + ["--data-root", ade_root, "--out", str(tmp_path / "a")]) == 2
+    assert "ADE20K has 150 classes" in capsys.readouterr().err
+    assert main(args + ["--dataset", "folder", "--data-root", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "c")]) == 2
+    assert "metrics.json exists" in capsys.readouterr().err
+    assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "c"),
+                        "--overwrite", "--aug", "--mode", "whole"]) == 0
+    again = json.load(open(tmp_path / "c" / "metrics.json"))
+    assert again["aug"] and again["mode"] == "whole" and again["num_images"] == 1
+    assert main(args + ["--checkpoint", str(tmp_path / "none.pth"), "--data-root", ade_root]) == 2
+    assert "none.pth" in capsys.readouterr().err
