@@ -114,7 +114,7 @@ def seg_loss(logits, labels, ignore_index, impl, align_corners=False):
     are never stored.
     """
     if impl == "triton":
-        from kernels.upsample import upsample_cross_entropy
+        from kernels.upsample_cross_entropy import upsample_cross_entropy
 
         return upsample_cross_entropy(logits, labels, ignore_index=ignore_index, align_corners=align_corners)
     if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
