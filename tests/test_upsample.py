@@ -149,6 +149,7 @@ def test_references_match_torch():
     assert torch.equal(upsample_bilinear_reference(x, (9, 4), align_corners=True), expected)
 
 
+@pytest.mark.reference_fallback
 def test_reference_dispatch(monkeypatch):
     # without CUDA or the interpreter, upsample_bilinear runs the reference (same semantics)
     monkeypatch.setattr(up, "use_triton", lambda *tensors: False)

@@ -155,6 +155,7 @@ def test_reference_matches_torch():
                                per_pixel.sum() / (labels != 255).sum())
 
 
+@pytest.mark.reference_fallback
 def test_reference_dispatch(monkeypatch):
     # without CUDA or the interpreter, upsample_cross_entropy runs the reference (same semantics)
     monkeypatch.setattr(ce, "use_triton", lambda *tensors: False)
@@ -223,6 +224,9 @@ def test_torch_compile_without_graph_breaks():
     torch.testing.assert_close(out, expected)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e)
+    # the reference's label check runs on the device too: no graph break, no host sync
+    reference = torch.compile(upsample_cross_entropy_reference, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(reference(logits, labels), upsample_cross_entropy_reference(logits, labels))
 
 
 # --- real sizes on the GPU ----------------------------------------------------------------------
