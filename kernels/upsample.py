@@ -63,6 +63,20 @@ def pixel_tile(tile, n_rows, n_cols, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexp
 
 
 @triton.jit
+def window_tap(start, k, i, n_out, n_in, I0, LAM):
+    """Tap k of the backward's footprint window of input index i (the window starts at output
+    index `start`): (output index clamped to the map, its first source index, its weight lam,
+    and its blend weight on i; 0 past the map's end). I0, LAM: the axis tables (n_out,)."""
+    o = start + k
+    oc = tl.minimum(o, n_out - 1)
+    i0 = tl.load(I0 + oc)
+    lam = tl.load(LAM + oc)
+    i1 = tl.minimum(i0 + 1, n_in - 1)
+    weight = tl.where(i0 == i, 1.0 - lam, 0.0) + tl.where(i1 == i, lam, 0.0)
+    return oc, i0, lam, tl.where(o < n_out, weight, 0.0)
+
+
+@triton.jit
 def blend4(a, b, c, d, lx, ly):
     """Bilinear blend of the 4 source values (float32): a, b on the first source row, c, d on the
     second; lx weights the second column (b, d), ly the second row. Along x first, then y."""
@@ -152,22 +166,11 @@ def _upsample_bwd_kernel(
 
     for k in range(WIN_X):
         # output column k of each input pixel's window, and its weight onto the input column
-        ox = xs + k
-        oxc = tl.minimum(ox, OW - 1)
-        x0 = tl.load(X0 + oxc)
-        lx = tl.load(LX + oxc)
-        x1 = tl.minimum(x0 + 1, W - 1)
-        wx = tl.where(x0 == ix, 1.0 - lx, 0.0) + tl.where(x1 == ix, lx, 0.0)
-        wx = tl.where(mask_p & (ox < OW), wx, 0.0)
+        oxc, _, _, wx = window_tap(xs, k, ix, OW, W, X0, LX)
+        wx = tl.where(mask_p, wx, 0.0)
         for j in range(WIN_Y):
             # output row j of the window, and its weight onto the input row
-            oy = ys + j
-            oyc = tl.minimum(oy, OH - 1)
-            y0 = tl.load(Y0 + oyc)
-            ly = tl.load(LY + oyc)
-            y1 = tl.minimum(y0 + 1, H - 1)
-            wy = tl.where(y0 == iy, 1.0 - ly, 0.0) + tl.where(y1 == iy, ly, 0.0)
-            wy = tl.where(oy < OH, wy, 0.0)
+            oyc, _, _, wy = window_tap(ys, j, iy, OH, H, Y0, LY)
             # gather dy where the weight is non-zero, accumulate in float32
             wgt = wx * wy
             m = mask_c[:, None] & (wgt != 0.0)[None, :]
@@ -359,7 +362,7 @@ def upsample_bilinear(x, size, align_corners=False):
 
 
 
-# --- plain-PyTorch references ---------------------------------------------------------------
+# --- plain-PyTorch reference ----------------------------------------------------------------
 
 def upsample_bilinear_reference(x, size, align_corners=False):
     """Same contract as upsample_bilinear: F.interpolate in float32 (float64 for float64 input)."""

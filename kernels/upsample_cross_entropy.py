@@ -7,9 +7,9 @@ SETR's heads compute logits at low resolution: the 1x1 classifier commutes with 
 upsample. Source indices and weights come from kernels.upsample's per-axis tables and every
 upsampled logit is blended by the same 4-tap helper, so it equals upsample_bilinear's.
 
-Forward: each program owns a tile of label pixels, interpolates all C logits of
-each pixel chunk by chunk with an online log-sum-exp (log2 units), writes the per-pixel LSE
-(float32, B*H*W*4 bytes) and one partial loss sum, and the partials are summed in a fixed order.
+Forward: each program owns a tile of label pixels, interpolates all C logits of each pixel chunk
+by chunk with an online log-sum-exp (log2 units), writes the per-pixel LSE (float32, B*H*W*4
+bytes) and one partial loss sum, and the partials are summed in a fixed order.
 Backward: d loss / d upsampled logit = (softmax - onehot) * scale; the gradient of the low-res
 logits is its bilinear transpose, computed as a gather like the upsample backward. Each program
 owns a tile of low-res pixels x BLOCK_C classes; for each label row of the footprint window it
@@ -17,6 +17,7 @@ loads the row's two source rows at columns ix-1, ix, ix+1 (every label pixel who
 holds (iy, ix) interpolates from those; they sit in L1/L2) and interpolates along y, then for
 each label column finishes the upsampled logit and exp2(z - lse) in registers. Recomputing is
 far cheaper than storing 150 x 512 x 512 floats and reading them back; no atomics, so the
+gradient is bitwise reproducible.
 
 Labels neither in [0, C) nor ignore_index are counted by the forward kernel and checked on the
 device with torch._assert_async (as F.cross_entropy checks its targets on CUDA), so the loss
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.upsample import axis_tables, blend4, empty_in_layout, is_channels_last, pixel_tile
+from kernels.upsample import axis_tables, blend4, empty_in_layout, is_channels_last, pixel_tile, window_tap
 from kernels.utils import INTERPRET, check_triton_op, device_guard, use_triton
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -168,13 +169,9 @@ def _upsample_ce_bwd_kernel(
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
     for j in range(WIN_Y):
         # label row j of each pixel's window: its weight onto iy, and its two source rows
-        oy = ys + j
-        oyc = tl.minimum(oy, H - 1)
-        y0 = tl.load(Y0 + oyc)
-        ly = tl.load(LY + oyc)
+        oyc, y0, ly, wy = window_tap(ys, j, iy, H, h, Y0, LY)
         y1 = tl.minimum(y0 + 1, h - 1)
-        wy = tl.where(y0 == iy, 1.0 - ly, 0.0) + tl.where(y1 == iy, ly, 0.0)
-        wy = tl.where(mask_p & (oy < H), wy, 0.0)
+        wy = tl.where(mask_p, wy, 0.0)
         # load the source rows at columns ix-1, ix, ix+1 (L1-resident) and interpolate along y,
         # in log2 units; rows of zero weight are skipped
         lm = mask & (wy != 0.0)[:, None]
@@ -191,13 +188,8 @@ def _upsample_ce_bwd_kernel(
         d_p = v_p - v_0
         for k in range(WIN_X):
             # label column k of the window: its weight onto ix, and its two source columns
-            ox = xs + k
-            oxc = tl.minimum(ox, W - 1)
-            x0 = tl.load(X0 + oxc)
-            lx = tl.load(LX + oxc)
-            x1 = tl.minimum(x0 + 1, w - 1)
-            wx = tl.where(x0 == ix, 1.0 - lx, 0.0) + tl.where(x1 == ix, lx, 0.0)
-            wpix = tl.where(ox < W, wx * wy, 0.0)
+            oxc, x0, lx, wx = window_tap(xs, k, ix, W, w, X0, LX)
+            wpix = wx * wy
             # the upsampled logit of label pixel (oy, ox) for this program's classes
             left = (x0 < ix)[:, None]  # sources (ix-1, ix), else (ix, ix+1)
             z = tl.where(left, v_m, v_0) + lx[:, None] * tl.where(left, d_m, d_p)
@@ -224,7 +216,6 @@ def _ce_tile(c, rows, cols, block):
     block_c, pixels = block
     block_w = min(p2(cols), pixels)
     return min(block_c, p2(c)), min(p2(rows), max(1, pixels // block_w)), block_w
-
 
 
 def upsample_cross_entropy_fwd(logits, labels, ignore_index, align_corners):
@@ -416,7 +407,7 @@ def upsample_cross_entropy(logits, labels, ignore_index=255, align_corners=False
 
 
 
-# --- plain-PyTorch references ---------------------------------------------------------------
+# --- plain-PyTorch reference ----------------------------------------------------------------
 
 def upsample_cross_entropy_reference(logits, labels, ignore_index=255, align_corners=False, reduction="mean"):
     """Same contract as upsample_cross_entropy: F.interpolate + F.cross_entropy(reduction="none") in
