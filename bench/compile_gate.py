@@ -124,8 +124,9 @@ def capture(run, sms):
     def jit_run(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, [kwargs]))
 
-    def tuner_run(self, *args, grid, warmup, **kwargs):
-        configs = [{**kwargs, **cfg.all_kwargs()} for cfg in self.configs]
+    def tuner_run(self, *args, grid, warmup, **kwargs):  # the configs this launch's autotuning tries
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = [{**kwargs, **cfg.all_kwargs()} for cfg in self.prune_configs(kwargs)]
         launches.append((self.fn, args, configs))
 
     saved = JITFunction.run, Autotuner.run, ln.num_sms
@@ -276,21 +277,51 @@ def public(row):
     return {k: v for k, v in row.items() if k != "job"}
 
 
-def write_table(rows, outdir, seconds):
+SUMMARY_COLUMNS = ["arch", "kernel", "compiles", "max_regs", "spilling", "spilling_gated", "min_occupancy",
+                   "max_occupancy", "min_tensor_core_ops"]
+
+
+def summary(rows):
+    """One line per (arch, kernel): how many compiles, the most registers, how many spill (all, and
+    of those the gate covers: none may), occupancy range, fewest wgmma/mma instructions."""
+    out = {}
+    for r in rows:
+        s = out.setdefault((r["arch"], r["kernel"]), dict(arch=r["arch"], kernel=r["kernel"], compiles=0, max_regs=0,
+                                                          spilling=0, spilling_gated=0, min_occupancy=1.0,
+                                                          max_occupancy=0.0, min_tensor_core_ops=None))
+        s["compiles"] += 1
+        if "error" in r:
+            continue
+        s["max_regs"] = max(s["max_regs"], r["regs"])
+        s["spilling"] += r["spill_stores"] + r["spill_loads"] > 0
+        s["spilling_gated"] += "spills" in r["gate"]
+        s["min_occupancy"] = min(s["min_occupancy"], r["occupancy"])
+        s["max_occupancy"] = max(s["max_occupancy"], r["occupancy"])
+        ops = r["wgmma"] if r["arch"] == "sm_90a" else r["mma"]
+        s["min_tensor_core_ops"] = ops if s["min_tensor_core_ops"] is None else min(s["min_tensor_core_ops"], ops)
+    return list(out.values())
+
+
+def write_table(rows, outdir, seconds, compiled):
     os.makedirs(outdir, exist_ok=True)
     meta = dict(triton=triton.__version__, torch=torch.__version__, compiles=len(rows),
-                seconds=round(seconds, 1), regenerate="python -m bench.compile_gate --all")
+                compile_core_seconds=round(sum(r.get("seconds", 0) for r in rows)),
+                last_run=f"{compiled} compiled, {len(rows) - compiled} reused, {seconds:.0f} s",
+                regenerate="python -m bench.compile_gate --all")
     path = os.path.join(outdir, "compile.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"meta": meta, "rows": [public(r) for r in rows]}, f, indent=1)
     os.replace(path + ".tmp", path)
     lines = ["# Compile gate: every kernel launch at SETR's shapes, every autotune config", "",
-             f"`{meta['regenerate']}` (Triton {meta['triton']}, {len(rows)} compiles in {meta['seconds']} s). "
+             f"`{meta['regenerate']}` (Triton {meta['triton']}, {len(rows)} compiles, "
+             f"{meta['compile_core_seconds']} core-seconds of compiling). "
              "smem and smem_limit in bytes (a config over the limit is never picked by the autotuner); "
-             "spills in bytes; occupancy = estimated resident warps / 64 per SM.", ""]
+             "spills in bytes; occupancy = estimated resident warps / 64 per SM; tensor-core ops = wgmma "
+             "(sm_90a) or mma.sync (sm_80) instructions in the PTX.", ""]
     fmt = lambda r: {**r, "config": " ".join(f"{k}={v}" for k, v in r["config"].items())}
     with open(os.path.join(outdir, "compile.md") + ".tmp", "w") as f:
-        f.write("\n".join(lines) + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
+        f.write("\n".join(lines) + "\n" + markdown_table(summary(rows), SUMMARY_COLUMNS) + "\n\n"
+                + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
     os.replace(os.path.join(outdir, "compile.md") + ".tmp", os.path.join(outdir, "compile.md"))
 
 
@@ -327,7 +358,7 @@ def check_against(rows, committed_path, workers):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--all", action="store_true", help="compile every launch and write the table; default: check that "
                    "the committed table is current and recompile a subset, comparing the numbers")
     p.add_argument("--reuse", action="store_true", help="with --all: keep the rows of the existing table whose "
@@ -344,12 +375,15 @@ def main(argv=None):
             with open(table) as f:
                 known = {r["key"]: r for r in json.load(f)["rows"]}
         rows = compile_rows(rows, args.jobs, known)
-        write_table(rows, args.out, time.perf_counter() - t0)
+        compiled = sum(r["key"] not in known for r in rows)
+        write_table(rows, args.out, time.perf_counter() - t0, compiled)
         failures = []
-        print(f"compiled {len(rows)} kernels in {time.perf_counter() - t0:.0f} s; wrote {args.out}")
+        print(f"compiled {compiled} kernels, reused {len(rows) - compiled}, in {time.perf_counter() - t0:.0f} s; "
+              f"wrote {args.out}")
     else:
         rows, failures = check_against(rows, os.path.join(args.out, "compile.json"), args.jobs)
-        print(f"checked the committed table, recompiled {len(subset(rows))} kernels in {time.perf_counter() - t0:.0f} s")
+        print(f"checked the committed table, recompiled {len(subset(rows))} kernels "
+              f"in {time.perf_counter() - t0:.0f} s")
     failures += [f"{r['arch']} {r['kernel']} {r['case']} {r['dtype']} {r['config']}: {r['gate']}"
                  for r in rows if r["gate"] != "ok"]
     for line in failures:

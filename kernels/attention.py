@@ -53,33 +53,47 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # --- autotuning configs ----------------------------------------------------------------------
 
 def _configs(shapes):
-    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages, max_row_bytes) tuples, and
+    the autotuner's pruning rule: a launch tries only the configs whose max_row_bytes is at least
+    its q row size, HEAD_DIM * element size (float32 rows are twice bf16's: the same registers)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s, _ in shapes]
+    max_row_bytes = {id(c): shape[-1] for c, shape in zip(configs, shapes)}
+
+    def prune(configs, named_args, **kwargs):
+        row_bytes = kwargs["HEAD_DIM"] * named_args["Q"].element_size()
+        return [c for c in configs if row_bytes <= max_row_bytes[id(c)]]
+
+    return configs, {"early_config_prune": prune}
 
 
+ANY = 512  # any row: D=128 in float32
 if INTERPRET:
     # One fixed small config: autotuning under the interpreter only costs time. Unequal blocks
     # so that the tests exercise the index arithmetic of both loops.
-    _FWD_CONFIGS = _configs([(64, 32, 4, 1)])
-    _BWD_DKDV_CONFIGS = _configs([(32, 64, 4, 1)])
-    _BWD_DQ_CONFIGS = _configs([(64, 32, 4, 1)])
+    _FWD_CONFIGS, _FWD_PRUNE = _configs([(64, 32, 4, 1, ANY)])
+    _BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _configs([(32, 64, 4, 1, ANY)])
+    _BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _configs([(64, 32, 4, 1, ANY)])
 else:
-    # Candidates for Hopper (H100/H200), also fine on Ampere. Compiled offline for sm_90a, every
-    # one uses wgmma and, for bf16/fp16 with D=64, none spills registers. Configs that do not
-    # fit in shared memory for a head dim / dtype (float32 with D=128) are skipped by the autotuner.
-    _FWD_CONFIGS = _configs([
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4),
-        (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2),
+    # Candidates for Hopper (H100/H200), also fine on Ampere. Compiled offline for sm_90a and sm_80
+    # (python -m bench.compile_gate --all; table in bench/results/compile/): every one uses wgmma
+    # on sm_90a and mma on sm_80, and none the autotuner tries spills registers for bf16/fp16 at
+    # D=32/64/128 on sm_90a or at D=64 on sm_80. A config limited to rows of 128 bytes (D=64 bf16)
+    # spills at D=128 (or, for the last dQ one, at D=64 on sm_80). Configs that do not fit in
+    # shared memory for a head dim / dtype are skipped by the autotuner.
+    _FWD_CONFIGS, _FWD_PRUNE = _configs([
+        (128, 64, 4, 3, 128), (128, 64, 8, 3, ANY), (128, 128, 8, 3, ANY), (128, 128, 8, 2, ANY),
+        (128, 64, 4, 4, 128), (128, 32, 4, 4, ANY), (64, 64, 4, 3, ANY), (64, 128, 4, 3, 128),
+        (64, 32, 4, 2, ANY),
     ])
     # dK/dV: BLOCK_N keys per program, loop over BLOCK_M queries.
-    _BWD_DKDV_CONFIGS = _configs([
-        (32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 3), (64, 128, 8, 2),
-        (32, 64, 4, 3), (64, 64, 4, 3),
+    _BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _configs([
+        (32, 128, 4, 3, 64), (32, 128, 8, 3, ANY), (32, 128, 8, 4, ANY), (64, 128, 8, 3, 128),
+        (64, 128, 8, 2, 128), (32, 64, 4, 3, ANY), (64, 64, 4, 3, 128),
     ])
     # dQ: BLOCK_M queries per program, loop over BLOCK_N keys.
-    _BWD_DQ_CONFIGS = _configs([
-        (128, 32, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-        (64, 32, 4, 3), (128, 128, 8, 2),
+    _BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _configs([
+        (128, 32, 4, 3, 128), (128, 32, 8, 4, ANY), (128, 64, 8, 3, ANY), (128, 64, 8, 2, ANY),
+        (64, 64, 4, 3, ANY), (64, 32, 4, 3, ANY), (128, 128, 8, 2, 64),
     ])
 
 
@@ -149,7 +163,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, star
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
+                 prune_configs_by=_FWD_PRUNE)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
@@ -264,7 +279,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, st
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"])
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
+                 prune_configs_by=_BWD_DKDV_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
@@ -351,7 +367,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride
     return dq
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"])
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
+                 prune_configs_by=_BWD_DQ_PRUNE)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D

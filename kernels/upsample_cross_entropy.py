@@ -351,8 +351,8 @@ def _(logits, labels, ignore_index, align_corners):
 @torch.library.custom_op("setr_kernels::upsample_cross_entropy_bwd", mutates_args=())
 def _upsample_ce_bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
                         ignore_index: int, align_corners: bool) -> torch.Tensor:
-    check_triton_op("upsample_cross_entropy_bwd", "kernels.upsample_cross_entropy.upsample_cross_entropy", logits, labels,
-                    lse, scale)
+    check_triton_op("upsample_cross_entropy_bwd", "kernels.upsample_cross_entropy.upsample_cross_entropy",
+                    logits, labels, lse, scale)
     return upsample_cross_entropy_bwd(logits, labels, lse, scale, ignore_index, align_corners)
 
 

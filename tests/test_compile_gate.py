@@ -5,6 +5,7 @@ By default (CI) the committed table's keys must match the current launches (kern
 configs, specializations) and a subset is recompiled and compared; SETR_COMPILE_ALL=1 compiles
 everything (about 10 minutes on 2 cores) into a temporary table instead.
 """
+import json
 import os
 import signal
 import subprocess
@@ -35,3 +36,13 @@ def test_compile_gate(tmp_path):
     else:
         rc, out = run_gate([], timeout=600)
     assert rc == 0, out[-20000:]
+
+
+def test_stale_table_fails(tmp_path):
+    with open(os.path.join(REPO, "bench", "results", "compile", "compile.json")) as f:
+        table = json.load(f)
+    table["rows"] = table["rows"][1:]  # as if a kernel, config or specialization had changed
+    with open(tmp_path / "compile.json", "w") as f:
+        json.dump(table, f)
+    rc, out = run_gate(["--out", str(tmp_path)], timeout=300)
+    assert rc == 1 and "is stale (1 launches changed" in out, out[-5000:]
