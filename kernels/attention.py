@@ -77,9 +77,10 @@ else:
     # Candidates for Hopper (H100/H200), also fine on Ampere. Compiled offline for sm_90a and sm_80
     # (python -m bench.compile_gate --all; table in bench/results/compile/): every one uses wgmma
     # on sm_90a and mma on sm_80, and none the autotuner tries spills registers for bf16/fp16 at
-    # D=32/64/128 on sm_90a or at D=64 on sm_80. A config limited to rows of 128 bytes (D=64 bf16)
-    # spills at D=128 (or, for the last dQ one, at D=64 on sm_80). Configs that do not fit in
-    # shared memory for a head dim / dtype are skipped by the autotuner.
+    # D=32/64/128 on sm_90a or at D=64 on sm_80. max_row_bytes is the largest q row a config runs
+    # without spilling: 128 (D=64 in bf16/fp16) for those that spill at D=128, 64 (D=32) for dK/dV
+    # 32x128 on 4 warps (spills at D=64 on both archs) and dQ 128x128 (spills at D=64 on sm_80).
+    # Configs that do not fit in shared memory for a head dim / dtype are skipped by the autotuner.
     _FWD_CONFIGS, _FWD_PRUNE = _configs([
         (128, 64, 4, 3, 128), (128, 64, 8, 3, ANY), (128, 128, 8, 3, ANY), (128, 128, 8, 2, ANY),
         (128, 64, 4, 4, 128), (128, 32, 4, 4, ANY), (64, 64, 4, 3, ANY), (64, 128, 4, 3, 128),
