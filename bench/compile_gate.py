@@ -15,7 +15,9 @@ Gate (exit status 1): a compile error anywhere; spills in a bf16/fp16 launch the
 pick (fits in shared memory) on sm_90a, and in bf16/fp16 attention at D=64 on sm_80; attention
 without wgmma on sm_90a or without mma on sm_80.
 Each row's key hashes the kernel's source (with the @triton.jit helpers it calls), its
-specialization and options: `--check` fails when the committed table is stale.
+specialization, options and the Triton version: the default (CI) mode fails when the committed
+table's keys are not exactly the current launches' (run --all and commit the table), and
+`--all --reuse` recompiles only the rows whose key changed.
 """
 import argparse
 import concurrent.futures
@@ -178,12 +180,13 @@ def jobs(arch, cases):
                                  sorted(attrs.items()), options.num_warps, options.num_stages, options.num_ctas, arch,
                                  triton.__version__))
                 key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-                row = out.setdefault(key, dict(key=key, arch=arch, kernel=fn.__name__, case=case, dtype=dtype,
-                                               config=config, autotuned=len(configs) > 1, job=(
-                                                   fn.__module__, fn.__name__, signature, constexprs, attrs,
-                                                   options.__dict__, TARGETS[arch]["capability"])))
-                if case not in row["case"]:
-                    row["case"] += f"; {case}"
+                if key in out:  # the same compile serves several cases
+                    out[key]["case"] += "" if case in out[key]["case"] else f"; {case}"
+                    continue
+                job = (fn.__module__, fn.__name__, signature, constexprs, attrs, options.__dict__,
+                       TARGETS[arch]["capability"])
+                out[key] = dict(key=key, arch=arch, kernel=fn.__name__, case=case, dtype=dtype, config=config,
+                                autotuned=len(configs) > 1, job=job)
     return list(out.values())
 
 
