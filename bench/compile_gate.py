@@ -20,6 +20,7 @@ table's keys are not exactly the current launches' (run --all and commit the tab
 `--all --reuse` recompiles only the rows whose key changed.
 """
 import argparse
+import atexit
 import concurrent.futures
 import contextlib
 import hashlib
@@ -29,13 +30,15 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 
-# compile, never interpret; a private cache so that ptxas runs (and logs) for every kernel
+# compile, never interpret; a private cache (removed at exit) so that ptxas runs and logs every kernel
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="setr_compile_gate_")
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 if __package__ in (None, ""):  # run as `python bench/compile_gate.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
