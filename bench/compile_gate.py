@@ -345,6 +345,8 @@ def subset(committed):
 def check_against(rows, committed_path, workers):
     """CI mode: the committed table must hold exactly the current launches; recompile a subset and
     compare its numbers. Returns (rows with the committed numbers, failures)."""
+    if not os.path.exists(committed_path):
+        return [], [f"{committed_path} not found: run `python -m bench.compile_gate --all` and commit the table"]
     with open(committed_path) as f:
         committed = {r["key"]: r for r in json.load(f)["rows"]}
     current = {r["key"]: r for r in rows}
