@@ -59,7 +59,7 @@ def single_process_group():
 
 
 def tiny_trainer(tmp_path):
-    """A Trainer of the PUP head on ViT-tiny at 32x32 (decode + 3 aux losses), impl="triton"."""
+    """A Trainer of the Naive head on ViT-tiny at 32x32 (decode + 3 aux losses), impl="triton"."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from train.parallelize import parallelize
@@ -71,7 +71,7 @@ def tiny_trainer(tmp_path):
 
         warning = event = progress = info
 
-    cfg = parse_config(["--device", "cpu", "--head", "pup", "--preset", "demo", "--impl", "triton",
+    cfg = parse_config(["--device", "cpu", "--head", "naive", "--preset", "demo", "--impl", "triton",
                         "--batch-size", "2", "--crop-size", "32", "--num-workers", "0", "--work-dir", str(tmp_path),
                         "--data.synthetic_train_samples", "4", "--data.synthetic_val_samples", "2"],
                        cuda_available=False)
