@@ -29,7 +29,8 @@ from bench import common
 from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
 
 common.interpret_kernels_on_cpu()
-from kernels.upsample import upsample_bilinear, upsample_cross_entropy  # noqa: E402
+from kernels.upsample import upsample_bilinear  # noqa: E402
+from kernels.upsample_cross_entropy import upsample_cross_entropy  # noqa: E402
 
 BATCH = 8
 PUP_SIZES = (32, 64, 128, 256)          # PUP decode head: 4 x [conv -> x2]

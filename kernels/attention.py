@@ -12,7 +12,7 @@ deterministic): delta = rowsum(dO * O); then one kernel with a program per BLOCK
 over the queries and writes dK, dV, and one kernel with a program per BLOCK_M queries that loops
 over the keys and writes dQ. Each gradient row is written by exactly one program, so repeated
 runs give bit-identical gradients (for a given block config: block sizes are autotuned per GPU,
-dtype, head dim and sequence lengths, once per process).
+dtype, head dim and sequence-length bucket (tune_bucket), once per process).
 
 Only the ragged last block of a loop is masked: every loop runs an unmasked bulk over the full
 blocks and then, when N is not a multiple of the block, one masked tail (a constexpr flag).
@@ -53,34 +53,57 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # --- autotuning configs ----------------------------------------------------------------------
 
 def _configs(shapes):
-    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages, max_row_bytes) tuples, and
+    the autotuner's pruning rule: a launch tries only the configs whose max_row_bytes is at least
+    its q row size, HEAD_DIM * element size (float32 rows are twice bf16's: the same registers)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s, _ in shapes]
+    max_row_bytes = {id(c): shape[-1] for c, shape in zip(configs, shapes)}
+
+    def prune(configs, named_args, **kwargs):
+        row_bytes = kwargs["HEAD_DIM"] * named_args["Q"].element_size()
+        return [c for c in configs if row_bytes <= max_row_bytes[id(c)]]
+
+    return configs, {"early_config_prune": prune}
 
 
+ANY = 512  # any row: D=128 in float32
 if INTERPRET:
     # One fixed small config: autotuning under the interpreter only costs time. Unequal blocks
     # so that the tests exercise the index arithmetic of both loops.
-    _FWD_CONFIGS = _configs([(64, 32, 4, 1)])
-    _BWD_DKDV_CONFIGS = _configs([(32, 64, 4, 1)])
-    _BWD_DQ_CONFIGS = _configs([(64, 32, 4, 1)])
+    _FWD_CONFIGS, _FWD_PRUNE = _configs([(64, 32, 4, 1, ANY)])
+    _BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _configs([(32, 64, 4, 1, ANY)])
+    _BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _configs([(64, 32, 4, 1, ANY)])
 else:
-    # Candidates for Hopper (H100/H200), also fine on Ampere. Compiled offline for sm_90a, every
-    # one uses wgmma and, for bf16/fp16 with D=64, none spills registers. Configs that do not
-    # fit in shared memory for a head dim / dtype (float32 with D=128) are skipped by the autotuner.
-    _FWD_CONFIGS = _configs([
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4),
-        (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2),
+    # Candidates for Hopper (H100/H200), also fine on Ampere. Compiled offline for sm_90a and sm_80
+    # (python -m bench.compile_gate --all; table in bench/results/compile/): every one uses wgmma
+    # on sm_90a and mma on sm_80, and none the autotuner tries spills registers for bf16/fp16 at
+    # D=32/64/128 on sm_90a or at D=64 on sm_80. max_row_bytes is the largest q row a config runs
+    # without spilling: 128 (D=64 in bf16/fp16) for those that spill at D=128, 64 (D=32) for dK/dV
+    # 32x128 on 4 warps (spills at D=64 on both archs) and dQ 128x128 (spills at D=64 on sm_80).
+    # Configs that do not fit in shared memory for a head dim / dtype are skipped by the autotuner.
+    _FWD_CONFIGS, _FWD_PRUNE = _configs([
+        (128, 64, 4, 3, 128), (128, 64, 8, 3, ANY), (128, 128, 8, 3, ANY), (128, 128, 8, 2, ANY),
+        (128, 64, 4, 4, 128), (128, 32, 4, 4, ANY), (64, 64, 4, 3, ANY), (64, 128, 4, 3, 128),
+        (64, 32, 4, 2, ANY),
     ])
     # dK/dV: BLOCK_N keys per program, loop over BLOCK_M queries.
-    _BWD_DKDV_CONFIGS = _configs([
-        (32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 3), (64, 128, 8, 2),
-        (32, 64, 4, 3), (64, 64, 4, 3),
+    _BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _configs([
+        (32, 128, 4, 3, 64), (32, 128, 8, 3, ANY), (32, 128, 8, 4, ANY), (64, 128, 8, 3, 128),
+        (64, 128, 8, 2, 128), (32, 64, 4, 3, ANY), (64, 64, 4, 3, 128),
     ])
     # dQ: BLOCK_M queries per program, loop over BLOCK_N keys.
-    _BWD_DQ_CONFIGS = _configs([
-        (128, 32, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-        (64, 32, 4, 3), (128, 128, 8, 2),
+    _BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _configs([
+        (128, 32, 4, 3, 128), (128, 32, 8, 4, ANY), (128, 64, 8, 3, ANY), (128, 64, 8, 2, ANY),
+        (64, 64, 4, 3, ANY), (64, 32, 4, 3, ANY), (128, 128, 8, 2, 64),
     ])
+
+
+def tune_bucket(n):
+    """Autotune key of a sequence length n: the next power of two >= n, times 2, plus 1 when n is a
+    multiple of 16 (Triton compiles those as a separate variant). The kernels mask by the real n,
+    so any n in a bucket is correct with any config; evaluation's many token counts (slide windows
+    smaller than the crop, whole images, multi-scale) then share a few tuned configs."""
+    return 2 * triton.next_power_of_2(n) + (n % 16 == 0)
 
 
 # --- kernels ---------------------------------------------------------------------------------
@@ -141,7 +164,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, star
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["Nq", "Nk", "HEAD_DIM"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
+                 prune_configs_by=_FWD_PRUNE)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
@@ -152,6 +176,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     H, Nq, Nk, qk_scale,  # qk_scale = scale * log2(e)
+    Q_BUCKET, K_BUCKET,  # tune_bucket(Nq), tune_bucket(Nk): the autotune key only
     HEAD_DIM: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -255,7 +280,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, st
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Nq", "Nk", "HEAD_DIM"])
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
+                 prune_configs_by=_BWD_DKDV_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
@@ -269,6 +295,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     H, Nq, Nk, qk_scale, scale,
+    Q_BUCKET, K_BUCKET,  # tune_bucket(Nq), tune_bucket(Nk): the autotune key only
     HEAD_DIM: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -341,7 +368,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride
     return dq
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Nq", "Nk", "HEAD_DIM"])
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
+                 prune_configs_by=_BWD_DQ_PRUNE)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
@@ -354,6 +382,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     H, Nq, Nk, qk_scale, scale,
+    Q_BUCKET, K_BUCKET,  # tune_bucket(Nq), tune_bucket(Nk): the autotune key only
     HEAD_DIM: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -429,7 +458,7 @@ def attention_fwd(q, k, v, scale):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            H, Nq, Nk, scale * LOG2E.value,
+            H, Nq, Nk, scale * LOG2E.value, tune_bucket(Nq), tune_bucket(Nk),
             HEAD_DIM=D, INTERP_BF16=_interp_bf16(q),
         )
     return out, lse
@@ -458,7 +487,7 @@ def attention_bwd(do, q, k, v, out, lse, scale, dq, dk, dv):
         _attn_bwd_dkdv_kernel[grid_kv](
             q, k, v, do, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            H, Nq, Nk, scale * LOG2E.value, scale,
+            H, Nq, Nk, scale * LOG2E.value, scale, tune_bucket(Nq), tune_bucket(Nk),
             HEAD_DIM=D, INTERP_BF16=interp_bf16,
         )
         # dQ: programs over query blocks
@@ -466,7 +495,7 @@ def attention_bwd(do, q, k, v, out, lse, scale, dq, dk, dv):
         _attn_bwd_dq_kernel[grid_q](
             q, k, v, do, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, Nq, Nk, scale * LOG2E.value, scale,
+            H, Nq, Nk, scale * LOG2E.value, scale, tune_bucket(Nq), tune_bucket(Nk),
             HEAD_DIM=D, INTERP_BF16=interp_bf16,
         )
     return dq, dk, dv
@@ -522,12 +551,31 @@ def _(do, q, k, v, out, lse, scale):
             v.new_empty(B, Nk, H, D).transpose(1, 2))
 
 
-@torch.library.custom_op("setr_kernels::attention_qkv_packed_fwd", mutates_args=())
-def _attention_packed_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    check_triton_op("attention_qkv_packed_fwd", "kernels.attention.attention_qkv_packed", qkv)
+def attention_packed_fwd(qkv, num_heads, scale):
+    """qkv: (B, N, 3*H*D) -> (out (B, N, H*D), lse (B, H, N) float32): the forward launch on the packed layout."""
     q, k, v = split_heads(_unit_stride_last(qkv), num_heads)
     out, lse = attention_fwd(q, k, v, scale)  # out: (B, H, N, D) view of a (B, N, H, D) buffer
     return merge_heads(out), lse
+
+
+def attention_packed_bwd(dout, qkv, out, lse, num_heads, scale):
+    """dout, out: (B, N, H*D); qkv: (B, N, 3*H*D); lse: (B, H, N) -> dqkv (B, N, 3*H*D)."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    q, k, v = split_heads(_unit_stride_last(qkv), num_heads)
+    # one (B, N, 3*H*D) gradient buffer; the kernels write dq, dk, dv straight into its thirds
+    dqkv = torch.empty(B, N, C3, device=qkv.device, dtype=qkv.dtype)
+    dq, dk, dv = split_heads(dqkv, num_heads)
+    # (B, N, H*D) with unit last stride -> (B, H, N, D) view
+    as_heads = lambda t: _unit_stride_last(t).view(B, N, num_heads, D).transpose(1, 2)
+    attention_bwd(as_heads(dout), q, k, v, as_heads(out), lse, scale, dq, dk, dv)
+    return dqkv
+
+
+@torch.library.custom_op("setr_kernels::attention_qkv_packed_fwd", mutates_args=())
+def _attention_packed_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_triton_op("attention_qkv_packed_fwd", "kernels.attention.attention_qkv_packed", qkv)
+    return attention_packed_fwd(qkv, num_heads, scale)
 
 
 @_attention_packed_fwd_op.register_fake
@@ -540,16 +588,7 @@ def _(qkv, num_heads, scale):
 def _attention_packed_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                              num_heads: int, scale: float) -> torch.Tensor:
     check_triton_op("attention_qkv_packed_bwd", "kernels.attention.attention_qkv_packed", dout, qkv)
-    B, N, C3 = qkv.shape
-    D = C3 // (3 * num_heads)
-    q, k, v = split_heads(_unit_stride_last(qkv), num_heads)
-    # one (B, N, 3*H*D) gradient buffer; the kernels write dq, dk, dv straight into its thirds
-    dqkv = torch.empty(B, N, C3, device=qkv.device, dtype=qkv.dtype)
-    dq, dk, dv = split_heads(dqkv, num_heads)
-    # (B, N, H*D) with unit last stride -> (B, H, N, D) view
-    as_heads = lambda t: _unit_stride_last(t).view(B, N, num_heads, D).transpose(1, 2)
-    attention_bwd(as_heads(dout), q, k, v, as_heads(out), lse, scale, dq, dk, dv)
-    return dqkv
+    return attention_packed_bwd(dout, qkv, out, lse, num_heads, scale)
 
 
 @_attention_packed_bwd_op.register_fake

@@ -1,18 +1,26 @@
-"""The model with impl='triton' (our kernels; interpreter on CPU) matches impl='eager'."""
+"""The model with impl='triton' (our kernels: compiled on CUDA, interpreted on CPU) matches impl='eager'."""
 import pytest
 import torch
 
+import kernels
+import kernels.utils
 import setr
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 matrix products (attention, convolutions) run in TF32 on the GPU
+LOSS_TOL = dict(rtol=5e-3, atol=5e-3) if DEVICE == "cuda" else dict(rtol=1e-4, atol=1e-5)
+GRAD_TOL = dict(rtol=5e-2, atol=5e-3) if DEVICE == "cuda" else dict(rtol=1e-3, atol=1e-5)
+OUT_TOL = dict(rtol=5e-3, atol=5e-3) if DEVICE == "cuda" else dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("head", ["naive", "pup", "mla"])
 def test_triton_model_matches_eager(head):
     torch.manual_seed(3)
-    eager = setr.build_setr(head, backbone="vit_tiny", num_classes=7, img_size=64, impl="eager")
-    ours = setr.build_setr(head, backbone="vit_tiny", num_classes=7, img_size=64, impl="triton")
+    eager = setr.build_setr(head, backbone="vit_tiny", num_classes=7, img_size=64, impl="eager").to(DEVICE)
+    ours = setr.build_setr(head, backbone="vit_tiny", num_classes=7, img_size=64, impl="triton").to(DEVICE)
     ours.load_state_dict(eager.state_dict())
-    x = torch.randn(2, 3, 64, 48)
-    labels = torch.randint(0, 7, (2, 64, 48))
+    x = torch.randn(2, 3, 64, 48, device=DEVICE)
+    labels = torch.randint(0, 7, (2, 64, 48), device=DEVICE)
     labels[0, :5] = 255
 
     for model in (eager, ours):
@@ -21,14 +29,14 @@ def test_triton_model_matches_eager(head):
         model.losses_ = model(x, labels)
         sum(model.losses_.values()).backward()
     for k in eager.losses_:
-        torch.testing.assert_close(ours.losses_[k], eager.losses_[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(ours.losses_[k], eager.losses_[k], **LOSS_TOL, msg=k)
     for (name, p_ours), p_eager in zip(ours.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p_ours.grad, p_eager.grad, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(p_ours.grad, p_eager.grad, **GRAD_TOL, msg=name)
 
     eager.eval()
     ours.eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), eager(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(x), eager(x), **OUT_TOL)
 
 
 def test_per_op_override():
@@ -38,3 +46,18 @@ def test_per_op_override():
     assert model.backbone.layers[0].attn.attn.impl == "triton"
     assert model.backbone.layers[0].ln1.impl == "eager"
     assert not model.decode_head.classify_first
+
+
+def test_kernel_tests_fail_when_a_reference_would_run(monkeypatch):
+    # CPU tensors without the interpreter (e.g. CPU tensors on a CUDA machine) would run the
+    # PyTorch references: in the kernel tests that fails instead of passing silently
+    monkeypatch.setattr(kernels.utils, "INTERPRET", False)
+    x = torch.randn(1, 2, 4, 32)
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    calls = [lambda: kernels.attention(x, x, x), lambda: kernels.layer_norm(x, x[0, 0, 0], x[0, 0, 0]),
+             lambda: kernels.upsample_bilinear(x, (8, 8)), lambda: kernels.upsample_cross_entropy(x, labels),
+             lambda: setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=32, impl="triton")(
+                 torch.randn(1, 3, 32, 32))]
+    for call in calls:
+        with pytest.raises(AssertionError, match="would run the PyTorch reference instead of the Triton kernel"):
+            call()

@@ -295,11 +295,11 @@ class Trainer:
         stop = torch.tensor(float(self.stop_signal is not None), device=local.device)
         packed = torch.cat([local, nonfinite[None], stop[None]])
         dist.all_reduce(packed)
-        values = packed.tolist()
+        values = torch.cat([packed, grad_norm.reshape(1).to(packed.dtype)]).tolist()  # the step's one host sync
         k = len(terms)
         mean_terms = {name: v / self.world_size for name, v in zip(terms, values[:k])}
         nonfinite_loss, stop = values[k] > 0, values[k + 1] > 0
-        grad_norm = grad_norm.item()
+        grad_norm = values[k + 2]
         lr = self.scheduler.get_last_lr()
 
         # 4. step, unless something is not finite (reported by the caller, never applied silently)

@@ -1,0 +1,94 @@
+"""Host syncs on the training path: at most one per optimizer step, none in the loss or the kernels.
+
+A host sync is any Python-level read of a tensor's value: .item(), .tolist(), int() / float() /
+bool() / index of a tensor, .cpu(), .numpy(). They are counted on torch.Tensor itself, so the calls
+inside the kernels' launchers and custom ops count too (a TorchDispatchMode would not see inside
+torch.library ops). The Triton interpreter's own copies (it emulates the GPU on numpy arrays) are
+not syncs of the real run and are left out.
+"""
+import os
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train.config import parse_config
+
+SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")
+TRITON = os.sep + os.path.join("site-packages", "triton") + os.sep  # the interpreter lives there
+
+
+class HostSyncs:
+    """Context manager recording where each host sync happens (one short stack per sync)."""
+
+    def __enter__(self):
+        self.calls, self.saved = [], {}
+        for name in SYNC_METHODS:
+            real = getattr(torch.Tensor, name)
+            self.saved[name] = real
+
+            def counted(t, *args, real=real, name=name, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                if TRITON not in caller:
+                    self.calls.append(f"{name}: " + " <- ".join(
+                        f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_stack(limit=6)[-2::-1]))
+                return real(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self.saved.items():
+            setattr(torch.Tensor, name, real)
+
+
+def test_counter_sees_every_kind_of_sync():
+    t = torch.ones(2)
+    with HostSyncs() as syncs:
+        t.sum().item(), t.tolist(), int(t[0]), float(t[0]), bool(t[0]), list(range(t[0].long())), t.cpu(), t.numpy()
+    assert len(syncs.calls) == len(SYNC_METHODS), syncs.calls
+
+
+@pytest.fixture
+def single_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_trainer(tmp_path):
+    """A Trainer of the Naive head on ViT-tiny at 32x32 (decode + 3 aux losses), impl="triton"."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from train.parallelize import parallelize
+    from train.trainer import Trainer, build_data, build_model, eval_copy
+
+    class Log:
+        def info(self, *args, **kwargs):
+            pass
+
+        warning = event = progress = info
+
+    cfg = parse_config(["--device", "cpu", "--head", "naive", "--preset", "demo", "--impl", "triton",
+                        "--batch-size", "2", "--crop-size", "32", "--num-workers", "0", "--work-dir", str(tmp_path),
+                        "--data.synthetic_train_samples", "4", "--data.synthetic_val_samples", "2"],
+                       cuda_available=False)
+    cfg.validate(1)
+    model = build_model(cfg, torch.device("cpu"), Log())
+    eval_model = eval_copy(model)
+    model = parallelize(model, cfg, init_device_mesh("cpu", (1,)))
+    return Trainer(cfg, model, eval_model, build_data(cfg), torch.device("cpu"), Log())
+
+
+def test_train_step_syncs_once(tmp_path, single_process_group):
+    trainer = tiny_trainer(tmp_path)
+    assert trainer.eval_model.impl == dict.fromkeys(("attention", "layer_norm", "upsample", "loss"), "triton")
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 8, (2, 32, 32), generator=g))]
+    trainer.train_step(batch)  # warm-up: index tables and other per-shape caches are built once
+    with HostSyncs() as syncs:
+        out = trainer.train_step(batch)
+    assert out["applied"]
+    assert len(syncs.calls) == 1, "\n".join(syncs.calls)  # the packed all-reduce result, read once
