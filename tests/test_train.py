@@ -16,8 +16,8 @@ import torch.nn as nn
 import setr
 from train import checkpoint as ckpt
 from train.config import ConfigError, config_from_dict, get_preset, parse_config
-from train.parallelize import SyncBatchNorm2d, convert_sync_batchnorm
-from train.trainer import PolyLR, param_groups
+from train.optim import PolyLR, param_groups
+from train.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "train", "main.py")
@@ -217,13 +217,15 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
         if complete:
             (root / name / ckpt.META).write_text(json.dumps({"iteration": int(name[5:13]), "model": {}}))
     assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
-    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000020")
+    assert ckpt.resolve_resume("auto", tmp_path) == [str(root / "iter_00000020"), str(root / "iter_00000010")]
     (root / ckpt.LATEST).write_text("iter_00000010")  # written last (a resume from 10): the pointer decides
-    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000010")
-    (root / ckpt.LATEST).write_text("iter_00000030")  # names an incomplete one: the newest complete
-    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000020")
-    assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
-    assert ckpt.resolve_resume(str(tmp_path), "unused") == str(root / "iter_00000020")
+    assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000010")
+    assert ckpt.resolve_resume("auto", tmp_path) == [str(root / "iter_00000010"), str(root / "iter_00000020")]
+    (root / ckpt.LATEST).write_text("iter_00000030")  # names an incomplete one: tried first, then the newest complete
+    assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
+    assert ckpt.resolve_resume("auto", tmp_path)[:2] == [str(root / "iter_00000030"), str(root / "iter_00000020")]
+    assert ckpt.resolve_resume("auto", tmp_path / "empty") == []
+    assert ckpt.resolve_resume(str(tmp_path), "unused") == [str(root / "iter_00000020")]
     with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
         ckpt.resolve_resume(str(root / "iter_00000030"), tmp_path)
     (root / "iter_00000020" / ckpt.META).write_text("{not json")
@@ -241,11 +243,12 @@ def single_process_group():
 def _trainer(tmp_path, log_lines, **changes):
     from torch.distributed.device_mesh import init_device_mesh
 
+    from train.build import build_data, build_model, eval_copy
     from train.parallelize import parallelize
-    from train.trainer import Trainer, build_data, build_model, eval_copy
+    from train.trainer import Trainer
 
     class ListLog:
-        def info(self, msg):
+        def info(self, msg, every_rank=False):
             log_lines.append(msg)
 
         warning = info
@@ -460,7 +463,7 @@ def test_a_stop_signal_writes_a_final_checkpoint_and_the_run_resumes(tmp_path, l
     proc.send_signal(getattr(signal, signame))
     out, _ = proc.communicate(timeout=120)
     # torchrun itself exits 1 after forwarding SIGTERM (its own SignalException); the workers must not fail
-    assert proc.returncode == 0 if launcher == "python" else "ChildFailedError" not in out, out[-3000:]
+    assert proc.returncode == 130 if launcher == "python" else "ChildFailedError" not in out, out[-3000:]
     assert f"stopped by {signame}" in out
     stopped_at = max(_losses(work)[0])
     assert 3 <= stopped_at < 100000

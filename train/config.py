@@ -21,6 +21,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
+from setr.files import write_atomic
+
 HEADS = ("naive", "pup", "mla")
 BACKBONES = ("vit_large", "vit_base", "vit_tiny")
 DATASETS = ("ade20k", "folder", "synthetic")
@@ -54,6 +56,8 @@ class DataConfig:
     ratio_range: typing.Tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     num_workers: int = 4
+    on_bad_sample: str = "error"  # error | skip (warn once per file, replace by the next item)
+    max_bad_fraction: float = 0.01  # skip: stop when more of the training split is bad
     synthetic_size: typing.Tuple[int, int] = (128, 160)  # (H, W) of synthetic images
     synthetic_train_samples: int = 512
     synthetic_val_samples: int = 64
@@ -91,6 +95,7 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones removed)
     resume: str = ""  # "" | auto | path to a checkpoint dir (or a work dir)
     export: bool = True  # consolidated single-file model at the end (work_dir/model_final.pth)
+    overwrite: bool = False  # delete the run already in work_dir and start from scratch
 
 
 @dataclass
@@ -139,11 +144,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def batch_layout(self, world_size):
         """(per-rank batch, micro-batch, accumulation steps) for this world size."""
@@ -165,6 +166,7 @@ class Config:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("eval.mode", e.mode, ("slide", "whole"))
         _choice("metrics.progress_bar", self.metrics.progress_bar, ("auto", "on", "off"))
+        _choice("data.on_bad_sample", d.on_bad_sample, ("error", "skip"))
         if m.num_classes < 2:
             raise ConfigError(f"model.num_classes (--num-classes) must be >= 2, got {m.num_classes}")
         if not 0 <= m.ignore_index <= 255 or m.ignore_index < m.num_classes:
@@ -283,7 +285,7 @@ SHORT_FLAGS = {
     "micro_batch_size": "schedule.micro_batch_size",
     "precision": "parallel.precision", "activation_checkpointing": "parallel.activation_checkpointing",
     "compile": "parallel.compile",
-    "ckpt_interval": "checkpoint.interval", "resume": "checkpoint.resume",
+    "ckpt_interval": "checkpoint.interval", "resume": "checkpoint.resume", "overwrite": "checkpoint.overwrite",
     "eval_interval": "eval.interval", "log_interval": "metrics.log_interval",
 }
 CHOICES = {"model.head": HEADS, "model.backbone": BACKBONES, "model.impl": IMPLS,
@@ -388,7 +390,7 @@ def parse_config(argv=None, cuda_available=None):
         on_cpu = args.get("device") == "cpu" or not cuda_available
         if on_cpu:
             name = "demo"
-            notes.append(f"no GPU: using the small CPU 'demo' preset (ViT-tiny, synthetic data, "
+            notes.append(f"no GPU: using the small CPU 'demo' preset (ViT-tiny, {args.get('data.dataset') or 'synthetic'} data, "
                          f"64x64 crops, fp32) with head {head!r}; pass --preset {head} for the full "
                          f"ADE20K recipe")
         else:
