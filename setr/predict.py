@@ -24,6 +24,8 @@ from setr.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE
 from setr.data.datasets import DataError, random_palette, read_image
 from setr.data.transforms import check_crop_size, eval_transform
 from setr.inference import MS_RATIOS, aug_inference, inference
+from setr.run_dir import model_source, read_sharded_model
+from setr.weights import read_checkpoint, read_checkpoint_meta
 
 
 class PredictError(Exception):
@@ -31,15 +33,16 @@ class PredictError(Exception):
 
 
 def _load_checkpoint(path):
-    """(checkpoint dict, our export's meta or {}, state dict) of a checkpoint file."""
-    from setr.weights import read_checkpoint
-
+    """(checkpoint dict, our export's meta or {}, state dict) of what `path` names: a checkpoint
+    file, or a training run's directory, checkpoints/iter_* or checkpoints/latest (its sharded
+    checkpoint consolidated here)."""
     try:
-        obj, state = read_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
+        source = model_source(path)
+        obj = read_sharded_model(source) if os.path.isdir(source) else source
+        obj, state = read_checkpoint(obj)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         raise PredictError(str(e)) from None
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) and "head" in obj["meta"] else {}
-    return obj, dict(meta), state
+    return obj, read_checkpoint_meta(obj), state
 
 
 def _infer_from_keys(state):
@@ -158,7 +161,9 @@ def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(204
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m setr.predict", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="exported or mmseg SETR checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="exported or mmseg SETR checkpoint, or a training run's directory, "
+                        "checkpoints/iter_* or checkpoints/latest")
     p.add_argument("--head", choices=("naive", "pup", "mla"), default=None,
                    help="decode head (default: from the checkpoint)")
     p.add_argument("--backbone", choices=("vit_large", "vit_base", "vit_tiny"), default=None,

@@ -11,6 +11,7 @@ Training (train/checkpoint.py) writes this layout; prediction and evaluation rea
 """
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -124,7 +125,9 @@ def read_sharded_model(path):
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         state = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in stored.items()
                  if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=path, no_dist=True)
     except Exception as e:  # noqa: BLE001 - any damage: name the checkpoint
         raise DamagedCheckpoint(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None

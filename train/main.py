@@ -168,12 +168,12 @@ def main(argv=None):
         if not e.ranks or rank == e.ranks[0]:
             say(rank, f"error: {e}")
         return FAILED
-    except dist.DistError as e:  # a collective failed: another rank (or the network) went down
-        say(rank, f"stopped: a collective failed, another rank probably failed first "
-                  f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
-        return FAILED
-    except Exception:  # noqa: BLE001 - a bug: the traceback, from this rank only
-        traceback.print_exc()
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, dist.DistError) or "/gloo/" in str(e):  # a collective failed: a peer went down
+            say(rank, f"stopped: a collective failed, another rank probably failed first "
+                      f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})")
+        else:  # a bug: the traceback, from this rank only
+            traceback.print_exc()
         return FAILED
     finally:
         if log:
