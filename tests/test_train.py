@@ -205,6 +205,70 @@ def test_sync_bn_single_process_equals_batchnorm(dtype):
     torch.testing.assert_close(model(x.to(dtype)).float(), ref(x), **tol)
 
 
+def _torch_and_ours(num_features, device, dtype):
+    """torch.nn.SyncBatchNorm and our SyncBatchNorm2d with the same random affine parameters."""
+    ref = nn.SyncBatchNorm(num_features, device=device, dtype=dtype)
+    ours = SyncBatchNorm2d(num_features, device=device, dtype=dtype)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def test_sync_bn_equals_torch_sync_batchnorm_where_it_runs_on_cpu(single_process_group):
+    """On CPU torch.nn.SyncBatchNorm refuses to train (its training math is plain batch norm on
+    one rank, compared above and, on CUDA, below) but evaluates: after two training steps of
+    ours, its state dict loads into torch's and both give the same output, float64, odd sizes."""
+    torch.manual_seed(3)
+    ref, ours = _torch_and_ours(5, "cpu", torch.float64)
+    x = torch.randn(3, 5, 7, 9, dtype=torch.float64) * 2 + 0.5
+    with pytest.raises(ValueError, match="GPU"):
+        ref(x)
+    for _ in range(2):
+        ours(x * torch.rand(1, dtype=torch.float64) + torch.randn(1, dtype=torch.float64))
+    ref.load_state_dict(ours.state_dict())
+    ref.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-12, rtol=1e-12)
+    assert int(ref.num_batches_tracked) == 2
+
+
+@pytest.mark.gpu
+def test_sync_bn_equals_torch_sync_batchnorm_kernels_on_cuda(tmp_path):
+    """On CUDA, the synchronized path of torch.nn.SyncBatchNorm (batch_norm_stats, gather over the
+    group, backward_reduce / backward_elemt), forced on a 1-rank NCCL group, against ours."""
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBNFunction
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(4)
+        ref, ours = _torch_and_ours(6, "cuda", torch.float32)
+        x = (torch.randn(4, 6, 9, 11, device="cuda") * 3 + 1).requires_grad_(True)
+        y = SyncBNFunction.apply(x, ref.weight, ref.bias, ref.running_mean, ref.running_var, ref.eps,
+                                 ref.momentum, dist.group.WORLD, 1)
+        xo = x.detach().clone().requires_grad_(True)
+        yo = ours(xo)
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        (yo * g).sum().backward()
+        tol = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(yo, y, **tol)
+        torch.testing.assert_close(xo.grad, x.grad, **tol)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **tol)
+        torch.testing.assert_close(ours.running_var, ref.running_var, **tol)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_picks_torchs_on_cuda_and_ours_elsewhere():
+    from train.sync_batchnorm import sync_batchnorm
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert isinstance(sync_batchnorm(model(), "cpu")[1], SyncBatchNorm2d)
+    assert type(sync_batchnorm(model(), "cuda")[1]) is nn.SyncBatchNorm
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints (files) and the step function (in-process, world size 1)
 # ------------------------------------------------------------------------------------------------
