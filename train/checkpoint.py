@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from setr.files import write_atomic
-from setr.run_dir import (LATEST, META, CheckpointError, DamagedCheckpoint, checkpoint_root,  # noqa: F401
+from setr.run_dir import (LATEST, META, CheckpointError, DamagedCheckpoint, checkpoint_root,
                           complete_checkpoints, is_complete, iteration_dir, latest_checkpoint, read_meta)
 
 FORMAT_VERSION = 1
