@@ -28,12 +28,7 @@ FORMAT_VERSION = 1
 
 
 class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions, ...); names the path. `ranks`:
-    the ranks that failed (the first of them reports it)."""
-
-    def __init__(self, message, ranks=None):
-        super().__init__(message)
-        self.ranks = ranks
+    """A checkpoint could not be written (disk full, permissions, ...); the message names the path."""
 
 
 def _barrier():
@@ -146,8 +141,8 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             ranks, cause = _first_failure(e, self.rank)
             where = getattr(cause, "filename", None) or tmp
-            raise CheckpointWriteError(f"cannot write checkpoint {where} ({_describe(cause)}); the "
-                                       f"earlier checkpoints are intact", ranks) from None
+            raise CheckpointWriteError(f"cannot write checkpoint {where} (rank(s) {ranks}: {_describe(cause)}); "
+                                       f"the earlier checkpoints are intact") from None
         _barrier()
         return final, time.perf_counter() - start
 

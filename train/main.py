@@ -27,6 +27,7 @@ import sys
 if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import datetime  # noqa: E402
 import shutil  # noqa: E402
 import traceback  # noqa: E402
 
@@ -73,7 +74,8 @@ def check_work_dir(cfg):
 
 
 def finished_iteration(cfg):
-    """With --resume auto: the iteration of the run in work_dir when it already reached max_iters."""
+    """With --resume auto: the iteration of the run in work_dir when it already reached max_iters
+    and exported its model."""
     if cfg.checkpoint.resume != "auto":
         return None
     for path in resolve_resume("auto", cfg.work_dir):
@@ -81,7 +83,8 @@ def finished_iteration(cfg):
             it = int(read_meta(path)["iteration"])
         except DamagedCheckpoint:
             continue  # the trainer falls back past it, saying so
-        return it if it >= cfg.schedule.max_iters else None
+        exported = not cfg.checkpoint.export or os.path.isfile(os.path.join(cfg.work_dir, FINAL))
+        return it if it >= cfg.schedule.max_iters and exported else None  # else: finish (evaluate, export)
     return None
 
 
@@ -107,6 +110,20 @@ def first_failed_rank(failed, device):
 def say(rank, text):
     prefix = f"rank {rank}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
     print(f"{prefix}{text}", file=sys.stderr, flush=True)
+
+
+def first_to_report():
+    """True for the first rank of the job that reports an error (counted in torchrun's store, which
+    outlives the ranks), so that an error every rank hits, or its echo on the ranks waiting for the
+    failed one, is printed once. True as well when there is no store to ask."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "MASTER_ADDR" not in os.environ:
+        return True
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))
+        return store.add(f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}", 1) == 1
+    except Exception:  # noqa: BLE001 - the store is gone: say it anyway
+        return True
 
 
 def setup(cfg, rank, world_size, device):
@@ -159,17 +176,15 @@ def main(argv=None):
         code = EXIT_CODES[train(cfg, data, device, log)]
         clean = True
         return code
-    except (ConfigError, CheckpointError, DataError) as e:
-        if rank == 0 or dist.is_initialized():  # before the process group: every rank has it, rank 0 says it
+    except (ConfigError, CheckpointError, DataError, CheckpointWriteError) as e:
+        if first_to_report():
             say(rank, f"error: {e}")
         clean = not dist.is_initialized()
-        return BAD_INPUT
-    except CheckpointWriteError as e:
-        if not e.ranks or rank == e.ranks[0]:
-            say(rank, f"error: {e}")
-        return FAILED
+        return FAILED if isinstance(e, CheckpointWriteError) else BAD_INPUT
     except Exception as e:  # noqa: BLE001
-        if isinstance(e, dist.DistError) or "/gloo/" in str(e):  # a collective failed: a peer went down
+        if not first_to_report():
+            pass  # an echo of the error another rank reported (its collectives failed)
+        elif isinstance(e, dist.DistError) or "/gloo/" in str(e):  # a collective failed: a peer went down
             say(rank, f"stopped: a collective failed, another rank probably failed first "
                       f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})")
         else:  # a bug: the traceback, from this rank only
