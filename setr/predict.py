@@ -7,9 +7,10 @@ Per image: <stem>_label.png (class ids as pixel values, with the class palette a
 viewer shows colours) and <stem>_overlay.png (the image blended 50% with the class colours),
 both at the original image size. Checkpoints: our single-file export (head, backbone, classes
 and names read from its meta) or a plain mmseg SETR checkpoint (head, backbone and number of
-classes inferred from its keys unless given). Test pipeline and inference as mmseg's ADE20K
-config: keep-ratio rescale into (2048, 512), sliding 512 windows at stride 341, or --aug for
-multi-scale (0.5-1.75) + flip.
+classes inferred from its keys unless given), or what training writes: a run directory, a
+checkpoints/iter_* directory or checkpoints/latest (the sharded checkpoint is consolidated).
+Test pipeline and inference as mmseg's ADE20K config: keep-ratio rescale into (2048, 512),
+sliding 512 windows at stride 341, or --aug for multi-scale (0.5-1.75) + flip.
 """
 
 import argparse

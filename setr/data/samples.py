@@ -92,7 +92,6 @@ class TrainSamples(torch.utils.data.Dataset):
         return train_transform(image, label, rng, self.crop_size, self.scale, self.ratio_range,
                                self.cat_max_ratio, ignore_index=self.ignore_index)
 
-
     def collate(self, items):
         """DataLoader collate_fn: (images (B, 3, ch, cw), labels (B, ch, cw), bad samples met)."""
         images, labels = torch.utils.data.default_collate(items)
