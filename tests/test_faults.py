@@ -223,18 +223,26 @@ def test_bad_sample_on_one_rank_ends_the_job(tmp_path, case, workers):
 # dying ranks and launchers, stop signals (2 gloo ranks with a data worker each, or one process)
 # ------------------------------------------------------------------------------------------------
 
-def _rank_pid(launcher, local_rank):
-    """pid of torchrun's child with LOCAL_RANK=local_rank (a rank, not one of its data workers)."""
+def _children(parent):
+    """{pid: environment (bytes entries)} of the processes whose parent is `parent`."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != parent:
+                    continue
             with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
+                found[int(pid)] = f.read().split(b"\0")
         except OSError:
             continue
-        if parent == launcher and f"LOCAL_RANK={local_rank}".encode() in env:
-            return int(pid)
+    return found
+
+
+def _rank_pid(launcher, local_rank):
+    """pid of torchrun's child with LOCAL_RANK=local_rank (a rank, not one of its data workers)."""
+    for pid, env in _children(launcher).items():
+        if f"LOCAL_RANK={local_rank}".encode() in env:
+            return pid
     raise AssertionError(f"no rank {local_rank} under torchrun {launcher}")
 
 
@@ -293,6 +301,18 @@ def test_stop_signals_checkpoint_and_exit_128_plus_signal(tmp_path, how, status)
     code, out = _finish(proc, marker, timeout=60)
     assert code == status and f"stopped by {how.name}" in out, out[-3000:]
     assert ckpt.latest_checkpoint(work).endswith(f"iter_{max(_train_losses(work)):08d}")
+
+
+def test_a_data_worker_is_stopped_by_a_plain_kill(tmp_path):
+    root, work = _dataset(tmp_path), str(tmp_path / "run")
+    proc, marker = _start(ARGS + ["--data-root", root, "--max-iters", "100000", "--work-dir", work], nproc=0)
+    _wait_for_iterations(work, proc, 2)
+    workers = list(_children(proc.pid))
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGTERM)
+    code, out = _finish(proc, marker, timeout=60)
+    died = [line for line in out.splitlines() if line.startswith("RuntimeError: DataLoader worker")]
+    assert code == 1 and died and str(workers[0]) in died[0], out[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,11 +411,11 @@ def test_predict_loads_what_training_writes(tmp_path):
     work = str(tmp_path / "run")
     final, info = build_model(work)  # the run dir: its model_final.pth
     assert info["num_classes"] == NUM_CLASSES and info["head"] == "pup"
-    expect = final.state_dict()
+    expect, names = final.state_dict(), info["class_names"]
     for path in (ckpt.iteration_dir(work, 2), os.path.join(work, "checkpoints", "latest")):
         model, info = build_model(path)  # the sharded checkpoint, consolidated in this process
-        assert info["class_names"] == final_names(work) and all(torch.equal(v, model.state_dict()[k])
-                                                                  for k, v in expect.items())
+        assert info["class_names"] == names and info["eval"]["crop_size"] == [32, 32]
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in expect.items())
     os.remove(os.path.join(work, run_dir.FINAL))
     model, _ = build_model(work)  # without model_final.pth: the latest checkpoint
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in expect.items())
@@ -405,6 +425,3 @@ def test_predict_loads_what_training_writes(tmp_path):
     with pytest.raises(PredictError, match="not a complete checkpoint directory"):
         build_model(str(tmp_path))
 
-
-def final_names(work):
-    return json.load(open(os.path.join(ckpt.iteration_dir(work, 2), run_dir.META)))["export"]["class_names"]
