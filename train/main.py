@@ -27,7 +27,6 @@ import sys
 if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import datetime  # noqa: E402
 import shutil  # noqa: E402
 import traceback  # noqa: E402
 
@@ -42,7 +41,8 @@ from train.checkpoint import (CheckpointError, CheckpointWriteError, DamagedChec
                               resolve_resume)
 from train.config import ConfigError, parse_config  # noqa: E402
 from train.logger import Logger  # noqa: E402
-from train.parallelize import destroy_distributed, exit_with_launcher, init_distributed, parallelize  # noqa: E402
+from train.parallelize import (destroy_distributed, first_to_report, init_distributed, parallelize,  # noqa: E402
+                                watch_job)
 from train.trainer import Trainer  # noqa: E402
 
 EXIT_CODES = {"finished": 0, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal number after a stop
@@ -112,20 +112,6 @@ def say(rank, text):
     print(f"{prefix}{text}", file=sys.stderr, flush=True)
 
 
-def first_to_report():
-    """True for the first rank of the job that reports an error (counted in torchrun's store, which
-    outlives the ranks), so that an error every rank hits, or its echo on the ranks waiting for the
-    failed one, is printed once. True as well when there is no store to ask."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "MASTER_ADDR" not in os.environ:
-        return True
-    try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=5))
-        return store.add(f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}", 1) == 1
-    except Exception:  # noqa: BLE001 - the store is gone: say it anyway
-        return True
-
-
 def setup(cfg, rank, world_size, device):
     """Checks and data, on every rank; returns (exit code or None to train, data). An error is
     printed once, by the lowest rank that hit it, and every rank stops."""
@@ -158,8 +144,7 @@ def main(argv=None):
     device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
-        exit_with_launcher()
+    watch_job()  # under torchrun: exit when the launcher dies or another rank failed
     rank, log, code, clean = int(os.environ.get("RANK", 0)), None, FAILED, False
     try:
         rank, world_size, local_rank = init_distributed(device_type)

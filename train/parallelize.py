@@ -54,18 +54,58 @@ def destroy_distributed():
         dist.destroy_process_group()
 
 
-def exit_with_launcher():
-    """End this process when its parent (torchrun) dies. torchrun starts every rank in a session
-    of its own, so a launcher killed with SIGKILL would otherwise leave its ranks running."""
-    parent = os.getppid()
+def _job_store():
+    """A client of torchrun's key-value store, which outlives the ranks (None outside torchrun)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=5))
+
+
+ERRORS_KEY = f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}"  # errors reported by the job's ranks
+
+
+def first_to_report():
+    """True for the first rank of the job that reports an error, so that an error every rank hits,
+    or its echo on the ranks that were waiting for the failed one, is printed once. True as
+    well without a store to ask (a single process, or the launcher is gone)."""
+    try:
+        store = _job_store()
+        return store is None or store.add(ERRORS_KEY, 1) == 1
+    except Exception:  # noqa: BLE001 - say it anyway
+        return True
+
+
+def watch_job(grace=10.0):
+    """Under torchrun, end this process when the launcher dies (it starts every rank in a session
+    of its own, so a launcher killed with SIGKILL would otherwise leave its ranks running), or
+    `grace` seconds after another rank reported an error (this one may be stuck in a collective
+    that waits for the failed rank, e.g. NCCL across nodes)."""
+    try:
+        parent, store = os.getppid(), _job_store()
+    except Exception:  # noqa: BLE001 - no store to watch: torchrun's own checks remain
+        return
+    if store is None:
+        return
+
+    def end(why):
+        print(f"rank {os.environ.get('RANK', '?')}: {why}: exiting", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def watch():
-        while os.getppid() == parent:
+        failed_at = None
+        while True:
             time.sleep(1.0)
-        print(f"rank {os.environ.get('RANK', '?')}: the launcher (pid {parent}) is gone: exiting",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+            if os.getppid() != parent:
+                end(f"the launcher (pid {parent}) is gone")
+            try:
+                reported = store.add(ERRORS_KEY, 0)
+            except Exception:  # noqa: BLE001 - the store is the launcher's: caught above next time
+                reported = 0
+            failed_at = failed_at or (time.monotonic() if reported else None)
+            if failed_at and time.monotonic() - failed_at > grace:
+                end("another rank failed")
+    threading.Thread(target=watch, name="watch-job", daemon=True).start()
 
 
 def data_worker_init(parent_pid, _worker_id):
