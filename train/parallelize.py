@@ -62,7 +62,8 @@ def _job_store():
                          timeout=datetime.timedelta(seconds=5))
 
 
-ERRORS_KEY = f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}"  # errors reported by the job's ranks
+# errors reported by the ranks of this job (and this restart of it)
+ERRORS_KEY = f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
 
 
 def first_to_report():
