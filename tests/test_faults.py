@@ -44,7 +44,8 @@ def _write_sample(root, split, name, seed, size=(40, 48)):
     rng = np.random.default_rng(seed)
     for sub in ("images", "annotations"):
         os.makedirs(os.path.join(root, sub, split), exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(root, "images", split, f"{name}.png"))
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(image).save(os.path.join(root, "images", split, f"{name}.png"))
     Image.fromarray(rng.integers(0, NUM_CLASSES, size, dtype=np.uint8)).save(
         os.path.join(root, "annotations", split, f"{name}.png"))
 

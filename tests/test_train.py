@@ -50,6 +50,7 @@ def test_preset_choice_overrides_and_roundtrip(tmp_path):
     cfg = parse_config(["--head", "mla"], cuda_available=False)
     assert cfg.preset == "demo" and cfg.model.head == "mla" and "demo" in cfg.notes[0]
     assert cfg.model.backbone == "vit_tiny" and cfg.data.dataset == "synthetic"
+    assert "folder data" in parse_config(["--dataset", "folder"], cuda_available=False).notes[0]
     cfg = parse_config(["--head", "naive", "--preset", "pup", "--lr", "0.5", "--batch-size", "4", "--crop-size",
                         "32", "--optim.momentum", "0.8", "--activation-checkpointing", "--compile", "false",
                         "--resume", "auto", "--data.synthetic_size", "48,64", "--precision", "fp32"],

@@ -191,6 +191,8 @@ class Config:
                               f"data); pass --dataset ade20k or --dataset folder to train on it")
         if m.pretrained and not os.path.isfile(m.pretrained):
             raise ConfigError(f"--pretrained {m.pretrained!r}: no such file")
+        if not 0 <= d.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
         if s.max_iters < 1:
@@ -390,7 +392,8 @@ def parse_config(argv=None, cuda_available=None):
         on_cpu = args.get("device") == "cpu" or not cuda_available
         if on_cpu:
             name = "demo"
-            notes.append(f"no GPU: using the small CPU 'demo' preset (ViT-tiny, {args.get('data.dataset') or 'synthetic'} data, "
+            dataset = args.get("data.dataset") or "synthetic"
+            notes.append(f"no GPU: using the small CPU 'demo' preset (ViT-tiny, {dataset} data, "
                          f"64x64 crops, fp32) with head {head!r}; pass --preset {head} for the full "
                          f"ADE20K recipe")
         else:

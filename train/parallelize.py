@@ -63,7 +63,8 @@ def _job_store():
 
 
 # errors reported by the ranks of this job (and this restart of it)
-ERRORS_KEY = f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+ERRORS_KEY = (f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}_"
+              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}")
 
 
 def first_to_report():
