@@ -23,7 +23,7 @@ from setr.data import PositionSampler
 from setr.inference import evaluate
 from train.checkpoint import Checkpointer, DamagedCheckpoint, resolve_resume
 from train.logger import BadSamples, MetricWindow, dump_memory_snapshot, format_duration, max_memory_gib
-from train.optim import PolyLR, param_groups  # noqa: F401 - param_groups: also used by bench/
+from train.optim import PolyLR, param_groups
 from train.parallelize import DTYPES, data_worker_init
 
 # Dense (no sparsity) peak FLOP/s per device by name (substring, first match wins) and compute
