@@ -1,4 +1,5 @@
-"""Distributed setup and model parallelization: synchronized BatchNorm, activation checkpointing,
+"""Distributed setup (process group; how long ranks and data workers live, so that a job never
+outlives a failure) and model parallelization: synchronized BatchNorm, activation checkpointing,
 torch.compile and FSDP2, applied in that order (the model code itself has no parallelism).
 
     model = build_setr(...)                 # plain module, the same init on every rank (seeded)
