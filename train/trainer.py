@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 import setr
 from setr.data import PositionSampler
 from setr.inference import evaluate
+from train.build import build_data, build_model, eval_copy  # noqa: F401 - also imported from here
 from train.checkpoint import Checkpointer, DamagedCheckpoint, resolve_resume
 from train.logger import BadSamples, MetricWindow, dump_memory_snapshot, format_duration, max_memory_gib
 from train.optim import PolyLR, param_groups
