@@ -17,6 +17,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from setr import run_dir
@@ -314,6 +315,23 @@ def test_a_data_worker_is_stopped_by_a_plain_kill(tmp_path):
     code, out = _finish(proc, marker, timeout=60)
     died = [line for line in out.splitlines() if line.startswith("RuntimeError: DataLoader worker")]
     assert code == 1 and died and str(workers[0]) in died[0], out[-3000:]
+
+
+def test_a_rank_stuck_after_another_rank_failed_exits():
+    """The safety net for a rank waiting in a collective that never fails (NCCL across nodes):
+    once a rank has reported an error in the launcher's store, the others exit after a grace."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    marker = uuid.uuid4().hex
+    env = dict(_env(marker), TORCHELASTIC_RUN_ID="fault-test", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+               RANK="1")
+    stuck = "import time; from train.parallelize import watch_job; watch_job(grace=1.0); print('up', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", stuck], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "up"
+    store.add("setr_errors_fault-test_0", 1)  # what a failing rank does before it prints its error
+    start = time.time()
+    code, out = _finish(proc, marker, timeout=30)
+    assert code == 1 and "rank 1: another rank failed: exiting" in out and time.time() - start < 10, out
 
 
 # ------------------------------------------------------------------------------------------------
