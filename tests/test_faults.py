@@ -324,7 +324,8 @@ def test_a_rank_stuck_after_another_rank_failed_exits():
     marker = uuid.uuid4().hex
     env = dict(_env(marker), TORCHELASTIC_RUN_ID="fault-test", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                RANK="1")
-    stuck = "import time; from train.parallelize import watch_job; watch_job(grace=1.0); print('up', flush=True); time.sleep(60)"
+    stuck = ("import time; from train.parallelize import watch_job; watch_job(grace=1.0); "
+             "print('up', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", stuck], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "up"
