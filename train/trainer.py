@@ -345,9 +345,11 @@ class Trainer:
                 self._dump_memory_snapshot(oom=True)
             raise
         finally:
+            # the DataLoader's SIGCHLD handler raises, anywhere, once a worker has died: not while we report
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
-            del loader  # its workers stop here
+            del loader  # its workers stop here (or with this process)
         return self._finish(status, t_start)
 
     def due(self, start_iter):
