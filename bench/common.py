@@ -237,9 +237,9 @@ def write_results(name, rows, columns, outdir=None, plot=None):
     env = environment()
     rows = add_ratios(rows)
     json_path = os.path.join(outdir, f"{name}.json")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
+    from setr.files import write_atomic  # importing setr imports the kernels: not before interpret_kernels_on_cpu()
+
+    write_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=1))
     md_path = os.path.join(outdir, f"{name}.md")
     header = [f"# {name}", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), ""]
     if env["gpu"] is None:

@@ -7,9 +7,10 @@ Per image: <stem>_label.png (class ids as pixel values, with the class palette a
 viewer shows colours) and <stem>_overlay.png (the image blended 50% with the class colours),
 both at the original image size. Checkpoints: our single-file export (head, backbone, classes
 and names read from its meta) or a plain mmseg SETR checkpoint (head, backbone and number of
-classes inferred from its keys unless given). Test pipeline and inference as mmseg's ADE20K
-config: keep-ratio rescale into (2048, 512), sliding 512 windows at stride 341, or --aug for
-multi-scale (0.5-1.75) + flip.
+classes inferred from its keys unless given), or what training writes: a run directory, a
+checkpoints/iter_* directory or checkpoints/latest (the sharded checkpoint is consolidated).
+Test pipeline and inference as mmseg's ADE20K config: keep-ratio rescale into (2048, 512),
+sliding 512 windows at stride 341, or --aug for multi-scale (0.5-1.75) + flip.
 """
 
 import argparse
@@ -27,8 +28,9 @@ from setr.data.transforms import check_crop_size, eval_transform
 from setr.inference import MS_RATIOS, aug_inference, inference
 from setr.layers import IMPLS
 from setr.model import BACKBONES, HEADS
+from setr.run_dir import model_source, read_sharded_model
 from setr.vit import VIT_CONFIGS
-from setr.weights import read_checkpoint
+from setr.weights import read_checkpoint, read_checkpoint_meta
 
 
 class PredictError(Exception):
@@ -36,13 +38,16 @@ class PredictError(Exception):
 
 
 def _load_checkpoint(path):
-    """(checkpoint dict, our export's meta or {}, state dict) of a checkpoint file."""
+    """(checkpoint dict, our export's meta or {}, state dict) of what `path` names: a checkpoint
+    file, or a training run's directory, checkpoints/iter_* or checkpoints/latest (its sharded
+    checkpoint consolidated here)."""
     try:
-        obj, state = read_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
+        source = model_source(path)
+        obj = read_sharded_model(source) if os.path.isdir(source) else source
+        obj, state = read_checkpoint(obj)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         raise PredictError(str(e)) from None
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) and "head" in obj["meta"] else {}
-    return obj, dict(meta), state
+    return obj, read_checkpoint_meta(obj), state
 
 
 def _infer_from_keys(state):
@@ -164,7 +169,8 @@ def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(204
 def add_model_args(p):
     """Flags shared with setr.evaluate: the checkpoint, the model, the test pipeline, the device."""
     p.add_argument("--checkpoint", required=True,
-                   help="our export, an mmseg SETR checkpoint, or a training run / checkpoint folder")
+                   help="our export, an mmseg SETR checkpoint, or what training writes: a run's "
+                        "directory, checkpoints/iter_* or checkpoints/latest")
     p.add_argument("--head", choices=HEADS, default=None,
                    help="decode head (default: from the checkpoint)")
     p.add_argument("--backbone", choices=BACKBONES, default=None,

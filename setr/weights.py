@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+from setr.files import write_atomic
 from setr.vit import resize_pos_embed
 
 
@@ -238,7 +239,4 @@ def export_model(model_or_state_dict, path, **meta):
     state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"meta": meta, "state_dict": state_dict}, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: torch.save({"meta": meta, "state_dict": state_dict}, f))

@@ -16,8 +16,8 @@ import torch.nn as nn
 import setr
 from train import checkpoint as ckpt
 from train.config import ConfigError, get_preset, parse_config
-from train.parallelize import SyncBatchNorm2d, convert_sync_batchnorm
-from train.trainer import PolyLR, param_groups
+from train.optim import PolyLR, param_groups
+from train.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "train", "main.py")
@@ -50,6 +50,7 @@ def test_preset_choice_overrides_and_roundtrip(tmp_path):
     cfg = parse_config(["--head", "mla"], cuda_available=False)
     assert cfg.preset == "demo" and cfg.model.head == "mla" and "demo" in cfg.notes[0]
     assert cfg.model.backbone == "vit_tiny" and cfg.data.dataset == "synthetic"
+    assert "folder data" in parse_config(["--dataset", "folder"], cuda_available=False).notes[0]
     cfg = parse_config(["--head", "naive", "--preset", "pup", "--lr", "0.5", "--batch-size", "4", "--crop-size",
                         "32", "--optim.momentum", "0.8", "--activation-checkpointing", "--compile", "false",
                         "--resume", "auto", "--data.synthetic_size", "48,64", "--precision", "fp32"],
@@ -206,6 +207,70 @@ def test_sync_bn_single_process_equals_batchnorm(dtype):
     torch.testing.assert_close(model(x.to(dtype)).float(), ref(x), **tol)
 
 
+def _torch_and_ours(num_features, device, dtype):
+    """torch.nn.SyncBatchNorm and our SyncBatchNorm2d with the same random affine parameters."""
+    ref = nn.SyncBatchNorm(num_features, device=device, dtype=dtype)
+    ours = SyncBatchNorm2d(num_features, device=device, dtype=dtype)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def test_sync_bn_equals_torch_sync_batchnorm_where_it_runs_on_cpu(single_process_group):
+    """On CPU torch.nn.SyncBatchNorm refuses to train (its training math is plain batch norm on
+    one rank, compared above and, on CUDA, below) but evaluates: after two training steps of
+    ours, its state dict loads into torch's and both give the same output, float64, odd sizes."""
+    torch.manual_seed(3)
+    ref, ours = _torch_and_ours(5, "cpu", torch.float64)
+    x = torch.randn(3, 5, 7, 9, dtype=torch.float64) * 2 + 0.5
+    with pytest.raises(ValueError, match="GPU"):
+        ref(x)
+    for _ in range(2):
+        ours(x * torch.rand(1, dtype=torch.float64) + torch.randn(1, dtype=torch.float64))
+    ref.load_state_dict(ours.state_dict())
+    ref.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-12, rtol=1e-12)
+    assert int(ref.num_batches_tracked) == 2
+
+
+@pytest.mark.gpu
+def test_sync_bn_equals_torch_sync_batchnorm_kernels_on_cuda(tmp_path):
+    """On CUDA, the synchronized path of torch.nn.SyncBatchNorm (batch_norm_stats, gather over the
+    group, backward_reduce / backward_elemt), forced on a 1-rank NCCL group, against ours."""
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBNFunction
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(4)
+        ref, ours = _torch_and_ours(6, "cuda", torch.float32)
+        x = (torch.randn(4, 6, 9, 11, device="cuda") * 3 + 1).requires_grad_(True)
+        y = SyncBNFunction.apply(x, ref.weight, ref.bias, ref.running_mean, ref.running_var, ref.eps,
+                                 ref.momentum, dist.group.WORLD, 1)
+        xo = x.detach().clone().requires_grad_(True)
+        yo = ours(xo)
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        (yo * g).sum().backward()
+        tol = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(yo, y, **tol)
+        torch.testing.assert_close(xo.grad, x.grad, **tol)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **tol)
+        torch.testing.assert_close(ours.running_var, ref.running_var, **tol)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_picks_torchs_on_cuda_and_ours_elsewhere():
+    from train.sync_batchnorm import sync_batchnorm
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert isinstance(sync_batchnorm(model(), "cpu")[1], SyncBatchNorm2d)
+    assert type(sync_batchnorm(model(), "cuda")[1]) is nn.SyncBatchNorm
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints (files) and the step function (in-process, world size 1)
 # ------------------------------------------------------------------------------------------------
@@ -218,13 +283,15 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
         if complete:
             (root / name / ckpt.META).write_text(json.dumps({"iteration": int(name[5:13]), "model": {}}))
     assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
-    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000020")
+    assert ckpt.resolve_resume("auto", tmp_path) == [str(root / "iter_00000020"), str(root / "iter_00000010")]
     (root / ckpt.LATEST).write_text("iter_00000010")  # written last (a resume from 10): the pointer decides
-    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000010")
-    (root / ckpt.LATEST).write_text("iter_00000030")  # names an incomplete one: the newest complete
-    assert ckpt.resolve_resume("auto", tmp_path) == str(root / "iter_00000020")
-    assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
-    assert ckpt.resolve_resume(str(tmp_path), "unused") == str(root / "iter_00000020")
+    assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000010")
+    assert ckpt.resolve_resume("auto", tmp_path) == [str(root / "iter_00000010"), str(root / "iter_00000020")]
+    (root / ckpt.LATEST).write_text("iter_00000030")  # names an incomplete one: tried first, then the newest complete
+    assert ckpt.latest_checkpoint(tmp_path) == str(root / "iter_00000020")
+    assert ckpt.resolve_resume("auto", tmp_path)[:2] == [str(root / "iter_00000030"), str(root / "iter_00000020")]
+    assert ckpt.resolve_resume("auto", tmp_path / "empty") == []
+    assert ckpt.resolve_resume(str(tmp_path), "unused") == [str(root / "iter_00000020")]
     with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
         ckpt.resolve_resume(str(root / "iter_00000030"), tmp_path)
     (root / "iter_00000020" / ckpt.META).write_text("{not json")
@@ -242,11 +309,12 @@ def single_process_group():
 def _trainer(tmp_path, log_lines, **changes):
     from torch.distributed.device_mesh import init_device_mesh
 
+    from train.build import build_data, build_model, eval_copy
     from train.parallelize import parallelize
-    from train.trainer import Trainer, build_data, build_model, eval_copy
+    from train.trainer import Trainer
 
     class ListLog:
-        def info(self, msg):
+        def info(self, msg, every_rank=False):
             log_lines.append(msg)
 
         warning = info
@@ -461,7 +529,7 @@ def test_a_stop_signal_writes_a_final_checkpoint_and_the_run_resumes(tmp_path, l
     proc.send_signal(getattr(signal, signame))
     out, _ = proc.communicate(timeout=120)
     # torchrun itself exits 1 after forwarding SIGTERM (its own SignalException); the workers must not fail
-    assert proc.returncode == 0 if launcher == "python" else "ChildFailedError" not in out, out[-3000:]
+    assert proc.returncode == 130 if launcher == "python" else "ChildFailedError" not in out, out[-3000:]
     assert f"stopped by {signame}" in out
     stopped_at = max(_losses(work)[0])
     assert 3 <= stopped_at < 100000

@@ -1,18 +1,10 @@
 """Sharded, atomic, resumable checkpoints (torch.distributed.checkpoint), and the model export.
 
-Layout of a run directory:
-
-    work_dir/checkpoints/iter_00016000/      one complete checkpoint
-        .metadata, __0_0.distcp, ...         model + optimizer, sharded (DCP): each rank writes its shards
-        rng_rank{r}.pt                       torch / cuda / numpy / python RNG states of rank r
-        meta.json                            iteration, scheduler, data position, model identity, ...
-    work_dir/checkpoints/latest              name of the checkpoint written last
-    work_dir/model_final.pth                 consolidated single-file model (setr.export_model)
-
-A checkpoint is written to `iter_k.tmp/`; `meta.json` is written last, then rank 0 renames the
-directory to `iter_k/` (an atomic rename) and replaces `latest` (temp file + os.replace). A crash
-at any point leaves the previous checkpoints intact, and a directory without `meta.json` is
-never loaded. The work dir must be on a filesystem every rank sees (multi-node: shared storage).
+The run directory layout (and its read side) is in setr/run_dir.py. A checkpoint is written to
+`iter_k.tmp/`; `meta.json` is written last, then rank 0 renames the directory to `iter_k/` (an
+atomic rename) and replaces `latest` (temp file + os.replace). A crash or a failed write at any
+point leaves the previous checkpoints intact, and a directory without `meta.json` is never
+loaded. The work dir must be on a filesystem every rank sees (multi-node: shared storage).
 """
 import json
 import os
@@ -28,21 +20,15 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-META = "meta.json"
-LATEST = "latest"
+from setr.files import write_atomic
+from setr.run_dir import (LATEST, META, CheckpointError, DamagedCheckpoint, checkpoint_root,
+                          complete_checkpoints, is_complete, iteration_dir, latest_checkpoint, read_meta)
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message says which and why."""
-
-
-def checkpoint_root(work_dir):
-    return os.path.join(work_dir, "checkpoints")
-
-
-def iteration_dir(work_dir, iteration):
-    return os.path.join(checkpoint_root(work_dir), f"iter_{iteration:08d}")
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...); the message names the path."""
 
 
 def _barrier():
@@ -63,84 +49,49 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def is_complete(path):
-    return os.path.isfile(os.path.join(path, META))
-
-
-def complete_checkpoints(work_dir):
-    """[(iteration, path)] of the complete checkpoints of a run, oldest first."""
-    root = checkpoint_root(work_dir)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith("iter_") and name[5:].isdigit() and is_complete(path):
-            found.append((int(name[5:]), path))
-    return sorted(found)
-
-
-def latest_checkpoint(work_dir):
-    """Path of the checkpoint the run wrote last (None if there is none).
-
-    The `latest` pointer decides when it names a complete checkpoint: after a resume from an older
-    checkpoint, the newer ones of the abandoned continuation stay on disk but are not picked. Without
-    a usable pointer, the highest complete iteration."""
-    pointer = os.path.join(checkpoint_root(work_dir), LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(checkpoint_root(work_dir), f.read().strip())
-        if is_complete(path):
-            return path
-    candidates = complete_checkpoints(work_dir)
-    return candidates[-1][1] if candidates else None
-
-
 def resolve_resume(resume, work_dir):
-    """--resume value -> checkpoint directory, or None to start from scratch.
+    """--resume value -> the checkpoint directories to try, in order ([] to start from scratch).
 
-    'auto': the newest complete checkpoint of work_dir (None if there is none). A path: a
-    checkpoint directory, or a run directory (its newest checkpoint)."""
+    'auto': the checkpoint `latest` names, then the other complete ones of work_dir, newest first
+    (a damaged newest checkpoint falls back to an older one). A path: a checkpoint directory, or
+    a run directory (its newest checkpoint), alone."""
     if not resume:
-        return None
+        return []
     if resume == "auto":
-        return latest_checkpoint(work_dir)
+        pointer = os.path.join(checkpoint_root(work_dir), LATEST)
+        named = []
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                named = [os.path.join(checkpoint_root(work_dir), f.read().strip())]
+        older = [path for _, path in reversed(complete_checkpoints(work_dir))]
+        return named + [path for path in older if path not in named]
     if not os.path.exists(resume):
         raise CheckpointError(f"--resume {resume}: no such file or directory")
     if os.path.isdir(checkpoint_root(resume)):
         path = latest_checkpoint(resume)
         if path is None:
             raise CheckpointError(f"--resume {resume}: the run directory has no complete checkpoint")
-        return path
+        return [path]
     if not os.path.isdir(resume):
         raise CheckpointError(f"--resume {resume}: expected a checkpoint directory "
                               f"(work_dir/checkpoints/iter_*), got a file")
     if not is_complete(resume):
         raise CheckpointError(f"--resume {resume}: incomplete checkpoint ({META} missing: the run "
                               f"was probably stopped while writing it); use an older one")
-    return resume
+    return [resume]
 
 
-def read_meta(path):
-    try:
-        with open(os.path.join(path, META)) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path}: {META} missing (incomplete checkpoint)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: {META} is unreadable ({e})") from None
-    if not isinstance(meta, dict) or "iteration" not in meta or "model" not in meta:
-        raise CheckpointError(f"checkpoint {path}: {META} is not a checkpoint description of this engine")
-    return meta
+def _first_failure(e, rank):
+    """(ranks, exception) of an error, unwrapping DCP's CheckpointException (one per failed rank)."""
+    failures = getattr(e, "failures", None) or {rank: e}
+    cause = next(iter(failures.values()))
+    cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
+    return sorted(failures), cause
+
+
+def _describe(e):
+    text = str(getattr(e, "strerror", None) or e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def rng_state():
@@ -175,10 +126,28 @@ class Checkpointer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
     def save(self, iteration, model, optimizer, meta):
-        """Write checkpoint `iteration` (meta: JSON-serializable trainer state). Returns its path."""
+        """Write checkpoint `iteration` (meta: JSON-serializable trainer state). Returns (its path,
+        seconds). A failed write (disk full, ...) raises CheckpointWriteError naming the path and
+        leaves the earlier checkpoints and `latest` as they were."""
         final = iteration_dir(self.work_dir, iteration)
         tmp = final + ".tmp"
         start = time.perf_counter()
+        try:
+            self._write(tmp, model, optimizer, dict(meta, iteration=iteration))
+            if self.rank == 0:
+                self._publish(tmp, final, iteration)
+        except (OSError, CheckpointException) as e:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            ranks, cause = _first_failure(e, self.rank)
+            where = getattr(cause, "filename", None) or tmp
+            raise CheckpointWriteError(f"cannot write checkpoint {where} (rank(s) {ranks}: {_describe(cause)}); "
+                                       f"the earlier checkpoints are intact") from None
+        _barrier()
+        return final, time.perf_counter() - start
+
+    def _write(self, tmp, model, optimizer, meta):
+        """Every rank's shards and RNG state into `tmp`, then (rank 0) meta.json."""
         if self.rank == 0:
             os.makedirs(checkpoint_root(self.work_dir), exist_ok=True)
             for name in os.listdir(checkpoint_root(self.work_dir)):  # leftovers of crashed writes
@@ -187,31 +156,29 @@ class Checkpointer:
             os.makedirs(tmp)
         _barrier()
         dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp)
-        rng_path = os.path.join(tmp, f"rng_rank{self.rank}.pt")
-        torch.save(rng_state(), rng_path)
-        with open(rng_path, "rb") as f:
-            os.fsync(f.fileno())
+        write_atomic(os.path.join(tmp, f"rng_rank{self.rank}.pt"), lambda f: torch.save(rng_state(), f))
         _barrier()  # every shard is on disk
         if self.rank == 0:
-            meta = dict(meta, iteration=iteration, world_size=self.world_size, format=FORMAT_VERSION,
+            meta = dict(meta, world_size=self.world_size, format=FORMAT_VERSION,
                         saved_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-            _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
+            write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
             _fsync_dir(tmp)
-            if os.path.exists(final):  # same iteration written before (e.g. a re-run): replace it
-                old = final + ".old.tmp"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync_dir(checkpoint_root(self.work_dir))
-            _write_atomic(os.path.join(checkpoint_root(self.work_dir), LATEST), os.path.basename(final))
-            # keep the newest keep_last up to this one; newer ones (an abandoned continuation) are left alone
-            older = [path for it, path in complete_checkpoints(self.work_dir) if it <= iteration]
-            for path in older[:-self.keep_last]:
-                shutil.rmtree(path, ignore_errors=True)
-        _barrier()
-        return final, time.perf_counter() - start
+
+    def _publish(self, tmp, final, iteration):
+        """Rank 0: rename the complete `tmp` to `final`, point `latest` at it, prune old ones."""
+        if os.path.exists(final):  # same iteration written before (e.g. a resumed run): replace it
+            old = final + ".old.tmp"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(checkpoint_root(self.work_dir))
+        write_atomic(os.path.join(checkpoint_root(self.work_dir), LATEST), os.path.basename(final))
+        # keep the newest keep_last up to this one; newer ones (an abandoned continuation) are left alone
+        older = [path for it, path in complete_checkpoints(self.work_dir) if it <= iteration]
+        for path in older[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
 
     def load(self, path, model, optimizer, identity):
         """Load model + optimizer + this rank's RNG states from checkpoint `path`; returns its meta.
@@ -231,13 +198,9 @@ class Checkpointer:
         try:
             dcp.load(state, checkpoint_id=path)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged checkpoint
-            # DCP's CheckpointException (a BaseException) wraps each failing rank's exception
-            failures = getattr(e, "failures", None) or {self.rank: e}
-            cause = next(iter(failures.values()))
-            cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
-            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-            raise CheckpointError(f"checkpoint {path} is corrupt or incomplete (rank(s) "
-                                  f"{sorted(failures)}: {type(cause).__name__} {detail})") from None
+            ranks, cause = _first_failure(e, self.rank)  # CheckpointException is a BaseException
+            raise DamagedCheckpoint(f"checkpoint {path} is corrupt or incomplete (rank(s) {ranks}: "
+                                    f"{_describe(cause)})") from None
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
@@ -245,7 +208,7 @@ class Checkpointer:
             try:
                 set_rng_state(torch.load(rng_path, weights_only=True))
             except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"checkpoint {path}: {os.path.basename(rng_path)} is unreadable "
+                raise DamagedCheckpoint(f"checkpoint {path}: {os.path.basename(rng_path)} is unreadable "
                                       f"({type(e).__name__}: {e})") from e
             meta["rng_restored"] = True
         else:

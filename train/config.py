@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from setr.data.ade20k import ADE20K_CLASSES
+from setr.files import write_atomic
 from setr.layers import IMPLS, PATCH_SIZE
 from setr.model import BACKBONES, HEADS
 from setr.weights import is_hub_id
@@ -57,6 +58,8 @@ class DataConfig:
     ratio_range: typing.Tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     num_workers: int = 4
+    on_bad_sample: str = "error"  # error | skip (warn once per file, replace by the next item)
+    max_bad_fraction: float = 0.01  # skip: stop when more of the training split is bad
     synthetic_size: typing.Tuple[int, int] = (128, 160)  # (H, W) of synthetic images
     synthetic_train_samples: int = 512
     synthetic_val_samples: int = 64
@@ -97,6 +100,7 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones removed)
     resume: str = ""  # "" | auto | path to a checkpoint dir (or a work dir)
     export: bool = True  # consolidated single-file model at the end (work_dir/model_final.pth)
+    overwrite: bool = False  # delete the run already in work_dir and start from scratch
 
 
 @dataclass
@@ -145,11 +149,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def batch_layout(self, world_size):
         """(per-rank batch, micro-batch, accumulation steps) for this world size."""
@@ -188,6 +188,8 @@ class Config:
         if m.pretrained and not is_hub_id(m.pretrained) and not os.path.isfile(m.pretrained):
             raise ConfigError(f"--pretrained {m.pretrained!r}: no such file (a .safetensors / .pth / .bin file, "
                               f"or timm/<model> from the Hugging Face hub)")
+        if not 0 <= d.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
         if s.max_iters < 1:
@@ -285,14 +287,14 @@ SHORT_FLAGS = {
     "micro_batch_size": "schedule.micro_batch_size",
     "precision": "parallel.precision", "activation_checkpointing": "parallel.activation_checkpointing",
     "compile": "parallel.compile",
-    "ckpt_interval": "checkpoint.interval", "resume": "checkpoint.resume",
+    "ckpt_interval": "checkpoint.interval", "resume": "checkpoint.resume", "overwrite": "checkpoint.overwrite",
     "eval_interval": "eval.interval", "log_interval": "metrics.log_interval",
 }
 # the fields whose value is one of a few names (checked by Config.check_choices)
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cpu", "cuda"), "model.head": HEADS,
            "model.backbone": BACKBONES, "model.impl": IMPLS, "data.dataset": DATASETS,
            "parallel.precision": PRECISIONS, "eval.mode": ("slide", "whole"),
-           "metrics.progress_bar": ("auto", "on", "off")}
+           "metrics.progress_bar": ("auto", "on", "off"), "data.on_bad_sample": ("error", "skip")}
 
 
 def _fields(cls, prefix=""):

@@ -8,9 +8,16 @@ rank 0 writes files.
 import json
 import math
 import os
+import pickle
+import resource
 import shutil
 import sys
 import time
+
+import torch
+import torch.distributed as dist
+
+from setr.data import DataError
 
 
 def format_duration(seconds):
@@ -20,6 +27,25 @@ def format_duration(seconds):
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}"
+
+
+def max_memory_gib(device):
+    """(max allocated, max reserved) GiB on a GPU since the last reset; (max RSS, None) on CPU."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                torch.cuda.max_memory_reserved(device) / 2 ** 30)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, None  # max RSS (kB on Linux)
+
+
+def dump_memory_snapshot(work_dir, rank, iteration, oom=False):
+    """Write the CUDA memory history to work_dir/memory_snapshot/ and stop recording; returns the path."""
+    folder = os.path.join(work_dir, "memory_snapshot")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"rank{rank}_iter{iteration}{'_oom' if oom else ''}.pickle")
+    with open(path, "wb") as f:
+        pickle.dump(torch.cuda.memory._snapshot(), f, protocol=4)
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return path
 
 
 def _json_safe(value):
@@ -72,8 +98,11 @@ class Logger:
             for line in str(msg).splitlines() or [""]:
                 self.logfile.write(f"{stamp} {line}\n")
 
-    def warning(self, msg):
+    def warning(self, msg, every_rank=False):
+        """every_rank: also printed (to stderr) by a rank that does not log to the console."""
         self.info(f"WARNING: {msg}")
+        if every_rank and not self.to_console:
+            print(f"{time.strftime('%H:%M:%S')} [rank{self.rank}] WARNING: {msg}", file=sys.stderr, flush=True)
 
     def progress(self, iteration, loss=None, eta=None):
         if not self.bar:
@@ -112,3 +141,62 @@ class Logger:
         if self.tb:
             self.tb.close()
         self.jsonl = self.logfile = self.tb = None
+
+
+class MetricWindow:
+    """Sums of the training metrics since the last log line: applied steps' loss terms and grad
+    norms, every step's data wait and time."""
+
+    def __init__(self):
+        self.loss = self.grad_norm = self.data = self.time = 0.0
+        self.terms = {}
+        self.applied = self.iters = 0
+
+    def add(self, out, data_seconds, step_seconds):
+        """out: train_step's result; data_seconds / step_seconds: waiting for data / the whole step."""
+        self.data += data_seconds
+        self.time += step_seconds
+        self.iters += 1
+        if out["applied"]:
+            self.applied += 1
+            self.loss += out["loss"]
+            self.grad_norm += out["grad_norm"]
+            for k, v in out["terms"].items():
+                self.terms[k] = self.terms.get(k, 0.0) + v
+
+    def means(self, global_batch):
+        """{loss, terms, grad_norm, img_per_s, data_wait} over the window (loss nan if no step applied)."""
+        n = max(1, self.applied)
+        return {"loss": self.loss / n if self.applied else float("nan"),
+                "terms": {k: v / n for k, v in self.terms.items()}, "grad_norm": self.grad_norm / n,
+                "img_per_s": global_batch * self.iters / max(self.time, 1e-9),
+                "data_wait": self.data / max(self.time, 1e-9)}
+
+
+class BadSamples:
+    """Training samples replaced under --data.on_bad_sample skip: each file warned about once by
+    the rank that read it, counted over all ranks, and the run stopped when more than
+    max_fraction of the split is bad (as seen by one rank)."""
+
+    def __init__(self, log, num_samples, max_fraction, device):
+        self.log, self.num_samples, self.max_fraction, self.device = log, num_samples, max_fraction, device
+        self.files = {}  # path -> problem, this rank
+        self.replaced = 0  # replacements by this rank
+        self.restored = 0  # replacements (all ranks) before the checkpoint this run resumed from
+
+    def note(self, path, problem):
+        self.replaced += 1
+        if path in self.files:
+            return
+        self.files[path] = problem
+        self.log.warning(f"bad sample {path}: {problem} (replaced by the next dataset item)", every_rank=True)
+        if len(self.files) > self.max_fraction * self.num_samples:
+            raise DataError(path, f"{len(self.files)} of the {self.num_samples} training samples are bad, "
+                                  f"more than data.max_bad_fraction={self.max_fraction:g}: fix the dataset")
+
+    def count(self):
+        """Replacements so far, all ranks: a collective, so every rank calls it at the same points."""
+        count = torch.tensor([float(self.replaced)], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count)
+        return self.restored + int(count.item())

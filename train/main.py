@@ -12,8 +12,12 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         --rdzv_id=setr train/main.py --head pup --data-root ... --work-dir /shared/runs/pup
 
-    # continue a stopped run exactly where it was
+    # continue a stopped run exactly where it was (--overwrite instead: delete it, start again)
     torchrun --nproc_per_node=8 train/main.py --head pup --data-root ... --resume auto
+
+Exit status: 0 finished (or already finished), 130 / 143 stopped by SIGINT / SIGTERM after
+the final checkpoint, 2 bad input or configuration, 1 any other failure. An error on any rank
+ends the whole job.
 
 `python train/main.py --help` lists the flags; train/config.py documents every field.
 """
@@ -23,17 +27,34 @@ import sys
 if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import shutil  # noqa: E402
+import traceback  # noqa: E402
+
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from setr.data import DataError  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
+from setr.run_dir import FINAL  # noqa: E402
+from train.build import build_data, build_model, eval_copy  # noqa: E402
+from train.checkpoint import (CheckpointError, CheckpointWriteError, DamagedCheckpoint, read_meta,  # noqa: E402
+                              resolve_resume)
 from train.config import ConfigError, parse_config  # noqa: E402
 from train.logger import Logger  # noqa: E402
-from train.parallelize import destroy_distributed, init_distributed  # noqa: E402
+from train.parallelize import (destroy_distributed, first_to_report, init_distributed, parallelize,  # noqa: E402
+                                watch_job)
+from train.trainer import Trainer  # noqa: E402
+
+EXIT_CODES = {"finished": 0, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal number after a stop
+BAD_INPUT = 2  # bad input or configuration (any rank)
+FAILED = 1  # anything else, e.g. a checkpoint that could not be written
+RUN_FILES = ("config.json", "checkpoints", FINAL)  # any of them: the work dir holds a run
 
 
-def check_work_dir(work_dir):
-    """Fail now, not at the first checkpoint, when the run directory is not writable."""
+def check_work_dir(cfg):
+    """Fail now, not at the first checkpoint, when the run directory is not writable, and never
+    start over in a directory that holds a run unless asked to."""
+    work_dir, c = cfg.work_dir, cfg.checkpoint
     try:
         os.makedirs(work_dir, exist_ok=True)
         probe = os.path.join(work_dir, f".write_test{os.getpid()}")
@@ -42,6 +63,80 @@ def check_work_dir(work_dir):
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"--work-dir {work_dir!r} is not writable ({e.strerror or e})") from None
+    if c.resume and c.overwrite:
+        raise ConfigError(f"--resume {c.resume} and --overwrite contradict each other: continue the run in "
+                          f"{work_dir} or delete it, not both")
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(work_dir, name))]
+    if held and not c.resume and not c.overwrite:
+        raise ConfigError(f"--work-dir {work_dir} holds a run ({', '.join(held)}): pass --resume auto to "
+                          f"continue it, or --overwrite to delete it and start from scratch (or choose "
+                          f"another --work-dir)")
+
+
+def finished_iteration(cfg):
+    """With --resume auto: the iteration of the run in work_dir when it already reached max_iters
+    and exported its model."""
+    if cfg.checkpoint.resume != "auto":
+        return None
+    for path in resolve_resume("auto", cfg.work_dir):
+        try:
+            it = int(read_meta(path)["iteration"])
+        except DamagedCheckpoint:
+            continue  # the trainer falls back past it, saying so
+        exported = not cfg.checkpoint.export or os.path.isfile(os.path.join(cfg.work_dir, FINAL))
+        return it if it >= cfg.schedule.max_iters and exported else None  # else: finish (evaluate, export)
+    return None
+
+
+def clear_run(work_dir):
+    """--overwrite: delete what a previous run wrote in work_dir."""
+    for name in RUN_FILES + ("metrics.jsonl", "train.log", "tensorboard", "memory_snapshot"):
+        path = os.path.join(work_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def first_failed_rank(failed, device):
+    """Every rank, together: the lowest rank with failed=True, or None."""
+    world = dist.get_world_size()
+    flag = torch.tensor([dist.get_rank() if failed else world], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return None if int(flag) == world else int(flag)
+
+
+def say(rank, text):
+    prefix = f"rank {rank}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
+    print(f"{prefix}{text}", file=sys.stderr, flush=True)
+
+
+def setup(cfg, rank, world_size, device):
+    """Checks and data, on every rank; returns (exit code or None to train, data). An error is
+    printed once, by the lowest rank that hit it, and every rank stops."""
+    error = finished = data = None
+    try:
+        cfg.validate(world_size)
+        check_work_dir(cfg)
+        finished = finished_iteration(cfg)
+        if finished is None:
+            data = build_data(cfg)  # before any model work, so that a bad dataset fails fast
+    except (ConfigError, CheckpointError, DataError) as e:
+        error = e
+    first = first_failed_rank(error is not None, device)  # also the barrier before anything is written
+    if first is not None:
+        if rank == first:
+            say(rank, f"error: {error}")
+        return BAD_INPUT, None
+    if finished is not None:
+        if rank == 0:
+            print(f"the run in {cfg.work_dir} already finished (iteration {finished} of "
+                  f"{cfg.schedule.max_iters}): nothing to do", flush=True)
+        return 0, None
+    if cfg.checkpoint.overwrite and rank == 0:
+        clear_run(cfg.work_dir)
+    return None, data
 
 
 def main(argv=None):
@@ -49,7 +144,8 @@ def main(argv=None):
     device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    rank, log = int(os.environ.get("RANK", 0)), None
+    watch_job()  # under torchrun: exit when the launcher dies or another rank failed
+    rank, log, code, clean = int(os.environ.get("RANK", 0)), None, FAILED, False
     try:
         rank, world_size, local_rank = init_distributed(device_type)
         if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -57,42 +153,60 @@ def main(argv=None):
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // per_node - cfg.data.num_workers))
         device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
-        cfg.validate(world_size)
-        check_work_dir(cfg.work_dir)
+        code, data = setup(cfg, rank, world_size, device)
+        if code is not None:
+            clean = True  # every rank stops here together
+            return code
         log = Logger(cfg.work_dir, rank, cfg.schedule.max_iters, cfg.metrics.progress_bar, cfg.metrics.tensorboard)
-        for note in cfg.notes:
-            log.info(note)
-        if rank == 0:
-            cfg.save(os.path.join(cfg.work_dir, "config.json"))
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=device_type == "cuda")
-            torch.backends.cudnn.benchmark = False
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from train.parallelize import parallelize
-        from train.trainer import Trainer, build_data, build_model, eval_copy
-
-        data = build_data(cfg)  # first: a bad dataset fails before any model work
-        model = build_model(cfg, device, log)
-        eval_model = eval_copy(model)  # plain copy for evaluation, refreshed from the shards
-        model = parallelize(model, cfg, init_device_mesh(device_type, (world_size,)))
-        trainer = Trainer(cfg, model, eval_model, data, device, log)
-        log.info(trainer.describe())
-        log.info(f"work dir {os.path.abspath(cfg.work_dir)} (config.json, metrics.jsonl, train.log, checkpoints/)")
-        if log.tb_note:
-            log.info(log.tb_note)
-        trainer.resume()
-        trainer.train()
-        return 0
-    except (ConfigError, CheckpointError, DataError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        code = EXIT_CODES[train(cfg, data, device, log)]
+        clean = True
+        return code
+    except (ConfigError, CheckpointError, DataError, CheckpointWriteError) as e:
+        if first_to_report():
+            say(rank, f"error: {e}")
+        clean = not dist.is_initialized()
+        return FAILED if isinstance(e, CheckpointWriteError) else BAD_INPUT
+    except Exception as e:  # noqa: BLE001
+        if not first_to_report():
+            pass  # an echo of the error another rank reported (its collectives failed)
+        elif isinstance(e, dist.DistError) or "/gloo/" in str(e):  # a collective failed: a peer went down
+            say(rank, f"stopped: a collective failed, another rank probably failed first "
+                      f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})")
+        else:  # a bug: the traceback, from this rank only
+            traceback.print_exc()
+        return FAILED
     finally:
         if log:
             log.close()
-        destroy_distributed()
+        alone = dist.is_initialized() and dist.get_world_size() == 1
+        if clean or alone:  # a failed rank does not wait for the others: they may be inside a collective
+            destroy_distributed()
+
+
+def train(cfg, data, device, log):
+    """Build the model, shard it, resume and train; returns Trainer.train()'s status."""
+    for note in cfg.notes:
+        log.info(note)
+    if log.rank == 0:
+        cfg.save(os.path.join(cfg.work_dir, "config.json"))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+    model = build_model(cfg, device, log)
+    eval_model = eval_copy(model)  # plain copy for evaluation, refreshed from the shards
+    model = parallelize(model, cfg, init_device_mesh(device.type, (dist.get_world_size(),)))
+    trainer = Trainer(cfg, model, eval_model, data, device, log)
+    log.info(trainer.describe())
+    log.info(f"work dir {os.path.abspath(cfg.work_dir)} (config.json, metrics.jsonl, train.log, checkpoints/)")
+    if log.tb_note:
+        log.info(log.tb_note)
+    trainer.resume()
+    return trainer.train()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: nothing left to do, and a hung peer or worker must not keep us here
+    os._exit(exit_code)

@@ -1,20 +1,25 @@
-"""Distributed setup and model parallelization: synchronized BatchNorm, activation checkpointing,
+"""Distributed setup (process group; how long ranks and data workers live, so that a job never
+outlives a failure) and model parallelization: synchronized BatchNorm, activation checkpointing,
 torch.compile and FSDP2, applied in that order (the model code itself has no parallelism).
 
     model = build_setr(...)                 # plain module, the same init on every rank (seeded)
     parallelize(model, cfg, mesh)           # SyncBN -> AC per block -> compile per block
                                             #   -> fully_shard per block, backbone rest, heads, root
 """
+import ctypes
 import datetime
 import os
+import signal
+import sys
+import threading
+import time
 import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
 from train.config import ConfigError
+from train.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm, sync_batchnorm  # noqa: F401 - also imported from here
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,120 +55,75 @@ def destroy_distributed():
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Synchronized BatchNorm
-# ----------------------------------------------------------------------------------------------
-
-def _all_reduce(t, group):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
+def _job_store():
+    """A client of torchrun's key-value store, which outlives the ranks (None outside torchrun)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=5))
 
 
-class _SyncBNFunction(torch.autograd.Function):
-    """y = (x - mean) * rsqrt(var + eps) * weight + bias with mean / var over (N, H, W) of every
-    rank; statistics in float32 or wider (two passes: mean, then squared deviations).
-
-    Backward returns, for this rank's input, the gradient of the sum of all ranks' losses
-    (as torch.nn.SyncBatchNorm); weight / bias grads are this rank's share and get averaged
-    across ranks by FSDP like every other parameter's.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, group):  # x: (N, C, H, W)
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        C = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        # (C sums, 1 count) in float64: exact counts and sums for any batch size
-        stats = torch.cat([xf.sum(dims).double(), torch.full((1,), x.numel() // C, dtype=torch.float64,
-                                                               device=x.device)])
-        _all_reduce(stats, group)
-        count = stats[-1].to(xf.dtype)
-        mean = (stats[:C] / stats[-1]).to(xf.dtype)
-        shape = [1, C] + [1] * (x.dim() - 2)
-        xc = xf - mean.view(shape)
-        var = _all_reduce((xc * xc).sum(dims), group) / count  # biased, for normalization
-        invstd = torch.rsqrt(var + eps)
-        y = xc * invstd.view(shape)
-        if weight is not None:
-            y = y * weight.to(xf.dtype).view(shape) + bias.to(xf.dtype).view(shape)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.group, ctx.count = group, count
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, var, count)
-        return y.to(x.dtype), mean, var, count
-
-    @staticmethod
-    def backward(ctx, grad_y, _gm, _gv, _gc):
-        x, weight, mean, invstd = ctx.saved_tensors
-        C = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, C] + [1] * (x.dim() - 2)
-        g = grad_y.to(mean.dtype)
-        xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
-        sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)  # this rank's shares, (C,) each
-        grad_w = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_g.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            both = _all_reduce(torch.cat([sum_g, sum_gx]), ctx.group) / ctx.count
-            mean_g, mean_gx = both[:C], both[C:]
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            grad_x = (g - mean_g.view(shape) - xhat * mean_gx.view(shape)) * scale.view(shape)
-            grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_w, grad_b, None, None
+# errors reported by the ranks of this job (and this restart of it)
+ERRORS_KEY = (f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}_"
+              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}")
 
 
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the whole global batch (all ranks), with
-    torch.nn.SyncBatchNorm's semantics: normalization by the biased variance, running_var
-    updated with the unbiased one, momentum 0.1. Works on CPU (gloo) and GPU, in any dtype
-    (statistics in float32), and in a single process (then it equals BatchNorm2d).
-    Same parameter and buffer names as BatchNorm2d, so state dicts are unchanged."""
-
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
-    def forward(self, x):
-        if x.dim() != 4:
-            raise ValueError(f"SyncBatchNorm2d expects (N, C, H, W), got shape {tuple(x.shape)}")
-        if not self.training:
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            w = self.weight.to(dtype) if self.weight is not None else None
-            b = self.bias.to(dtype) if self.bias is not None else None
-            return F.batch_norm(x.to(dtype), self.running_mean.to(dtype), self.running_var.to(dtype), w, b,
-                                False, 0.0, self.eps).to(x.dtype)
-        y, mean, var, count = _SyncBNFunction.apply(x, self.weight, self.bias, self.eps, self.process_group)
-        if self.track_running_stats:
-            with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
-                unbiased = var * (count / (count - 1).clamp(min=1))
-                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-                self.num_batches_tracked.add_(1)
-        return y
+def first_to_report():
+    """True for the first rank of the job that reports an error, so that an error every rank hits,
+    or its echo on the ranks that were waiting for the failed one, is printed once. True as
+    well without a store to ask (a single process, or the launcher is gone)."""
+    try:
+        store = _job_store()
+        return store is None or store.add(ERRORS_KEY, 1) == 1
+    except Exception:  # noqa: BLE001 - say it anyway
+        return True
 
 
-def convert_sync_batchnorm(module, process_group=None):
-    """Replace every nn.BatchNorm2d in `module` by a SyncBatchNorm2d holding the same tensors."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):
-            new = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats, process_group=process_group,
-                                  device=child.running_mean.device if child.running_mean is not None else None)
-            with torch.no_grad():
-                if child.affine:
-                    new.weight, new.bias = child.weight, child.bias
-                if child.track_running_stats:
-                    new.running_mean.copy_(child.running_mean)
-                    new.running_var.copy_(child.running_var)
-                    new.num_batches_tracked.copy_(child.num_batches_tracked)
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            convert_sync_batchnorm(child, process_group)
-    return module
+def watch_job(grace=10.0):
+    """Under torchrun, end this process when the launcher dies (it starts every rank in a session
+    of its own, so a launcher killed with SIGKILL would otherwise leave its ranks running), or
+    `grace` seconds after another rank reported an error (this one may be stuck in a collective
+    that waits for the failed rank, e.g. NCCL across nodes)."""
+    try:
+        parent, store = os.getppid(), _job_store()
+    except Exception:  # noqa: BLE001 - no store to watch: torchrun's own checks remain
+        return
+    if store is None:
+        return
+
+    def end(why):
+        print(f"rank {os.environ.get('RANK', '?')}: {why}: exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def watch():
+        failed_at = None
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                end(f"the launcher (pid {parent}) is gone")
+            try:
+                reported = store.add(ERRORS_KEY, 0)
+            except Exception:  # noqa: BLE001 - the store is the launcher's: caught above next time
+                reported = 0
+            failed_at = failed_at or (time.monotonic() if reported else None)
+            if failed_at and time.monotonic() - failed_at > grace:
+                end("another rank failed")
+    threading.Thread(target=watch, name="watch-job", daemon=True).start()
+
+
+def data_worker_init(parent_pid, _worker_id):
+    """DataLoader worker_init_fn (bind parent_pid = the training process's pid). The worker
+    leaves the training process's process group: Ctrl-C (sent to the terminal's group) and
+    torchrun's SIGTERM (sent to the rank's session) then reach only the training process, which
+    writes its final checkpoint before it stops the workers. A direct kill still stops a worker,
+    and the kernel kills it (SIGKILL) when the training process dies, however that happens."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: PyTorch's own worker watchdog remains (5 s)
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +173,7 @@ def apply_fsdp(model, mesh, precision):
 def parallelize(model, cfg, mesh):
     """Apply, in this order: SyncBN (heads), activation checkpointing, compile, FSDP2."""
     if cfg.parallel.sync_bn:
-        convert_sync_batchnorm(model)
+        model = sync_batchnorm(model, mesh.device_type)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.parallel.compile:

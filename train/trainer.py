@@ -7,13 +7,11 @@ letting FSDP average the gradients over ranks gives the gradient of the mean los
 global batch: the same as one process holding the whole batch (crops are equal-sized and
 padding pixels count in the denominator, as in mmseg).
 """
-import copy
+import functools
 import math
 import os
-import resource
 import signal
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -21,12 +19,13 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 import setr
-from setr.data import EvalSamples, PositionSampler, TrainSamples, build_dataset
+from setr.data import PositionSampler
 from setr.inference import evaluate
-from train.checkpoint import Checkpointer, resolve_resume
-from train.config import ConfigError
-from train.logger import format_duration
-from train.parallelize import DTYPES
+from train.build import build_data, build_model, eval_copy  # noqa: F401 - also imported from here
+from train.checkpoint import Checkpointer, DamagedCheckpoint, resolve_resume
+from train.logger import BadSamples, MetricWindow, dump_memory_snapshot, format_duration, max_memory_gib
+from train.optim import PolyLR, param_groups
+from train.parallelize import DTYPES, data_worker_init
 
 # Dense (no sparsity) peak FLOP/s per device by name (substring, first match wins) and compute
 # dtype, for MFU. Shared with bench/.
@@ -52,117 +51,6 @@ def peak_flops(device_name, precision):
         if device_name and key in device_name:
             return table[precision]
     return None
-
-
-def param_groups(model, lr, head_lr_mult):
-    """mmseg's paramwise custom_keys={'head': lr_mult 10}: names containing 'head' (decode_head.*,
-    auxiliary_head.*) get lr * head_lr_mult; everything else (backbone, MLA neck) the base lr."""
-    base, head = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (head if "head" in name else base).append(p)  # wrapper prefixes (AC, compile) never say "head"
-    groups = [{"params": base, "lr": lr, "name": "base"}]
-    if head:
-        groups.append({"params": head, "lr": lr * head_lr_mult, "name": "head"})
-    return groups
-
-
-class PolyLR:
-    """mmseg's poly schedule per parameter group: lr(t) = (lr0 - min_lr) * (1 - t / T)^power + min_lr,
-    t = the iteration about to run (0 for the first step). This is mmcv 0.x's PolyLrUpdaterHook,
-    which trained the released checkpoints; mmengine's PolyLR(end=T) reaches min_lr one iteration
-    earlier (total_iters = end - begin - 1)."""
-
-    def __init__(self, optimizer, max_iters, power=0.9, min_lr=1e-4):
-        self.optimizer = optimizer
-        self.max_iters, self.power, self.min_lr = max_iters, power, min_lr
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self.last_iter = 0
-        self._apply()
-
-    def lr_at(self, initial_lr, t):
-        t = min(t, self.max_iters)
-        return (initial_lr - self.min_lr) * (1 - t / self.max_iters) ** self.power + self.min_lr
-
-    def _apply(self):
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(group["initial_lr"], self.last_iter)
-
-    def step(self):
-        self.last_iter += 1
-        self._apply()
-
-    def get_last_lr(self):
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self):
-        return {"last_iter": self.last_iter, "max_iters": self.max_iters, "power": self.power,
-                "min_lr": self.min_lr}
-
-    def load_state_dict(self, state):
-        self.last_iter = int(state["last_iter"])
-        self._apply()
-
-
-def _worker_init(_worker_id):
-    # Ctrl-C / SIGTERM (torchrun signals the whole session) are handled by the training process,
-    # which writes a final checkpoint: its data workers must not die first. They exit with it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _max_memory_gib(device):
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) / 2 ** 30,
-                torch.cuda.max_memory_reserved(device) / 2 ** 30)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, None  # max RSS (kB on Linux)
-
-
-def build_data(cfg):
-    """Training samples (by global position) and the evaluation split, from the data config."""
-    m, d = cfg.model, cfg.data
-    kw = dict(root=d.root or None, num_classes=None if d.dataset == "ade20k" else m.num_classes,
-              ignore_index=m.ignore_index, reduce_zero_label=d.reduce_zero_label,
-              synthetic_size=tuple(d.synthetic_size), seed=cfg.seed)
-    train_set = build_dataset(d.dataset, split="training", synthetic_samples=d.synthetic_train_samples, **kw)
-    eval_set = build_dataset(d.dataset, split="validation", synthetic_samples=d.synthetic_val_samples, **kw)
-    if train_set.num_classes != m.num_classes:
-        raise ConfigError(f"the dataset has {train_set.num_classes} classes but --num-classes is {m.num_classes}")
-    return SimpleNamespace(
-        train=TrainSamples(train_set, tuple(d.crop_size), cfg.seed, scale=tuple(d.scale),
-                           ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio),
-        eval=EvalSamples(eval_set, scale=tuple(cfg.eval.scale)), class_names=list(eval_set.class_names),
-        description=f"{d.dataset} ({len(train_set)} train / {len(eval_set)} val images)")
-
-
-def build_model(cfg, device, log):
-    """SETR built on the device, timm weights loaded (strict), and rank 0's tensors broadcast so
-    that every rank shards the same model. Plain module: parallelize() comes next."""
-    m = cfg.model
-    torch.manual_seed(cfg.seed)
-    model = setr.build_setr(m.head, m.backbone, m.num_classes, img_size=tuple(cfg.data.crop_size), impl=m.impl,
-                            aux=m.aux, ignore_index=m.ignore_index, device=device)
-    if m.pretrained:
-        try:
-            report = setr.load_timm_vit(model, m.pretrained)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"--pretrained: {e}") from None
-        log.info(f"pretrained backbone {m.pretrained}: all {len(model.backbone.state_dict())} keys loaded"
-                 + "".join(f"; {n}" for n in report["notes"]))
-    if dist.get_world_size() > 1:
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t, src=0)
-    return model
-
-
-def eval_copy(model):
-    """A plain copy of the (not yet parallelized) model for evaluation, refreshed before each one."""
-    copy_ = copy.deepcopy(model).eval()
-    for p in copy_.parameters():
-        p.requires_grad_(False)
-    return copy_
 
 
 class Trainer:
@@ -201,6 +89,7 @@ class Trainer:
         self.last = {"mIoU": None, "iter": None}
         self.skipped_total = 0
         self.skipped_in_a_row = 0
+        self.bad_samples = BadSamples(self.log, len(data.train.dataset), cfg.data.max_bad_fraction, device)
         self.last_saved = None
         self.last_loss = None
         self.stop_signal = None
@@ -227,26 +116,47 @@ class Trainer:
         ]
         return "\n".join(lines)
 
+    def model_meta(self):
+        """What a model file needs besides its weights: setr.export_model's meta (also in every
+        checkpoint, so that setr.predict can consolidate one)."""
+        cfg = self.cfg
+        return dict(self.eval_model.config, class_names=self.class_names,
+                    palette=[list(map(int, c)) for c in self.eval_samples.palette],
+                    dataset=cfg.data.dataset, crop_size=list(cfg.data.crop_size),
+                    eval=dict(mode=cfg.eval.mode, crop_size=list(cfg.eval.crop_size),
+                              stride=list(cfg.eval.stride), scale=list(cfg.eval.scale)))
+
     def checkpoint_meta(self):
         return {"model": self.identity, "scheduler": self.scheduler.state_dict(),
                 "data_position": self.iteration * self.global_batch,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "best": self.best, "last": self.last, "skipped_total": self.skipped_total,
+                "bad_samples": self.bad_samples.count(), "export": self.model_meta(),
                 "config": self.cfg.to_dict()}
 
     def resume(self):
-        path = resolve_resume(self.cfg.checkpoint.resume, self.cfg.work_dir)
-        if path is None:
+        """Load the --resume checkpoint; with 'auto', a damaged newest one falls back to the
+        newest complete one, saying so."""
+        candidates = resolve_resume(self.cfg.checkpoint.resume, self.cfg.work_dir)
+        if not candidates:
             if self.cfg.checkpoint.resume == "auto":
                 self.log.info(f"--resume auto: no checkpoint in {self.cfg.work_dir}, starting from scratch")
             return
-        meta = self.checkpointer.load(path, self.model, self.optimizer, self.identity)
+        for i, path in enumerate(candidates):
+            try:
+                meta = self.checkpointer.load(path, self.model, self.optimizer, self.identity)
+                break
+            except DamagedCheckpoint as e:
+                if i + 1 == len(candidates):
+                    raise DamagedCheckpoint(f"{e}; no other complete checkpoint to resume from") from None
+                self.log.warning(f"{e}: resuming from the older {candidates[i + 1]} instead")
         self.iteration = int(meta["iteration"])
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.scaler and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.best, self.last = meta.get("best", self.best), meta.get("last", self.last)
         self.skipped_total = meta.get("skipped_total", 0)
+        self.bad_samples.restored = meta.get("bad_samples", 0)
         self.last_saved = self.iteration
         self.log.info(f"resumed from {path} at iteration {self.iteration} (data position "
                       f"{meta['data_position']}, RNG {'restored' if meta['rng_restored'] else 'not restored: other world size'})")
@@ -258,7 +168,18 @@ class Trainer:
         return torch.utils.data.DataLoader(
             self.train_samples, batch_size=self.micro_batch, sampler=sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, collate_fn=self.train_samples.collate,
+            worker_init_fn=functools.partial(data_worker_init, os.getpid()) if workers > 0 else None)
+
+    def next_micro_batches(self, loader):
+        """This rank's micro-batches [(images, labels), ...] of the next iteration."""
+        micro_batches = []
+        for _ in range(self.accum_steps):
+            images, labels, bad = next(loader)
+            micro_batches.append((images, labels))
+            for path, problem in bad:
+                self.bad_samples.note(path, problem)
+        return micro_batches
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, micro_batches):
@@ -375,11 +296,7 @@ class Trainer:
         self.sync_eval_model()
         path = os.path.join(self.cfg.work_dir, "model_final.pth")
         if self.rank == 0:
-            setr.export_model(self.eval_model, path, class_names=self.class_names,
-                              palette=[list(map(int, c)) for c in self.eval_samples.palette], iteration=self.iteration,
-                              dataset=self.cfg.data.dataset, crop_size=list(self.cfg.data.crop_size),
-                              eval=dict(mode=self.cfg.eval.mode, crop_size=list(self.cfg.eval.crop_size),
-                                        stride=list(self.cfg.eval.stride), scale=list(self.cfg.eval.scale)),
+            setr.export_model(self.eval_model.state_dict(), path, **self.model_meta(), iteration=self.iteration,
                               mIoU=self.last["mIoU"])
             self.log.info(f"exported the model to {path}")
         dist.barrier()
@@ -393,86 +310,91 @@ class Trainer:
 
     def train(self):
         """Run to max_iters (or until SIGINT / SIGTERM). Returns 'finished' or the signal name."""
-        cfg = self.cfg
-        s, mcfg = cfg.schedule, cfg.metrics
+        max_iters = self.cfg.schedule.max_iters
         old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        memory_profile = cfg.profiler.memory_snapshot and self.device.type == "cuda"
-        if memory_profile:
-            torch.cuda.memory._record_memory_history(max_entries=100000)
+        self._start_memory_history()
         loader = iter(self.make_loader())
-        window = {"loss": 0.0, "terms": {}, "n": 0, "grad_norm": 0.0, "data": 0.0, "time": 0.0, "iters": 0}
-        start_iter, t_start = self.iteration, time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        window, start_iter, t_start = MetricWindow(), self.iteration, time.perf_counter()
         status = "finished"
         try:
-            while self.iteration < s.max_iters:
+            while self.iteration < max_iters:
                 t0 = time.perf_counter()
-                micro_batches = [next(loader) for _ in range(self.accum_steps)]
+                micro_batches = self.next_micro_batches(loader)
                 t1 = time.perf_counter()
                 out = self.train_step(micro_batches)
                 self.iteration += 1
-                it = self.iteration
-                t2 = time.perf_counter()
-                window["data"] += t1 - t0
-                window["time"] += t2 - t0
-                window["iters"] += 1
-                if out["applied"]:
-                    self.skipped_in_a_row = 0
-                    window["loss"] += out["loss"]
-                    window["grad_norm"] += out["grad_norm"]
-                    window["n"] += 1
-                    for k, v in out["terms"].items():
-                        window["terms"][k] = window["terms"].get(k, 0.0) + v
-                    self.last_loss = out["loss"]
-                else:
-                    self.skipped_total += 1
-                    self.skipped_in_a_row += 1
-                    what = ", ".join(f"{k} {v:.4g}" for k, v in out["terms"].items())
-                    self.log.warning(f"iter {it}: non-finite loss or gradient ({what}, grad norm "
-                                     f"{out['grad_norm']:.4g}): step skipped, weights unchanged "
-                                     f"({self.skipped_total} skipped so far)")
-                    self.log.event("skip", it, {"loss": out["loss"], "grad_norm": out["grad_norm"],
-                                                "skipped": self.skipped_total})
-                    if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        raise FloatingPointError(f"{self.skipped_in_a_row} steps in a row had a non-finite "
-                                                 f"loss or gradient: training diverged (lower --lr, set "
-                                                 f"--clip-grad, or use --precision bf16/fp32)")
-                elapsed = time.perf_counter() - t_start
-                eta = elapsed / (it - start_iter) * (s.max_iters - it)
-                self.log.progress(it, out["loss"], eta)
-                if it % mcfg.log_interval == 0 or it == s.max_iters or it == start_iter + 1:
-                    self._log_window(it, window, out, eta)
-                    window = {"loss": 0.0, "terms": {}, "n": 0, "grad_norm": 0.0, "data": 0.0, "time": 0.0,
-                              "iters": 0}
-                if memory_profile and it - start_iter == cfg.profiler.snapshot_iters:
-                    self._dump_memory_snapshot(it)
-                    memory_profile = False
-                # evaluate first, so that a checkpoint of the same iteration holds its best / last mIoU
-                if cfg.eval.interval and it % cfg.eval.interval == 0 and it < s.max_iters:
+                window.add(out, t1 - t0, time.perf_counter() - t0)
+                self._count_skipped(out)
+                eta = (time.perf_counter() - t_start) / (self.iteration - start_iter) * (max_iters - self.iteration)
+                self.log.progress(self.iteration, out["loss"], eta)
+                due = self.due(start_iter)
+                if due["log"]:
+                    self._log_window(window.means(self.global_batch), out, eta)
+                    window = MetricWindow()
+                if due["snapshot"]:
+                    self._dump_memory_snapshot()
+                if due["eval"]:  # first, so that a checkpoint of the same iteration holds its mIoU
                     self.evaluate()
-                if cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0 and it < s.max_iters:
+                if due["checkpoint"]:
                     self.save_checkpoint()
                 if out["stop"]:
                     status = self.stop_signal or "SIGTERM"
                     break
         except torch.OutOfMemoryError:
-            if memory_profile:
-                self._dump_memory_snapshot(self.iteration, oom=True)
+            if self.memory_history:
+                self._dump_memory_snapshot(oom=True)
             raise
         finally:
+            # the DataLoader's SIGCHLD handler raises, anywhere, once a worker has died: not while we report
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+            del loader  # its workers stop here (or with this process)
+        return self._finish(status, t_start)
+
+    def due(self, start_iter):
+        """What runs after the iteration just done: {log, snapshot, eval, checkpoint} -> bool.
+        Evaluations and checkpoints at the last iteration are left to _finish."""
+        cfg, it = self.cfg, self.iteration
+        last = cfg.schedule.max_iters
+
+        def every(interval):
+            return bool(interval) and it % interval == 0 and it < last
+        return {"log": it % cfg.metrics.log_interval == 0 or it == last or it == start_iter + 1,
+                "snapshot": self.memory_history and it - start_iter == cfg.profiler.snapshot_iters,
+                "eval": every(cfg.eval.interval), "checkpoint": every(cfg.checkpoint.interval)}
+
+    def _count_skipped(self, out):
+        """Account a step that train_step did not apply (non-finite loss or gradient)."""
+        if out["applied"]:
+            self.skipped_in_a_row = 0
+            self.last_loss = out["loss"]
+            return
+        self.skipped_total += 1
+        self.skipped_in_a_row += 1
+        what = ", ".join(f"{k} {v:.4g}" for k, v in out["terms"].items())
+        self.log.warning(f"iter {self.iteration}: non-finite loss or gradient ({what}, grad norm "
+                         f"{out['grad_norm']:.4g}): step skipped, weights unchanged "
+                         f"({self.skipped_total} skipped so far)")
+        self.log.event("skip", self.iteration, {"loss": out["loss"], "grad_norm": out["grad_norm"],
+                                                "skipped": self.skipped_total})
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or "
+                                     f"gradient: training diverged (lower --lr, set --clip-grad, or use "
+                                     f"--precision bf16/fp32)")
+
+    def _finish(self, status, t_start):
+        """After the loop: a stopped run checkpoints; a finished one evaluates, checkpoints, exports."""
         if status != "finished":
             if self.last_saved != self.iteration:
                 self.save_checkpoint()
             self.log.info(f"stopped by {status} at iteration {self.iteration}; continue with --resume auto")
             return status
-        if cfg.eval.at_end:
+        if self.cfg.eval.at_end:
             self.evaluate()
         if self.last_saved != self.iteration:
             self.save_checkpoint()
-        if cfg.checkpoint.export:
+        if self.cfg.checkpoint.export:
             self.export()
         if self.best["mIoU"] is not None:
             self.log.info(f"done: {self.iteration} iterations in {format_duration(time.perf_counter() - t_start)}; "
@@ -480,48 +402,44 @@ class Trainer:
                           f"{self.best['mIoU']:.2f} @ {self.best['iter']}")
         return status
 
-    def _log_window(self, it, w, out, eta):
-        n = max(1, w["n"])
-        imgs_per_s = self.global_batch * w["iters"] / max(w["time"], 1e-9)
-        mfu = self.flops_per_image * imgs_per_s / (self.peak * self.world_size) if self.peak else None
-        mem, reserved = _max_memory_gib(self.device)
+    def _log_window(self, w, out, eta):
+        """One log line, metrics.jsonl record and TensorBoard scalars; w: MetricWindow.means()."""
+        it, loss, terms = self.iteration, w["loss"], w["terms"]
+        mfu = self.flops_per_image * w["img_per_s"] / (self.peak * self.world_size) if self.peak else None
+        mem, reserved = max_memory_gib(self.device)
         lr_base = out["lr"][0]
         lr_head = out["lr"][1] if len(out["lr"]) > 1 else None
-        loss = w["loss"] / n if w["n"] else float("nan")
-        terms = {k: v / n for k, v in w["terms"].items()}
-        data_share = w["data"] / max(w["time"], 1e-9)
+        bad = self.bad_samples.count()
         parts = [f"iter {it}/{self.cfg.schedule.max_iters}", f"loss {loss:.4f}"]
         parts += [f"{k} {v:.4f}" for k, v in terms.items()]
-        parts += [f"lr {lr_base:.3g}", f"grad_norm {w['grad_norm'] / n:.3f}", f"{imgs_per_s:.1f} img/s",
+        parts += [f"lr {lr_base:.3g}", f"grad_norm {w['grad_norm']:.3f}", f"{w['img_per_s']:.1f} img/s",
                   f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a",
-                  f"data {100 * data_share:.0f}%",
+                  f"data {100 * w['data_wait']:.0f}%",
                   (f"mem {mem:.2f}/{reserved:.2f} GiB (max active/reserved)" if reserved is not None
                    else f"max RSS {mem:.2f} GiB"),
                   f"eta {format_duration(eta)}"]
-        if self.skipped_total:
-            parts.append(f"skipped {self.skipped_total}")
+        parts += [f"skipped {self.skipped_total}"] if self.skipped_total else []
+        parts += [f"bad samples {bad}"] if bad else []
         self.log.info("  ".join(parts))
         record = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}, "lr": lr_base, "lr_head": lr_head,
-                  "grad_norm": w["grad_norm"] / n, "img_per_s": imgs_per_s, "mfu": mfu, "data_wait": data_share,
-                  "max_mem_gib": mem, "max_reserved_gib": reserved, "eta_s": eta, "skipped": self.skipped_total}
+                  "grad_norm": w["grad_norm"], "img_per_s": w["img_per_s"], "mfu": mfu,
+                  "data_wait": w["data_wait"], "max_mem_gib": mem, "max_reserved_gib": reserved, "eta_s": eta,
+                  "skipped": self.skipped_total, "bad_samples": bad}
         scalars = {"loss/total": loss, **{f"loss/{k}": v for k, v in terms.items()}, "lr/base": lr_base,
-                   "grad_norm": w["grad_norm"] / n, "throughput/img_per_s": imgs_per_s,
-                   "throughput/data_wait": data_share, "memory/max_gib": mem}
-        if lr_head is not None:
-            scalars["lr/head"] = lr_head
-        if mfu is not None:
-            scalars["throughput/mfu"] = mfu
-        self.log.event("train", it, record, scalars)
+                   "lr/head": lr_head, "grad_norm": w["grad_norm"], "throughput/img_per_s": w["img_per_s"],
+                   "throughput/data_wait": w["data_wait"], "throughput/mfu": mfu, "memory/max_gib": mem}
+        self.log.event("train", it, record, scalars)  # None scalars are left out
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _dump_memory_snapshot(self, it, oom=False):
-        import pickle
+    def _start_memory_history(self):
+        self.memory_history = self.cfg.profiler.memory_snapshot and self.device.type == "cuda"
+        if self.memory_history:
+            torch.cuda.memory._record_memory_history(max_entries=100000)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
-        folder = os.path.join(self.cfg.work_dir, "memory_snapshot")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"rank{self.rank}_iter{it}{'_oom' if oom else ''}.pickle")
-        with open(path, "wb") as f:
-            pickle.dump(torch.cuda.memory._snapshot(), f, protocol=4)
-        torch.cuda.memory._record_memory_history(enabled=None)
+    def _dump_memory_snapshot(self, oom=False):
+        path = dump_memory_snapshot(self.cfg.work_dir, self.rank, self.iteration, oom)
+        self.memory_history = False
         self.log.info(f"memory snapshot {path}: open at https://pytorch.org/memory_viz")

@@ -26,12 +26,16 @@ class DataError(ValueError):
     """A dataset file or folder is missing, unreadable or inconsistent. `path` names it.
 
     DataError(path, problem); DataError(message) also works (path ''), which is how a
-    DataLoader worker re-raises it in the main process (the message holds the original).
+    DataLoader worker re-raises it in the main process: the message is then the original one,
+    without the worker's traceback.
     """
 
     def __init__(self, path, problem=None):
         if problem is None:
-            path, problem = "", str(path)
+            text = str(path).strip()
+            if "Original Traceback" in text:  # "Caught DataError in DataLoader worker ... DataError: <message>"
+                text = text.splitlines()[-1].split(": ", 1)[-1]
+            path, problem = "", text
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path else problem)

@@ -27,9 +27,11 @@ class TrainSamples(torch.utils.data.Dataset):
     crop_size: int or (h, w), multiples of the patch size 16. scale, ratio_range, cat_max_ratio: the
     Resize / RandomCrop parameters (mmseg: (2048, 512), (0.5, 2.0), 0.75).
     skip_corrupt: on a DataError (unreadable / inconsistent sample) log a warning naming the
-    file and use the next dataset item instead; otherwise raise.
+    file and use the next dataset item instead (deterministic: the same replacement on every
+    run, rank count and restart); otherwise raise.
     Item `pos` -> (image float32 (3, ch, cw) normalized, padded with 0; label int64 (ch, cw)
-    padded with ignore_index).
+    padded with ignore_index). `collate` batches items and also returns the bad samples met
+    while loading them, [(path, problem)], wherever the loading ran (DataLoader worker or not).
     """
 
     def __init__(self, dataset, crop_size, seed, scale=(2048, 512), ratio_range=(0.5, 2.0),
@@ -51,6 +53,7 @@ class TrainSamples(torch.utils.data.Dataset):
         self.ignore_index = dataset.ignore_index
         self.num_classes = dataset.num_classes
         self.skipped = 0  # corrupt samples skipped by this process
+        self._bad = []  # (path, problem) of the samples skipped since the last collate
         self._perm_epoch, self._perm = None, None
 
     def __len__(self):
@@ -75,6 +78,7 @@ class TrainSamples(torch.utils.data.Dataset):
                 if not self.skip_corrupt:
                     raise
                 self.skipped += 1
+                self._bad.append((e.path, e.problem))
                 log.warning("skipping corrupt sample %s (dataset item %d, position %d): %s",
                             e.path, i, pos, e.problem)
         raise DataError(getattr(self.dataset, "root", "<dataset>"),
@@ -87,6 +91,12 @@ class TrainSamples(torch.utils.data.Dataset):
         rng = np.random.default_rng([_AUG_TAG, self.seed, int(pos)])
         return train_transform(image, label, rng, self.crop_size, self.scale, self.ratio_range,
                                self.cat_max_ratio, ignore_index=self.ignore_index)
+
+    def collate(self, items):
+        """DataLoader collate_fn: (images (B, 3, ch, cw), labels (B, ch, cw), bad samples met)."""
+        images, labels = torch.utils.data.default_collate(items)
+        bad, self._bad = self._bad, []
+        return images, labels, bad
 
 
 class PositionSampler(torch.utils.data.Sampler):
