@@ -313,8 +313,11 @@ def test_a_data_worker_is_stopped_by_a_plain_kill(tmp_path):
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGTERM)
     code, out = _finish(proc, marker, timeout=60)
+    # the loader reports the dead worker by pid, or (killed mid-transfer) the broken connection
     died = [line for line in out.splitlines() if "RuntimeError: DataLoader worker" in line]
-    assert code == 1 and died and str(workers[0]) in died[0], out[-3000:]
+    assert code == 1, out[-3000:]
+    assert (died and str(workers[0]) in died[0]) or "ConnectionResetError" in out, out[-3000:]
+    assert not os.path.exists(f"/proc/{workers[0]}")
 
 
 def test_a_rank_stuck_after_another_rank_failed_exits():
