@@ -25,33 +25,11 @@ from setr.data import EvalSamples, PositionSampler, TrainSamples, build_dataset
 from setr.inference import evaluate
 from train.checkpoint import Checkpointer, resolve_resume
 from train.config import ConfigError
+from train.flops import model_flops_utilization, peak_flops
 from train.logger import format_duration
 from train.parallelize import DTYPES
 
-# Dense (no sparsity) peak FLOP/s per device by name (substring, first match wins) and compute
-# dtype, for MFU. Shared with bench/.
-PEAK_FLOPS = [
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
-    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("H20", {"bf16": 148e12, "fp16": 148e12, "fp32": 44e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
-]
 MAX_SKIPPED_IN_A_ROW = 20
-
-
-def peak_flops(device_name, precision):
-    """Peak dense FLOP/s of a GPU named like torch.cuda.get_device_name() for precision
-    'bf16' | 'fp16' | 'fp32'; None for an unknown GPU or no name (CPU)."""
-    for key, table in PEAK_FLOPS:
-        if device_name and key in device_name:
-            return table[precision]
-    return None
 
 
 def param_groups(model, lr, head_lr_mult):
@@ -481,7 +459,7 @@ class Trainer:
     def _log_window(self, it, w, out, eta):
         n = max(1, w["n"])
         imgs_per_s = self.global_batch * w["iters"] / max(w["time"], 1e-9)
-        mfu = self.flops_per_image * imgs_per_s / (self.peak * self.world_size) if self.peak else None
+        mfu = model_flops_utilization(self.flops_per_image, imgs_per_s, self.peak, self.world_size)
         mem, reserved = _max_memory_gib(self.device)
         lr_base = out["lr"][0]
         lr_head = out["lr"][1] if len(out["lr"]) > 1 else None
