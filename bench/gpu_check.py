@@ -2,7 +2,7 @@
 in at most 8 minutes on one H100 / H200.
 
     python bench/gpu_check.py                       # everything, results in bench/results/<gpu>/
-    python bench/gpu_check.py --only train_step memory_b16   # rerun some parts
+    python bench/gpu_check.py --only train_step_compile_eager --scale 3   # rerun a part, 3x its limit
     python bench/gpu_check.py --dry-run             # list the parts, run each in smoke mode (CPU, CI)
 
 Parts, in order (PARTS below: name, time limit, command):
@@ -25,7 +25,9 @@ by one part (the autotuner's configs too) are not compiled again by the next.
 Written to --out (default bench/results/<gpu>/): gpu_check.{json,md} (device, driver, CUDA,
 torch, triton, commit, date; per part its command, limit, wall time, status, exit code and the
 last lines of its output), rewritten after every part, the logs in gpu_check_logs/, and the
-files each part writes (kernels.*, train_step_pup.*, readme_tables.md, ...).
+files each part writes (kernels.*, train_step_pup.*, readme_tables.md, ...). A full run first
+moves the files of an earlier run in --out to previous/<its date>/ (--only adds to them), so
+that no result of two runs is mixed and none is lost.
 
 This process imports no torch and touches no GPU: the environment comes from a subprocess.
 """
@@ -40,41 +42,43 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL_LIMIT_S = 480  # the whole run, parts and their start-up included
+TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included (+ a few s to read the environment)
 KILL_GRACE_S = 3  # SIGTERM, then SIGKILL this much later
 SMOKE_LIMIT_S = 120  # per part in --dry-run: a guard against a hang, not a budget
 TAIL_LINES = 25
 
 TRAIN = ["bench/train_step.py", "--head", "pup"]
-TRAIN_GPU = ["--batch", "8", "--dtype", "bf16", "--steps", "10", "--warmup", "3"]
+TRAIN_GPU = ["--batch", "8", "--dtype", "bf16", "--steps", "8", "--warmup", "2"]
 TRAIN_SMOKE = ["--quick", "--num-classes", "8", "--dtype", "fp32"]  # bf16 matmuls crawl on most CPUs
 COMPILED = ["--append", "--no-inference"]  # inference would compile the eval graph: twice the time
+COMPILED_SMOKE = COMPILED + ["--compile-backend", "eager"]  # Dynamo's graph capture alone: seconds on CPU
 MEMORY = ["bench/memory.py", "--estimate", "--head", "pup", "--impl", "triton"]
 
 # name, limit (s) on the GPU, GPU arguments, smoke arguments (a `{out}` is the output folder)
 PARTS = [
-    ("pytest_gpu", 80,
+    ("pytest_gpu", 70,
      ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfE", "--junitxml={out}/pytest_gpu.xml", "tests"],
      ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--collect-only", "tests"]),
-    ("kernels", 100, ["bench/kernels.py", "--setr-only", "--out", "{out}"],
+    ("kernels", 70, ["bench/kernels.py", "--setr-only", "--out", "{out}"],
      ["bench/kernels.py", "--quick", "--out", "{out}"]),
     ("train_step", 80, TRAIN + TRAIN_GPU + ["--variants", "eager", "sdpa", "triton", "--out", "{out}"],
      TRAIN + TRAIN_SMOKE + ["--variants", "eager", "sdpa", "triton", "--out", "{out}"]),
-    ("train_step_compile_eager", 65, TRAIN + TRAIN_GPU + COMPILED + ["--variants", "eager+compile", "--out", "{out}"],
-     TRAIN + TRAIN_SMOKE + COMPILED + ["--variants", "eager+compile", "--out", "{out}"]),
-    ("train_step_compile_triton", 55, TRAIN + TRAIN_GPU + COMPILED + ["--variants", "triton+compile", "--out", "{out}"],
-     TRAIN + TRAIN_SMOKE + COMPILED + ["--variants", "triton+compile", "--out", "{out}"]),
-    ("memory_b8", 40, MEMORY + ["--batch", "8", "--out", "{out}"], MEMORY + ["--batch", "2", "--quick", "--out", "{out}"]),
-    ("memory_b16", 40, MEMORY + ["--batch", "16", "--out", "{out}"], MEMORY + ["--batch", "4", "--quick", "--out", "{out}"]),
-    ("readme_tables", 10, ["bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"],
+    ("train_step_compile_eager", 90, TRAIN + TRAIN_GPU + COMPILED + ["--variants", "eager+compile", "--out", "{out}"],
+     TRAIN + TRAIN_SMOKE + COMPILED_SMOKE + ["--variants", "eager+compile", "--out", "{out}"]),
+    ("train_step_compile_triton", 70, TRAIN + TRAIN_GPU + COMPILED + ["--variants", "triton+compile", "--out", "{out}"],
+     TRAIN + TRAIN_SMOKE + COMPILED_SMOKE + ["--variants", "triton+compile", "--out", "{out}"]),
+    ("memory_b8", 30, MEMORY + ["--batch", "8", "--out", "{out}"], MEMORY + ["--batch", "2", "--quick", "--out", "{out}"]),
+    ("memory_b16", 30, MEMORY + ["--batch", "16", "--out", "{out}"], MEMORY + ["--batch", "4", "--quick", "--out", "{out}"]),
+    ("readme_tables", 5, ["bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"],
      ["bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md", "--allow-cpu"]),
 ]
 PART_NAMES = [p[0] for p in PARTS]
 
 
 def part_env():
-    """The parts' environment: this repo first on the path, unbuffered output, the autotuner's choices logged."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_PRINT_AUTOTUNING="1")
+    """The parts' environment: this repo first on the path, unbuffered output, the autotuner's choices
+    logged and kept on disk (a later part reuses them instead of timing every config again)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_PRINT_AUTOTUNING="1", TRITON_CACHE_AUTOTUNING="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -133,16 +137,36 @@ def probe_environment(out):
     return info["environment"], out or info["results_dir"]
 
 
-def part_commands(dry_run, out, only=None):
+def part_commands(dry_run, out, only=None, scale=1.0):
     """[(name, limit_s, cmd)] of the parts to run, in order."""
     chosen = []
     for name, limit_s, gpu_args, smoke_args in PARTS:
         if only and name not in only:
             continue
         args = smoke_args if dry_run else gpu_args
-        chosen.append((name, SMOKE_LIMIT_S if dry_run else limit_s,
+        chosen.append((name, SMOKE_LIMIT_S if dry_run else limit_s * scale,
                        [sys.executable] + [a.replace("{out}", out) for a in args]))
     return chosen
+
+
+def move_earlier_run(out):
+    """Move the files of an earlier run in out to out/previous/<date>/; returns that folder (or None)."""
+    files = [f for f in os.listdir(out) if f != "previous"]
+    if not files:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    try:
+        with open(os.path.join(out, "gpu_check.json")) as f:
+            stamp = json.load(f)["environment"]["date"].replace(":", "").replace("-", "")[:15]
+    except (OSError, ValueError, KeyError):
+        pass
+    dest = os.path.join(out, "previous", stamp)
+    while os.path.exists(dest):
+        dest += "_"
+    os.makedirs(dest)
+    for f in files:
+        os.replace(os.path.join(out, f), os.path.join(dest, f))
+    return dest
 
 
 def write_report(out, env, records, dry_run):
@@ -155,7 +179,7 @@ def write_report(out, env, records, dry_run):
               f"{r['returncode']} | `{r['log']}` |" for r in records]
     for r in records:
         lines += ["", f"## {r['name']}: {r['status']}", "", f"`{r['command']}`", ""]
-        lines += ["```"] + r["tail"] + ["```"]
+        lines += [f"- {line}" for line in r["summary"]] + ["", "```"] + r["tail"] + ["```"]
     for name, text in (("gpu_check.json", json.dumps(data, indent=1)), ("gpu_check.md", "\n".join(lines) + "\n")):
         path = os.path.join(out, name)
         with open(path + ".tmp", "w") as f:
@@ -187,8 +211,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="list the parts and their limits, run each in smoke mode")
     p.add_argument("--only", nargs="+", choices=PART_NAMES, default=None, help="run these parts only (in order)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every limit and the total by this (a slower GPU, a rerun of a part that ran out)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.scale <= 0:
+        p.error(f"--scale must be > 0, got {args.scale}")
+    return args
 
 
 def main(argv=None):
@@ -199,12 +228,14 @@ def main(argv=None):
     if env.get("gpu") is None and not args.dry_run:
         raise SystemExit("gpu_check: no CUDA device. --dry-run runs every part in smoke mode on the CPU.")
     os.makedirs(out, exist_ok=True)
-    parts = part_commands(args.dry_run, out, args.only)
+    moved = None if args.only else move_earlier_run(out)
+    parts = part_commands(args.dry_run, out, args.only, args.scale)
     print(f"gpu_check {'dry run ' if args.dry_run else ''}on {env.get('gpu') or 'CPU'}, started {started}, "
-          f"results in {out}; parts (limit on the GPU, total {TOTAL_LIMIT_S} s):")
+          f"results in {out}" + (f" (the earlier run's files moved to {moved})" if moved else "")
+          + f"; parts (limit on the GPU, total {TOTAL_LIMIT_S} s):")
     for name, limit_s, _, _ in PARTS:
         print(f"  {name:<28} {limit_s:>4} s" + ("" if not args.only or name in args.only else "  (not selected)"))
-    records = run_all(parts, out, env, args.dry_run)
+    records = run_all(parts, out, env, args.dry_run, TOTAL_LIMIT_S * args.scale)
     bad = [r for r in records if r["status"] != "passed"]
     print(f"[gpu_check] {len(records) - len(bad)}/{len(records)} parts passed"
           + "".join(f"\nNOT PASSED: {r['name']} ({r['status']}, log {r['log']})" for r in bad))
