@@ -73,6 +73,7 @@ def kernel_failures(rows):
 
 
 def failure_lines(rows):
+    """One line per failed row of ours, for finish()."""
     return [f"{r.get('bench', r['kernel'])}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}"
             for r in kernel_failures(rows)]
 

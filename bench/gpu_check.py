@@ -29,6 +29,17 @@ files each part writes (kernels.*, train_step_pup.*, readme_tables.md, ...). A f
 moves the files of an earlier run in --out to previous/<its date>/ (--only adds to them), so
 that no result of two runs is mixed and none is lost.
 
+The budget, for a first run on a fresh machine (nothing cached):
+  - pytest_gpu pays for the first compile of every autotune config of our kernels (the attention
+    kernels have 23, 1-2 s each); later parts find them in Triton's disk cache, and the
+    autotuner's choices too (TRITON_CACHE_AUTOTUNING=1).
+  - kernels: SETR's shapes only, as each torch.compile peer compiles once per case.
+  - train_step: 2 warm-up + 8 timed steps, 4 + 8 loader-fed ones and the inference timing, per
+    variant; impl=triton tunes N = 1025 in its first warm-up step.
+  - inductor's whole-model compile of ViT-L + PUP is the largest unknown: one part per compiled
+    variant, so that one running out costs only its own numbers.
+  - out of memory: batch 8 and 16 fit an 80 GB card; an OOM becomes a row "OOM at batch B", and
+    the scripts go on.
 This process imports no torch and touches no GPU: the environment comes from a subprocess.
 """
 import argparse
@@ -49,9 +60,9 @@ TAIL_LINES = 25
 
 TRAIN = ["bench/train_step.py", "--head", "pup"]
 TRAIN_GPU = ["--batch", "8", "--dtype", "bf16", "--steps", "8", "--warmup", "2"]
-TRAIN_SMOKE = ["--quick", "--num-classes", "8", "--dtype", "fp32"]  # bf16 matmuls crawl on most CPUs
+TRAIN_SMOKE = ["--quick", "--dtype", "fp32"]  # bf16 matmuls crawl on most CPUs
 COMPILED = ["--append", "--no-inference"]  # inference would compile the eval graph: twice the time
-COMPILED_SMOKE = COMPILED + ["--compile-backend", "eager"]  # Dynamo's graph capture alone: seconds on CPU
+COMPILED_SMOKE = COMPILED + ["--no-data-wait"]  # the train_step part smoke-tests the data wait
 MEMORY = ["bench/memory.py", "--estimate", "--head", "pup", "--impl", "triton"]
 
 # name, limit (s) on the GPU, GPU arguments, smoke arguments (a `{out}` is the output folder)

@@ -198,7 +198,8 @@ def time_loader_steps(step, loader, steps, device):
     loader has workers, so that the batch each worker had ready at the start hides nothing.
     Returns (median step ms, median wait ms, data wait share): wait = time blocked on the loader,
     step = wait + copy to the device + step(images, labels), synchronized; the share is total wait
-    over total step time."""
+    over total step time. A loader only a little slower than the step still has some batches in
+    hand after the untimed steps: over a short run its wait is under-reported, never over-reported."""
     batches = iter(loader)
     waits, totals = [], []
     for i in range(loader.num_workers + steps):

@@ -35,9 +35,9 @@ rewritten after each variant (a run stopped part-way keeps the variants it measu
 PASS/MISS lines for the goals. --append keeps the rows of the variants this run does not measure from the file already
 there (same GPU only).
 
-Without a GPU this runs the tiny config (vit_tiny, 32x32, one step, main-process loading;
-torch.compile with the aot_eager backend, since inductor takes minutes there) as a smoke test of
-a few seconds: the timings, MFU and memory of a CPU run mean nothing. On CPU impl=triton runs the
+Without a GPU this runs the tiny config (vit_tiny, 32x32, 8 classes, one step, main-process
+loading; torch.compile with Dynamo's graph capture alone, backend "eager", since inductor takes
+minutes there) as a smoke test of seconds per variant: the timings, MFU and memory of a CPU run mean nothing. On CPU impl=triton runs the
 kernels' plain-PyTorch references unless TRITON_INTERPRET=1 (our Triton kernels through the
 interpreter: slow; the tests do this).
 
@@ -81,8 +81,9 @@ GOAL_MEM_PER_IMAGE_GIB = 2.4  # mmseg's 19.54 GB for 2 images, / 4 (GB = 2^30 by
 GOAL_BATCH = 16
 GOAL_GPU_GIB = 80
 
-TINY = dict(backbone="vit_tiny", img_size=32, batch=1, steps=1, warmup=0, max_batch=4, loader_workers=0)
-FULL = dict(backbone="vit_large", img_size=512, batch=8, steps=20, warmup=5, max_batch=64,
+TINY = dict(backbone="vit_tiny", img_size=32, batch=1, num_classes=8, steps=1, warmup=0, max_batch=4,
+            loader_workers=0)
+FULL = dict(backbone="vit_large", img_size=512, batch=8, num_classes=150, steps=20, warmup=5, max_batch=64,
             loader_workers=DataConfig().num_workers)
 
 
@@ -320,8 +321,8 @@ def add_model_args(p):
     p.add_argument("--head", default="pup", choices=HEADS + ("all",))
     p.add_argument("--backbone", default=None, help="vit_large (GPU default) | vit_base | vit_tiny (CPU default)")
     p.add_argument("--img-size", type=int, default=None, help="square crop; 512 on GPU, 32 on CPU")
-    p.add_argument("--batch", type=int, default=None, help="8 on GPU, 2 on CPU")
-    p.add_argument("--num-classes", type=int, default=150)
+    p.add_argument("--batch", type=int, default=None, help="8 on GPU; the tiny config's (1 or 2) on CPU")
+    p.add_argument("--num-classes", type=int, default=None, help="150 (ADE20K); 8 in train_step's tiny config")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16 = autocast over fp32 params")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="cap this process's GPU memory (GiB), e.g. 80 to check the 80 GB goal on an H200")
@@ -331,10 +332,11 @@ def add_model_args(p):
 
 def resolve_model_args(args, device, tiny, full):
     """The script's defaults (`tiny` on CPU or with --quick, else `full`) overridden by the flags
-    given, plus num_classes and dtype; checks the crop and the batch."""
+    given, plus the number of classes (150, ADE20K's, unless the defaults say) and dtype; checks the
+    crop and the batch."""
     defaults = tiny if args.quick or device.type != "cuda" else full
     cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
-    cfg.update(num_classes=args.num_classes, dtype=args.dtype)
+    cfg.update(num_classes=args.num_classes or defaults.get("num_classes", 150), dtype=args.dtype)
     if cfg["img_size"] % 16:
         raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of the patch size 16")
     if cfg["batch"] < 1:
@@ -349,7 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU, 0 on CPU")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend; inductor on GPU, aot_eager on CPU (inductor takes minutes there)")
+                   help="torch.compile backend; inductor on GPU, eager (Dynamo alone) on CPU (inductor takes minutes there)")
     p.add_argument("--find-max-batch", action="store_true", help="also find the largest batch that fits")
     p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (64 on GPU)")
     p.add_argument("--loader-workers", type=int, default=None,
@@ -365,7 +367,7 @@ def parse_args(argv=None):
 def resolve_config(args, device):
     cfg = resolve_model_args(args, device, TINY, FULL)
     cfg.update(find_max_batch=args.find_max_batch, data_wait=not args.no_data_wait, inference=not args.no_inference,
-               compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"),
+               compile_backend=args.compile_backend or common.compile_backend(),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     for k in ("steps", "max_batch"):
         if cfg[k] < 1:
