@@ -17,7 +17,7 @@ import time
 
 import torch
 
-OURS = "triton"  # our Triton kernels (the model's impl="triton"): the provider / variant name of ours everywhere
+from bench import OURS
 
 
 def on_gpu():

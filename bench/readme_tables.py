@@ -17,7 +17,7 @@ import sys
 if __package__ in (None, ""):  # run as `python bench/readme_tables.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import OURS  # noqa: E402
+from bench import OURS  # noqa: E402
 
 HEAD_NAMES = {"naive": "SETR-Naive", "pup": "SETR-PUP", "mla": "SETR-MLA"}
 BACKBONE_NAMES = {"vit_large": "ViT-L/16", "vit_base": "ViT-B/16", "vit_tiny": "ViT-tiny"}
