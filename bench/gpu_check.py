@@ -63,7 +63,9 @@ TRAIN_GPU = ["--batch", "8", "--dtype", "bf16", "--steps", "8", "--warmup", "2"]
 TRAIN_SMOKE = ["--quick", "--dtype", "fp32"]  # bf16 matmuls crawl on most CPUs
 COMPILED = ["--append", "--no-inference"]  # inference would compile the eval graph: twice the time
 COMPILED_SMOKE = COMPILED + ["--no-data-wait"]  # the train_step part smoke-tests the data wait
-MEMORY = ["bench/memory.py", "--estimate", "--head", "pup", "--impl", "triton"]
+# --overwrite: a full run has moved the earlier run's files aside; a rerun (--only) replaces its own
+MEMORY = ["bench/memory.py", "--estimate", "--head", "pup", "--impl", "triton", "--overwrite"]
+MEMORY_SMOKE = MEMORY + ["--backbone", "vit_tiny", "--crop", "32", "--num-classes", "8"]
 
 # name, limit (s) on the GPU, GPU arguments, smoke arguments (a `{out}` is the output folder)
 PARTS = [
@@ -78,8 +80,8 @@ PARTS = [
      TRAIN + TRAIN_SMOKE + COMPILED_SMOKE + ["--variants", "eager+compile", "--out", "{out}"]),
     ("train_step_compile_triton", 70, TRAIN + TRAIN_GPU + COMPILED + ["--variants", "triton+compile", "--out", "{out}"],
      TRAIN + TRAIN_SMOKE + COMPILED_SMOKE + ["--variants", "triton+compile", "--out", "{out}"]),
-    ("memory_b8", 30, MEMORY + ["--batch", "8", "--out", "{out}"], MEMORY + ["--batch", "2", "--quick", "--out", "{out}"]),
-    ("memory_b16", 30, MEMORY + ["--batch", "16", "--out", "{out}"], MEMORY + ["--batch", "4", "--quick", "--out", "{out}"]),
+    ("memory_b8", 30, MEMORY + ["--batch", "8", "--out", "{out}"], MEMORY_SMOKE + ["--batch", "2", "--out", "{out}"]),
+    ("memory_b16", 30, MEMORY + ["--batch", "16", "--out", "{out}"], MEMORY_SMOKE + ["--batch", "4", "--out", "{out}"]),
     ("readme_tables", 5, ["bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"],
      ["bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md", "--allow-cpu"]),
 ]
