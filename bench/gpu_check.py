@@ -112,20 +112,23 @@ def kill_group(proc):
 
 def run_part(name, cmd, limit_s, log_path):
     """Run cmd in its own process group with output to log_path; its whole group is killed at
-    limit_s, and once it exits (workers it left behind). Returns the part's record."""
+    limit_s, once it exits (workers it left behind) and when this run is stopped. Returns the
+    part's record."""
     t0, cpu0 = time.monotonic(), _children_cpu_s()
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
+        # its own process group, in this session: whatever ends this run's session ends the part too
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(),
-                                start_new_session=True)
+                                process_group=0)
         try:
             rc = proc.wait(timeout=limit_s)
             status = "passed" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
             rc, status = None, "timeout"
-        kill_group(proc)
-        proc.wait()
+        finally:  # at its limit, once it exited (workers it left behind), or when this run is stopped
+            kill_group(proc)
+            proc.wait()
     with open(log_path, errors="replace") as f:
         tail = f.read().splitlines()[-TAIL_LINES:]
     return dict(name=name, command=" ".join(cmd), limit_s=limit_s, wall_s=round(time.monotonic() - t0, 1),
@@ -220,6 +223,11 @@ def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S):
     return records
 
 
+def stop_on_sigterm():
+    """SIGTERM ends this run as Ctrl-C does: the running part's group is killed on the way out."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="list the parts and their limits, run each in smoke mode")
@@ -235,6 +243,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    stop_on_sigterm()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env, out = probe_environment(args.out)
     out = os.path.abspath(out)

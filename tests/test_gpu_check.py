@@ -28,12 +28,22 @@ def dry_run(tmp_path_factory):
     try:
         stdout, _ = proc.communicate(timeout=DRY_RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)  # gpu_check kills its running part, then exits
+        try:
+            proc.communicate(timeout=15)
+        finally:
+            kill_group(proc.pid)
         pytest.fail(f"gpu_check --dry-run took more than {DRY_RUN_TIMEOUT_S} s")
     with open(os.path.join(out, "gpu_check.json")) as f:
         report = json.load(f)
     return proc.returncode, stdout, out, report
+
+
+def kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def load(out, name):
@@ -163,3 +173,25 @@ def test_scale_multiplies_the_limits():
     slow = gpu_check.part_commands(False, "/o", only=["kernels"], scale=2)
     assert slow == [(n, 2 * limit, cmd) for n, limit, cmd in normal if n == "kernels"]
     assert "/o" in slow[0][2] and slow[0][2][1:] == ["bench/kernels.py", "--setr-only", "--out", "/o"]
+
+
+def test_stopping_the_run_stops_its_part(tmp_path):
+    pid_file = tmp_path / "part.pid"
+    part = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    script = tmp_path / "run.py"
+    script.write_text("import sys\nfrom bench import gpu_check\ngpu_check.stop_on_sigterm()\n"
+                      f"gpu_check.run_all([('hangs', 60, [sys.executable, '-c', {part!r}])], {str(tmp_path)!r}, "
+                      "{'gpu': None}, dry_run=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "the part never started"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+        time.sleep(0.2)
+        assert not running(int(pid_file.read_text()))
+    finally:
+        kill_group(proc.pid)
