@@ -119,8 +119,9 @@ def run_part(name, cmd, limit_s, log_path):
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         # its own process group, in this session: whatever ends this run's session ends the part too
+        # (os.setpgrp: process_group=0 needs Python 3.11)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(),
-                                process_group=0)
+                                preexec_fn=os.setpgrp)
         try:
             rc = proc.wait(timeout=limit_s)
             status = "passed" if rc == 0 else "failed"
@@ -132,7 +133,8 @@ def run_part(name, cmd, limit_s, log_path):
     with open(log_path, errors="replace") as f:
         tail = f.read().splitlines()[-TAIL_LINES:]
     return dict(name=name, command=" ".join(cmd), limit_s=limit_s, wall_s=round(time.monotonic() - t0, 1),
-                cpu_s=round(_children_cpu_s() - cpu0, 1), status=status, returncode=rc, log=os.path.relpath(log_path, REPO), tail=tail,
+                cpu_s=round(_children_cpu_s() - cpu0, 1), status=status, returncode=rc,
+                log=os.path.relpath(log_path, REPO), tail=tail,
                 summary=[line for line in tail if line.startswith("estimate ") or "measured" in line.lower()])
 
 

@@ -37,9 +37,9 @@ there (same GPU only).
 
 Without a GPU this runs the tiny config (vit_tiny, 32x32, 8 classes, one step, main-process
 loading; torch.compile with Dynamo's graph capture alone, backend "eager", since inductor takes
-minutes there) as a smoke test of seconds per variant: the timings, MFU and memory of a CPU run mean nothing. On CPU impl=triton runs the
-kernels' plain-PyTorch references unless TRITON_INTERPRET=1 (our Triton kernels through the
-interpreter: slow; the tests do this).
+minutes there) as a smoke test of seconds per variant: the timings, MFU and memory of a CPU run
+mean nothing. On CPU impl=triton runs the kernels' plain-PyTorch references unless
+TRITON_INTERPRET=1 (our Triton kernels through the interpreter: slow; the tests do this).
 
 Everything on one GPU in under 8 minutes: python bench/gpu_check.py. By hand:
     python bench/kernels.py
@@ -351,7 +351,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU, 0 on CPU")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend; inductor on GPU, eager (Dynamo alone) on CPU (inductor takes minutes there)")
+                   help="torch.compile backend; inductor on GPU, eager (Dynamo alone) on CPU, where inductor "
+                        "takes minutes")
     p.add_argument("--find-max-batch", action="store_true", help="also find the largest batch that fits")
     p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (64 on GPU)")
     p.add_argument("--loader-workers", type=int, default=None,
