@@ -1,4 +1,5 @@
-"""Attention benchmark: our Triton kernels vs eager math, each PyTorch SDPA backend and xformers.
+"""Attention benchmark: our Triton kernels vs the model's eager math, each PyTorch SDPA backend,
+torch.compile of the eager math, and xformers.
 
 Every provider is timed as the ViT calls it: from the packed in-projection output qkv
 (B, N, 3*H*D) to the (B, N, H*D) input of the out-projection, with the layout work each one
@@ -7,13 +8,14 @@ Modes: fwd (the training forward, inputs require grad), bwd (backward of a kept 
 TFLOP/s: 4*B*H*N^2*D for the forward, x2.5 for the backward, x3.5 for fwd+bwd; peak_mem_mb is the
 peak CUDA memory of one call above what was allocated before it.
 
+Providers "triton" (ours), "eager", "sdpa_*" are the model's own op, setr.layers.attention_packed
+with impl "triton" / "eager" / "sdpa" (the last under one SDPA backend each).
 Shapes: SETR's (B = 1, 2, 8, 16; N = 1024, 1025, 2305; H = 16; D = 64; bf16) and a sweep of N at
-B = 4. `--quick`: a few shapes (tiny ones on CPU, where ours runs under the Triton interpreter and
-the timings mean nothing).
+B = 4. `--setr-only`: ViT-L at 512x512 (N = 1025) at batch 8 and 16. `--quick`: a few shapes (tiny
+ones on CPU, where ours runs under the Triton interpreter and the timings mean nothing).
 
-    python bench/bench_attention.py [--quick] [--out DIR]
+    python bench/bench_attention.py [--quick | --setr-only] [--out DIR]
 """
-import math
 import os
 import sys
 
@@ -21,21 +23,21 @@ if __package__ in (None, ""):  # run as `python bench/bench_attention.py`: make 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 
 from bench import common
 from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
 
 common.interpret_kernels_on_cpu()
-from kernels.attention import attention_qkv_packed, merge_heads, split_heads  # noqa: E402
 from kernels.utils import use_triton  # noqa: E402
+from setr.layers import attention_packed  # noqa: E402
 
 KERNEL = "attention"
 SETR_BATCHES = (1, 2, 8, 16)
 SETR_TOKENS = (1024, 1025, 2305)
+TRAIN_BATCHES, TRAIN_TOKENS = (8, 16), 1025  # ViT-L/16 at 512x512: 32 x 32 patches + cls
 SWEEP_BATCH = 4
 SWEEP_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
-PEERS = ("math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "xformers")
+PEERS = ("eager", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "torch.compile", "xformers")
 COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mb", "error"]
 
 
@@ -46,15 +48,9 @@ def sdpa_provider(backend_name):
 
     def run(qkv, H):
         with sdpa_kernel([backend]):
-            return merge_heads(F.scaled_dot_product_attention(*split_heads(qkv, H)))
+            return attention_packed(qkv, H, "sdpa")
 
     return run
-
-
-def math_provider(qkv, H):
-    q, k, v = split_heads(qkv, H)
-    attn = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, N, N)
-    return merge_heads(attn.softmax(dim=-1) @ v)
 
 
 def xformers_provider(qkv, H):
@@ -65,28 +61,32 @@ def xformers_provider(qkv, H):
     return xops.memory_efficient_attention(q, k, v).reshape(B, N, C3 // 3)
 
 
-def providers():
-    return {
-        OURS: lambda qkv, H: attention_qkv_packed(qkv, H),
-        "math": math_provider,
-        "sdpa_flash": sdpa_provider("FLASH_ATTENTION"),
-        "sdpa_efficient": sdpa_provider("EFFICIENT_ATTENTION"),
-        "sdpa_cudnn": sdpa_provider("CUDNN_ATTENTION"),
-        "xformers": xformers_provider,
-    }
+def make_fn(provider):
+    """fn(qkv, H) -> (B, N, H*D) for one provider (raises when it cannot run)."""
+    if provider in (OURS, "eager"):
+        return lambda qkv, H: attention_packed(qkv, H, provider)
+    if provider.startswith("sdpa_"):
+        return sdpa_provider(provider[len("sdpa_"):].upper() + "_ATTENTION")
+    if provider == "torch.compile":
+        return common.compiled(lambda qkv, H: attention_packed(qkv, H, "eager"))
+    if provider == "xformers":
+        return xformers_provider
+    raise ValueError(f"unknown provider {provider!r}; expected one of {(OURS,) + PEERS}")
 
 
-def shapes(quick):
+def shapes(quick, setr_only=False):
     """(group, B, H, N, D) tuples."""
     if not on_gpu():
-        return [("setr", 1, 2, N, 32) for N in (17, 64)]
+        return [("setr", 1, 2, 17, 32)]
+    if setr_only:
+        return [("setr", B, 16, TRAIN_TOKENS, 64) for B in TRAIN_BATCHES]
     if quick:
         return [("setr", 2, 16, N, 64) for N in (1024, 1025, 2305)] + [("sweep", SWEEP_BATCH, 16, 4096, 64)]
     out = [("setr", B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
     return out + [("sweep", SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS]
 
 
-def bench_provider(name, fn, B, H, N, D, dtype, quick):
+def bench_provider(name, B, H, N, D, dtype, quick):
     """Rows for the three modes of one provider at one shape (error rows when it cannot run)."""
     device = default_device()
     qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=True)
@@ -97,8 +97,10 @@ def bench_provider(name, fn, B, H, N, D, dtype, quick):
             "B": B, "H": H, "N": N, "D": D}
     if name == OURS:
         base["path"] = ("triton" if on_gpu() else "triton-interpreter") if use_triton(qkv) else "reference"
+    if name == "torch.compile":
+        base["compile_backend"] = common.compile_backend()
     try:
-        rows = time_modes(fn, (qkv, H), qkv, base, quick, grads=[dout], flops=flops, memory_modes=MODES)
+        rows = time_modes(make_fn(name), (qkv, H), qkv, base, quick, grads=[dout], flops=flops, memory_modes=MODES)
     except Exception as e:  # noqa: BLE001
         rows = error_rows(base, e)
     if on_gpu():
@@ -106,12 +108,12 @@ def bench_provider(name, fn, B, H, N, D, dtype, quick):
     return rows
 
 
-def run(quick=False):
+def run(quick=False, setr_only=False):
     dtype = torch.bfloat16
     rows = []
-    for group, B, H, N, D in shapes(quick):
-        for name, fn in providers().items():
-            for row in bench_provider(name, fn, B, H, N, D, dtype, quick):
+    for group, B, H, N, D in shapes(quick, setr_only):
+        for name in (OURS,) + PEERS:
+            for row in bench_provider(name, B, H, N, D, dtype, quick):
                 row["group"] = group
                 rows.append(row)
                 shown = row.get("error") or f"{row['ms']:.3f} ms  {row['tflops']:.1f} TFLOP/s"
@@ -139,13 +141,12 @@ def plot(rows, path):
         ax.grid(True, alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
-    common.kernel_bench_main(KERNEL, run, COLUMNS, plot, __doc__.splitlines()[0], argv)
+    return common.kernel_bench_main(KERNEL, run, COLUMNS, plot, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

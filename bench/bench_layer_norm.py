@@ -1,13 +1,14 @@
 """LayerNorm (and the fused residual-add variant): ours vs torch, apex and torch.compile.
 
-    python bench/bench_layer_norm.py [--quick] [--out DIR]
+    python bench/bench_layer_norm.py [--quick | --setr-only] [--out DIR]
 
 Cases: SETR's shapes (8 x 1025 x 1024 and 16 x 1025 x 1024, bf16 and fp32) for layer_norm and
-add_layer_norm, and a sweep of widths at 8200 rows in bf16. Modes fwd, bwd, fwd+bwd; time (median
-ms) and GB/s, counting each input read once and each output written once (bwd also reads the
-saved float32 mean and rstd). Peers: "torch" (F.layer_norm, with x + residual for the fused
-variant), "apex" (FusedLayerNorm's fused_layer_norm_affine, reported with an error when not
-importable) and "torch.compile" (of our plain-PyTorch reference).
+add_layer_norm, and a sweep of widths at 8200 rows in bf16 (`--setr-only`: 8 x 1025 x 1024 bf16).
+Modes fwd, bwd, fwd+bwd; time (median ms) and GB/s, counting each input read once and each output
+written once (bwd also reads the saved float32 mean and rstd). "triton" (ours) and "eager"
+(F.layer_norm, after x + residual for the fused variant) are the model's own ops,
+setr.layers.layer_norm / add_layer_norm; "apex" is FusedLayerNorm's fused_layer_norm_affine
+(reported with an error when not importable) and "torch.compile" compiles the eager op.
 """
 import os
 import sys
@@ -16,24 +17,18 @@ if __package__ in (None, ""):  # run as `python bench/bench_layer_norm.py`: make
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 
 from bench import common
 from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
 
 common.interpret_kernels_on_cpu()
-from kernels.layer_norm import (  # noqa: E402
-    add_layer_norm,
-    add_layer_norm_reference,
-    layer_norm,
-    layer_norm_reference,
-)
+from setr.layers import add_layer_norm, layer_norm  # noqa: E402
 
 EPS = 1e-6
 SETR_SHAPES = [(8, 1025, 1024), (16, 1025, 1024)]
 SWEEP_ROWS = 8200
 SWEEP_WIDTHS = [256, 512, 768, 1000, 1024, 1280, 1500, 2048, 4096, 8192]
-PROVIDERS = (OURS, "torch", "apex", "torch.compile")
+PROVIDERS = (OURS, "eager", "apex", "torch.compile")
 COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
 
 
@@ -46,29 +41,22 @@ def _apex_layer_norm():
 def make_fn(kernel, provider):
     """fn(x, residual, w, b) -> tuple of outputs, for one provider (raises if it cannot run)."""
     if provider == "apex":
-        ln = _apex_layer_norm()
-    elif provider == "torch":
-        ln = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, EPS)  # noqa: E731
-    elif provider == OURS:
-        ln = lambda x, w, b: layer_norm(x, w, b, EPS)  # noqa: E731
-    elif provider == "torch.compile":
-        torch._dynamo.reset()  # a fresh compile per case, so no recompile limit is reached
+        apex_ln = _apex_layer_norm()
         if kernel == "layer_norm":
-            ref = torch.compile(layer_norm_reference, dynamic=False)
-            return lambda x, r, w, b: (ref(x, w, b, EPS),)
-        return torch.compile(lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, EPS), dynamic=False)
-    else:
+            return lambda x, r, w, b: (apex_ln(x, w, b),)
+
+        def add_then_norm(x, r, w, b):
+            h = x + r
+            return h, apex_ln(h, w, b)
+
+        return add_then_norm
+    if provider == "torch.compile":
+        return common.compiled(make_fn(kernel, "eager"))
+    if provider not in (OURS, "eager"):
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
     if kernel == "layer_norm":
-        return lambda x, r, w, b: (ln(x, w, b),)
-    if provider == OURS:
-        return lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)
-
-    def add_then_norm(x, r, w, b):
-        h = x + r
-        return h, ln(h, w, b)
-
-    return add_then_norm
+        return lambda x, r, w, b: (layer_norm(x, w, b, EPS, provider),)
+    return lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS, provider)
 
 
 def traffic_bytes(kernel, mode, shape, dtype):
@@ -101,6 +89,8 @@ def run_case(kernel, shape, dtype, quick=False):
     rows = []
     for provider in PROVIDERS:
         base = dict(kernel=kernel, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""))
+        if provider == "torch.compile":
+            base["compile_backend"] = common.compile_backend()
         try:
             rows += time_modes(make_fn(kernel, provider), (x, r, w, b), inputs, base, quick, bytes_moved=traffic)
         except Exception as e:  # noqa: BLE001
@@ -108,10 +98,10 @@ def run_case(kernel, shape, dtype, quick=False):
     return rows
 
 
-def cases(quick=False):
+def cases(quick=False, setr_only=False):
     if not on_gpu():
-        return [(k, (2, 65, 64), torch.float32) for k in ("layer_norm", "add_layer_norm")]
-    if quick:
+        return [(k, (1, 33, 64), torch.float32) for k in ("layer_norm", "add_layer_norm")]
+    if quick or setr_only:
         return [(k, SETR_SHAPES[0], torch.bfloat16) for k in ("layer_norm", "add_layer_norm")]
     out = [(k, s, d) for k in ("layer_norm", "add_layer_norm") for s in SETR_SHAPES
            for d in (torch.bfloat16, torch.float32)]
@@ -119,10 +109,10 @@ def cases(quick=False):
     return out
 
 
-def run(quick=False):
+def run(quick=False, setr_only=False):
     """All cases; returns the result rows (bench/common.py schema)."""
     rows = []
-    for kernel, shape, dtype in cases(quick):
+    for kernel, shape, dtype in cases(quick, setr_only):
         print(f"{kernel} {tuple(shape)} {dtype}", flush=True)
         rows += run_case(kernel, shape, dtype, quick=quick)
     return rows
@@ -148,13 +138,12 @@ def plot(rows, path):
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
-    common.kernel_bench_main("layer_norm", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
+    return common.kernel_bench_main("layer_norm", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

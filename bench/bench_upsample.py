@@ -1,18 +1,22 @@
 """Bilinear upsample and the fused upsample + cross-entropy loss: ours vs torch and torch.compile.
 
-    python bench/bench_upsample.py [--quick] [--out DIR]
+    python bench/bench_upsample.py [--quick | --setr-only] [--out DIR]
+
+"triton" (ours) and "eager" are the model's own ops, setr.layers.upsample and setr.layers.seg_loss
+with impl "triton" / "eager"; "torch.compile" compiles the eager op.
 
 upsample_bilinear: PUP's four x2 resizes (B x 256 x {32, 64, 128, 256} -> x2), the Naive / aux
 heads' x4 resizes (B x 256 x 32 -> 128, and B x 256 x 128 -> 512 as mmseg orders them), NCHW in
 bf16 and fp32, plus PUP's x2 resizes channels-last in bf16 (kernel "upsample_bilinear_nhwc").
 Modes fwd (inputs require grad), bwd (of a kept forward), fwd+bwd. GB/s counts the input read once
-and the output written once (bwd: dy read, dx written). Peers: "torch" (F.interpolate) and
-"torch.compile" (of F.interpolate).
+and the output written once (bwd: dy read, dx written). Peers: "eager" (F.interpolate) and
+"torch.compile" (of it).
 upsample_cross_entropy: B x 150 x 128 x 128 -> 512 x 512 (Naive decode / PUP aux heads, x4) and
 B x 150 x 256 x 256 -> 512 x 512 (PUP decode head, x2), bf16 and fp32 logits, labels with 10%
 ignored pixels. Time and peak memory (peak_mem_mb: CUDA memory of one call above what was
-allocated before it). Peers: "torch" (F.interpolate then F.cross_entropy in float32, as mmseg
+allocated before it). Peers: "eager" (F.interpolate then F.cross_entropy in float32, as mmseg
 computes it) and "torch.compile" (of the same function).
+`--setr-only`: bf16 only, PUP's x2 resize 128 -> 256, the x4 resize 128 -> 512 and both loss cases.
 `--quick`: a few cases (tiny ones on CPU, where ours runs under the Triton interpreter and the
 timings mean nothing).
 """
@@ -23,14 +27,12 @@ if __package__ in (None, ""):  # run as `python bench/bench_upsample.py`: make t
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 
 from bench import common
 from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
 
 common.interpret_kernels_on_cpu()
-from kernels.upsample import upsample_bilinear  # noqa: E402
-from kernels.upsample_cross_entropy import upsample_cross_entropy  # noqa: E402
+from setr.layers import seg_loss, upsample  # noqa: E402
 
 BATCH = 8
 PUP_SIZES = (32, 64, 128, 256)          # PUP decode head: 4 x [conv -> x2]
@@ -39,33 +41,26 @@ LOSS_CASES = ((128, 512), (256, 512))   # fused loss: logits side -> label side
 NUM_CLASSES = 150
 CHANNELS = 256
 IGNORE_INDEX = 255
-PROVIDERS = (OURS, "torch", "torch.compile")
+PROVIDERS = (OURS, "eager", "torch.compile")
 COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
-
-
-def interpolate(x, size):
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def interpolate_cross_entropy(logits, labels):
-    """mmseg's decode-head loss: resize to the label size, CE in float32, sum / all label pixels."""
-    z = interpolate(logits, labels.shape[-2:])
-    loss = F.cross_entropy(z.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return loss.sum() / labels.numel()
 
 
 def make_fn(kernel, provider):
     """fn(*inputs) -> output for one provider (raises when the provider cannot run)."""
-    upsample = kernel.startswith("upsample_bilinear")
-    if provider == OURS:
-        return upsample_bilinear if upsample else upsample_cross_entropy
-    reference = interpolate if upsample else interpolate_cross_entropy
-    if provider == "torch":
-        return reference
     if provider == "torch.compile":
-        torch._dynamo.reset()  # a fresh compile per case, so no recompile limit is reached
-        return torch.compile(reference, dynamic=False)
-    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+        return common.compiled(make_fn(kernel, "eager"))
+    if provider not in (OURS, "eager"):
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    if kernel.startswith("upsample_bilinear"):
+        return lambda x, size: upsample(x, size, provider)
+    return lambda logits, labels: seg_loss(logits, labels, IGNORE_INDEX, provider)
+
+
+def _base(kernel, provider, shape, dtype):
+    base = dict(kernel=kernel, provider=provider, shape=shape, dtype=str(dtype).replace("torch.", ""))
+    if provider == "torch.compile":
+        base["compile_backend"] = common.compile_backend()
+    return base
 
 
 def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, quick=False):
@@ -80,8 +75,7 @@ def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, qui
     traffic = {"fwd": one_way, "bwd": one_way, "fwd+bwd": 2 * one_way}
     rows = []
     for provider in PROVIDERS:
-        base = dict(kernel=kernel, provider=provider, shape=[batch, channels, hw, hw, size, size],
-                    dtype=str(dtype).replace("torch.", ""))
+        base = _base(kernel, provider, [batch, channels, hw, hw, size, size], dtype)
         try:
             rows += time_modes(make_fn(kernel, provider), (x, (size, size)), x, base, quick, bytes_moved=traffic)
         except Exception as e:  # noqa: BLE001
@@ -96,8 +90,7 @@ def run_loss_case(batch, classes, hw, size, dtype, quick=False):
     labels[torch.rand(batch, size, size, device=device) < 0.1] = IGNORE_INDEX
     rows = []
     for provider in PROVIDERS:
-        base = dict(kernel="upsample_cross_entropy", provider=provider, shape=[batch, classes, hw, hw, size, size],
-                    dtype=str(dtype).replace("torch.", ""))
+        base = _base("upsample_cross_entropy", provider, [batch, classes, hw, hw, size, size], dtype)
         try:
             rows += time_modes(make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base, quick,
                                memory_modes=MODES)
@@ -106,11 +99,16 @@ def run_loss_case(batch, classes, hw, size, dtype, quick=False):
     return rows
 
 
-def cases(quick=False):
+def cases(quick=False, setr_only=False):
     """(kind, args) of every case: kind "upsample" (B, C, hw, size, dtype, channels_last) or
     "loss" (B, classes, hw, size, dtype)."""
     if not on_gpu():
         return [("upsample", (2, 8, 8, 16, torch.float32, False)), ("loss", (2, 19, 8, 32, torch.float32))]
+    if setr_only:
+        bf16 = torch.bfloat16
+        return ([("upsample", (BATCH, CHANNELS, PUP_SIZES[2], 2 * PUP_SIZES[2], bf16, False)),
+                 ("upsample", (BATCH, CHANNELS, *AUX_CASES[1], bf16, False))]
+                + [("loss", (BATCH, NUM_CLASSES, hw, size, bf16)) for hw, size in LOSS_CASES])
     if quick:
         return [("upsample", (BATCH, CHANNELS, 64, 128, torch.bfloat16, False)),
                 ("loss", (BATCH, NUM_CLASSES, 128, 512, torch.bfloat16))]
@@ -124,10 +122,10 @@ def cases(quick=False):
     return out
 
 
-def run(quick=False):
+def run(quick=False, setr_only=False):
     """All cases; returns the result rows (bench/common.py schema)."""
     rows = []
-    for kind, args in cases(quick):
+    for kind, args in cases(quick, setr_only):
         print(kind, *args, flush=True)
         if kind == "upsample":
             b, c, hw, size, dtype, channels_last = args
@@ -165,13 +163,12 @@ def plot(rows, path):
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):
-    common.kernel_bench_main("upsample", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
+    return common.kernel_bench_main("upsample", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

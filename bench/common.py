@@ -17,7 +17,7 @@ import time
 
 import torch
 
-OURS = "ours"
+from bench import OURS
 
 
 def on_gpu():
@@ -47,6 +47,18 @@ def finish(failed):
     return 1 if failed else 0
 
 
+# torch.compile peers: inductor on the GPU; on CPU (a smoke test) Dynamo's graph capture alone,
+# since inductor's C++ compiles take seconds per case there
+def compile_backend():
+    return "inductor" if on_gpu() else "eager"
+
+
+def compiled(fn):
+    """torch.compile(fn) for one case: a fresh compile (so no recompile limit is reached), static shapes."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, backend=compile_backend())
+
+
 def interpret_kernels_on_cpu():
     """Without CUDA, run our Triton kernels through the interpreter (as the tests do) rather than
     their PyTorch references; TRITON_INTERPRET=0 keeps the references. Call before importing kernels."""
@@ -54,18 +66,35 @@ def interpret_kernels_on_cpu():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def kernel_bench_main(name, run, columns, plot, description, argv=None):
-    """Command line of one kernel's benchmark script: run(quick) -> <out>/<name>.{json,md,png}.
-    Without a GPU the quick cases always (the CPU run is a smoke test)."""
-    parser = argparse.ArgumentParser(description=description)
+def kernel_failures(rows):
+    """Rows that make a kernel benchmark fail: an error in a row of ours (a peer that cannot run,
+    e.g. not installed, is reported but is no failure)."""
+    return [r for r in rows if r.get("error") and r["provider"] == OURS]
+
+
+def failure_lines(rows):
+    """One line per failed row of ours, for finish()."""
+    return [f"{r.get('bench', r['kernel'])}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}"
+            for r in kernel_failures(rows)]
+
+
+def add_shape_args(parser):
     parser.add_argument("--quick", action="store_true", help="a few cases, short timing (always on CPU)")
+    parser.add_argument("--setr-only", action="store_true", help="SETR's training shapes only, no sweeps")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
+
+
+def kernel_bench_main(name, run, columns, plot, description, argv=None):
+    """Command line of one kernel's benchmark script: run(quick, setr_only) -> <out>/<name>.{json,md,png}.
+    Without a GPU the quick cases always (the CPU run is a smoke test). Returns the exit status."""
+    parser = argparse.ArgumentParser(description=description)
+    add_shape_args(parser)
     args = parser.parse_args(argv)
     print_cpu_warning()
-    rows = run(quick=args.quick or not on_gpu())
+    rows = run(quick=args.quick or not on_gpu(), setr_only=args.setr_only)
     for path in write_results(name, rows, columns, args.out, plot):
         print("wrote", path)
-    print_cpu_warning()
+    return finish(failure_lines(rows))
 
 
 def environment():
@@ -116,7 +145,7 @@ def bench(fn, quick=False):
     """Median, 20th and 80th percentile time of fn() in milliseconds.
 
     CUDA: triton.testing.do_bench (flushes L2 between runs; warm-up and measurement in ms, shorter
-    with quick). CPU: a few wall-clock repeats.
+    with quick). CPU: a few wall-clock repeats after a warm-up call; one call with quick.
     """
     if on_gpu():
         import triton.testing
@@ -124,7 +153,8 @@ def bench(fn, quick=False):
         warmup, rep = (5, 20) if quick else (25, 100)
         p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return p50, p20, p80
-    fn()
+    if not quick:  # warm-up; a CPU smoke run (quick) times its one call, compile and all
+        fn()
     times = []
     for _ in range(1 if quick else 3):
         t0 = time.perf_counter()
@@ -137,7 +167,6 @@ def bench(fn, quick=False):
 def peak_memory_mb(fn):
     """Peak allocated CUDA memory of one call of fn, above what was allocated before (None on CPU)."""
     if not on_gpu():
-        fn()
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -258,3 +287,16 @@ def write_results(name, rows, columns, outdir=None, plot=None):
         except ImportError:
             print("matplotlib not installed: no plot written")
     return paths
+
+
+def save_figure(fig, path, dpi=120):
+    """Save and close a matplotlib figure; a CPU run's figure says on the picture that its
+    timings mean nothing."""
+    import matplotlib.pyplot as plt
+
+    if not on_gpu():
+        fig.text(0.5, 0.5, "CPU RUN: timings and memory mean nothing", ha="center", va="center",
+                 rotation=20, fontsize=20, color="red", alpha=0.35, weight="bold")
+        fig.text(0.01, 0.005, cpu_warning(), fontsize=7, color="red", va="bottom")
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

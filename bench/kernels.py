@@ -1,14 +1,16 @@
 """Every kernel microbenchmark in one run: one JSON + markdown table + PNG plot.
 
-    python bench/kernels.py              # all kernels, SETR's shapes, on the GPU
+    python bench/kernels.py              # all kernels, SETR's shapes and sweeps, on the GPU
+    python bench/kernels.py --setr-only  # SETR's training shapes only (bench/gpu_check.py runs this)
     python bench/kernels.py --quick      # small shapes, few repeats (the CPU smoke test)
     python bench/kernels.py --only attention layer_norm
 
-Runs `run(quick)` of bench/bench_layer_norm.py, bench_attention.py and bench_upsample.py,
+Runs `run(quick, setr_only)` of bench/bench_layer_norm.py, bench_attention.py and bench_upsample.py,
 concatenates their rows (bench/common.py's schema: kernel, mode, provider, shape, dtype, ms,
 gbps / tflops, peak_mem_mb, error), adds to each row of ours its speedup over every peer measured
 in the same run, and writes bench/results/<gpu>/kernels.{json,md,png} with the environment (GPU,
-driver, torch, triton, commit, date). A kernel script that is missing or raises becomes an error
+driver, torch, triton, commit, date), after each kernel script (a run stopped part-way keeps what
+it measured). A kernel script that is missing or raises becomes an error
 row; the run goes on and exits non-zero at the end, as it does when a row of ours has an error.
 Peers that cannot run (not installed) are error rows of their own and do not fail the run.
 """
@@ -31,12 +33,12 @@ COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p
 REQUIRED = ("kernel", "mode", "provider", "shape", "dtype")
 
 
-def run_bench(name, quick):
+def run_bench(name, quick, setr_only=False):
     """Rows of bench/bench_<name>.py, each tagged with bench=name; an error row if it fails."""
     module_name = f"bench.bench_{name}"
     try:
         module = importlib.import_module(module_name)
-        rows = module.run(quick=quick)
+        rows = module.run(quick=quick, setr_only=setr_only)
         if not rows:
             raise RuntimeError("run() returned no rows")
         for r in rows:
@@ -53,11 +55,6 @@ def run_bench(name, quick):
     return [dict(r, bench=name) for r in rows]
 
 
-def failures(rows):
-    """Rows that make the run fail: a bench that did not run, or an error in a row of ours."""
-    return [r for r in rows if r.get("error") and r["provider"] == common.OURS]
-
-
 def plot(rows, path):
     """One panel per (kernel, mode): bars of ours' speedup over each peer, per shape and dtype."""
     import matplotlib.pyplot as plt
@@ -70,8 +67,7 @@ def plot(rows, path):
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "no speedups to plot (no kernel of ours ran next to a peer)", ha="center")
         ax.axis("off")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        common.save_figure(fig, path, dpi=100)
         return
     ncols = 2 if len(groups) > 1 else 1
     nrows = -(-len(groups) // ncols)
@@ -91,15 +87,13 @@ def plot(rows, path):
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke test)")
+    common.add_shape_args(p)
     p.add_argument("--only", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
     return p.parse_args(argv)
 
 
@@ -109,14 +103,14 @@ def main(argv=None):
     common.print_cpu_warning()
     quick = args.quick or on_cpu
     rows = []
-    for name in args.only:
+    for i, name in enumerate(args.only):
         print(f"[{name}] ...", flush=True)
-        rows += run_bench(name, quick)
-    paths = common.write_results("kernels", rows, COLUMNS, args.out, plot=plot)
+        rows += run_bench(name, quick, args.setr_only)
+        last = i == len(args.only) - 1
+        paths = common.write_results("kernels", rows, COLUMNS, args.out, plot=plot if last else None)
     print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
     print("wrote " + ", ".join(paths))
-    return common.finish([f"{r['bench']}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}"
-                          for r in failures(rows)])
+    return common.finish(common.failure_lines(rows))
 
 
 if __name__ == "__main__":

@@ -260,8 +260,7 @@ def plot_sweep(rows, path):
     if drawn:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def parse_args(argv=None):

@@ -14,9 +14,14 @@ import json
 import os
 import sys
 
+if __package__ in (None, ""):  # run as `python bench/readme_tables.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import OURS  # noqa: E402
+
 HEAD_NAMES = {"naive": "SETR-Naive", "pup": "SETR-PUP", "mla": "SETR-MLA"}
 BACKBONE_NAMES = {"vit_large": "ViT-L/16", "vit_base": "ViT-B/16", "vit_tiny": "ViT-tiny"}
-OURS, EAGER = "triton", "eager"
+EAGER = "eager"
 
 
 def load(path):
@@ -100,7 +105,7 @@ def kernel_table(results_dir, allow_cpu=False):
     lines = ["| kernel | mode | shape | dtype | ours ms | ours TFLOP/s | ours GB/s | speedup of ours vs peers |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.get("provider") != "ours" or r.get("ms") is None:
+        if r.get("provider") != OURS or r.get("ms") is None:
             continue
         speedups = ", ".join(f"{p} {x:.2f}x" for p, x in (r.get("speedup_vs") or {}).items()) or "-"
         lines.append(f"| {r['kernel']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['ms']:.4g} | "

@@ -3,11 +3,17 @@
     python bench/train_step.py --head pup --batch 8                  # ViT-L/16, 512x512, one GPU
     python bench/train_step.py --head all --find-max-batch           # every head + largest batch
     python bench/train_step.py --head pup --variants eager triton    # a subset of the variants
+    python bench/train_step.py --variants triton+compile --append    # add a variant to the last run's file
     python bench/train_step.py --quick                               # tiny config (CPU smoke test)
 
 One step = forward + loss + backward + SGD step + zero_grad, on a fixed random batch
 (normalized-like images, labels in [0, num_classes) with ~5% ignored pixels), timed with a
 device synchronize around each step: median of --steps after --warmup steps.
+Then as many steps again fed by a DataLoader as training builds it (--loader-workers workers,
+pinned memory, prefetch 4) over the synthetic dataset through mmseg's training pipeline: the time
+blocked on the loader, as a share of those steps, is the data wait (data_wait_share; loader_ms is
+their median step, copy to the device included). The synthetic scenes stand in for decoded
+ADE20K images (no JPEG decode; bench/bench_data.py measures the real pipeline).
 
 Precision: torch.autocast(bf16) over float32 master parameters and float32 SGD state, i.e.
 mixed-precision training; `--dtype fp32` turns autocast off.
@@ -22,16 +28,20 @@ Reported per variant: step time, images/s, achieved TFLOP/s and MFU from the ana
 (3 x model.forward_flops, against the GPU's dense peak for the dtype; each variant counts the FLOPs it
 performs, so ours, which classifies before the last upsample, is credited ~7% fewer FLOPs for
 naive/PUP: its MFU is conservative), the first and last step's loss, peak allocated memory, the
-inference speed (eval mode, whole image, batch 1) and with --find-max-batch the largest batch
-that fits (doubling, then bisection, catching out-of-memory errors). Results go to
-bench/results/<gpu>/train_step_<head>.{json,md,png} with PASS/MISS lines for the goals.
+data wait, the inference speed (eval mode, whole image, batch 1; --no-inference skips it) and with
+--find-max-batch the largest batch that fits (doubling, then bisection, catching out-of-memory
+errors). Results go to bench/results/<gpu>/train_step_<head>.{json,md,png}, the JSON and markdown
+rewritten after each variant (a run stopped part-way keeps the variants it measured), with
+PASS/MISS lines for the goals. --append keeps the rows of the variants this run does not measure from the file already
+there (same GPU only).
 
-Without a GPU this runs the tiny config (vit_tiny, 32x32, few steps; torch.compile with the
-aot_eager backend, since inductor takes minutes there) as a smoke test: the timings, MFU and
-memory of a CPU run mean nothing. On CPU impl=triton runs the kernels' plain-PyTorch references
-unless TRITON_INTERPRET=1 (our Triton kernels through the interpreter: slow; the tests do this).
+Without a GPU this runs the tiny config (vit_tiny, 32x32, 8 classes, one step, main-process
+loading; torch.compile with Dynamo's graph capture alone, backend "eager", since inductor takes
+minutes there) as a smoke test of seconds per variant: the timings, MFU and memory of a CPU run
+mean nothing. On CPU impl=triton runs the kernels' plain-PyTorch references unless
+TRITON_INTERPRET=1 (our Triton kernels through the interpreter: slow; the tests do this).
 
-Running everything on one GPU (each command stays under ~10 minutes):
+Everything on one GPU in under 8 minutes: python bench/gpu_check.py. By hand:
     python bench/kernels.py
     python bench/train_step.py --head pup --batch 16 --find-max-batch   # then naive, mla
     python bench/memory.py --head pup --snapshot                          # then naive, mla
@@ -39,12 +49,10 @@ Running everything on one GPU (each command stays under ~10 minutes):
 On a GPU with more than 80 GB add --memory-limit-gb 80 to decide the 80 GB goal.
 """
 import argparse
-import gc
+import json
 import math
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):  # run as `python bench/train_step.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,16 +61,21 @@ import torch
 
 import setr
 from bench import common
+from bench.common import OURS
+from bench.step import (
+    GIB, autocast, batch_fits, build_model, error_text, free_memory, gpu_memory_gib, is_oom,
+    largest_batch, make_batch, make_loader, make_optimizer, ours_note, set_memory_limit, sync,
+    time_loader_steps, time_steps, train_step,
+)
 from setr.layers import PATCH_SIZE
 from setr.model import HEADS
-from train.config import get_preset
-from train.trainer import param_groups, peak_flops
+from train.config import DataConfig
+from train.flops import model_flops_utilization, peak_flops
 
 VARIANTS = ("eager", "sdpa", "triton", "eager+compile", "triton+compile")
-OURS = ("triton", "triton+compile")
-GIB = 2**30
+OURS_VARIANTS = (OURS, OURS + "+compile")
 
-# Goals checked on a GPU run (the project's headline targets).
+# Goals checked on a GPU run.
 GOAL_SPEEDUP_EAGER = 1.5
 GOAL_SPEEDUP_EAGER_COMPILE = 1.1
 GOAL_MFU = 0.50
@@ -70,144 +83,10 @@ GOAL_MEM_PER_IMAGE_GIB = 2.4  # mmseg's 19.54 GB for 2 images, / 4 (GB = 2^30 by
 GOAL_BATCH = 16
 GOAL_GPU_GIB = 80
 
-TINY = dict(backbone="vit_tiny", img_size=32, batch=2, steps=3, warmup=1, max_batch=4)
-FULL = dict(backbone="vit_large", img_size=512, batch=8, steps=20, warmup=5, max_batch=64)
-
-
-# --- shared helpers (also used by bench/memory.py) -----------------------------------------
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def is_oom(exc):
-    """True when exc (or an exception it was raised from) is a device out-of-memory error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def error_text(exc):
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def make_batch(batch, img_size, num_classes, device, ignore_index=255, seed=0):
-    """Fixed random batch: images (B, 3, H, W) float32 ~ N(0, 1) (already normalized), labels
-    (B, H, W) int64 in [0, num_classes) with ~5% set to ignore_index."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, h, w, generator=g)
-    labels = torch.randint(0, num_classes, (batch, h, w), generator=g)
-    labels[torch.rand(batch, h, w, generator=g) < 0.05] = ignore_index
-    return images.to(device), labels.to(device)
-
-
-def build_model(head, backbone, impl, img_size, num_classes, device):
-    model = setr.build_setr(head, backbone, num_classes=num_classes, img_size=img_size, impl=impl,
-                            device=device)
-    return model.train()
-
-
-def make_optimizer(model, head):
-    """mmseg's SGD for this head's preset (the training engine's own parameter groups)."""
-    optim = get_preset(head).optim
-    return torch.optim.SGD(param_groups(model, optim.lr, optim.head_lr_mult), lr=optim.lr,
-                           momentum=optim.momentum, weight_decay=optim.weight_decay)
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
-def train_step(runner, optimizer, images, labels, device, dtype):
-    """forward + loss + backward + optimizer step + zero_grad; returns the loss (detached)."""
-    with autocast(device, dtype):
-        losses = runner(images, labels)
-        loss = sum(losses.values())
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def time_steps(fn, steps, device):
-    """Median, 20th and 80th percentile wall time of fn() in ms, each call synchronized."""
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return statistics.median(times), q(0.2), q(0.8)
-
-
-def largest_batch(fits, start=1, cap=64):
-    """Largest batch b in [1, cap] with fits(b) True (fits must be monotone): doubling from
-    start, then bisection. Returns 0 when even batch 1 does not fit."""
-    start = max(1, min(start, cap))
-    if fits(start):
-        lo, hi = start, None
-        while hi is None and lo < cap:
-            b = min(2 * lo, cap)
-            if fits(b):
-                lo = b
-            else:
-                hi = b
-        if hi is None:
-            return lo
-    else:
-        lo, hi = 0, start
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _try_steps(runner, optimizer, cfg, batch, device, n):
-    """n training steps at this batch: True, or False on out-of-memory (other errors raise)."""
-    try:
-        images, labels = make_batch(batch, cfg["img_size"], cfg["num_classes"], device)
-        for _ in range(n):
-            train_step(runner, optimizer, images, labels, device, cfg["dtype"])
-        sync(device)
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is swallowed
-        if is_oom(e):
-            return False
-        raise
-    return True
-
-
-def batch_fits(runner, optimizer, cfg, batch, device):
-    ok = _try_steps(runner, optimizer, cfg, batch, device, n=2)  # frames and tensors gone here
-    optimizer.zero_grad(set_to_none=True)
-    free_memory()
-    return ok
-
-
-def gpu_memory_gib(device, limit_gib=None):
-    """Usable device memory in GiB: the total, or the per-process cap when one is set."""
-    if device.type != "cuda":
-        return None
-    total = torch.cuda.get_device_properties(device).total_memory / GIB
-    return min(total, limit_gib) if limit_gib else total
+TINY = dict(backbone="vit_tiny", img_size=32, batch=1, num_classes=8, steps=1, warmup=0, max_batch=4,
+            loader_workers=0)
+FULL = dict(backbone="vit_large", img_size=512, batch=8, num_classes=150, steps=20, warmup=5, max_batch=64,
+            loader_workers=DataConfig().num_workers)
 
 
 # --- one variant ---------------------------------------------------------------------------
@@ -221,59 +100,21 @@ def run_variant(head, variant, cfg, device):
                 dtype="bf16 autocast, fp32 params" if cfg["dtype"] == "bf16" else "fp32",
                 compile_backend=cfg["compile_backend"] if compiled else None)
     train = dict(base, mode="train", shape=f"{cfg['batch']}x3x{h}x{w}", batch=cfg["batch"])
-    infer = dict(base, mode="inference", shape=f"1x3x{h}x{w}", batch=1)
+    infer = dict(base, mode="inference", shape=f"1x3x{h}x{w}", batch=1) if cfg["inference"] else None
     model = runner = optimizer = None
     try:
         torch.manual_seed(0)  # the same weights for every variant: their first losses must agree
         model = build_model(head, cfg["backbone"], impl, cfg["img_size"], cfg["num_classes"], device)
         runner = torch.compile(model, backend=cfg["compile_backend"]) if compiled else model
         optimizer = make_optimizer(model, head)
-        flops_per_image = 3 * model.forward_flops(h, w)  # forward + backward (2x forward)
-        train["flops_per_image"] = flops_per_image
-
-        # training step
-        images, labels = make_batch(cfg["batch"], cfg["img_size"], cfg["num_classes"], device)
-        last = {}
-
-        def step():
-            last["loss"] = train_step(runner, optimizer, images, labels, device, cfg["dtype"])
-            last.setdefault("first_loss", last["loss"])
-
-        _measure(train, step, cfg, device)
-        if "error" not in train:
-            loss, first = last["loss"].item(), last["first_loss"].item()
-            train["loss"], train["first_loss"] = round(loss, 4), round(first, 4)
-            if not (math.isfinite(loss) and math.isfinite(first)):
-                train["error"] = f"non-finite loss: first step {first}, last step {loss}"
-            ips = cfg["batch"] * 1e3 / train["ms"]
-            train["images_per_s"] = ips
-            train["tflops"] = flops_per_image * ips / 1e12
-            peak = peak_flops(cfg["gpu"], cfg["dtype"])
-            train["mfu"] = flops_per_image * ips / peak if peak and device.type == "cuda" else None
-            if train.get("peak_mem_gib") is not None:
-                train["mem_per_image_gib"] = train["peak_mem_gib"] / cfg["batch"]
-        images = labels = None
-        last.clear()
+        measure_training(train, runner, optimizer, 3 * model.forward_flops(h, w), cfg, device)
+        if cfg["data_wait"] and "error" not in train:
+            measure_data_wait(train, runner, optimizer, head, cfg, device)
         optimizer.zero_grad(set_to_none=True)
         optimizer.state.clear()  # inference memory = weights + activations (a later step refills it)
         free_memory()
-
-        # inference: eval mode, whole image, batch 1
-        model.eval()
-        image, _ = make_batch(1, cfg["img_size"], cfg["num_classes"], device)
-
-        def forward():
-            with torch.inference_mode(), autocast(device, cfg["dtype"]):
-                runner(image)
-
-        _measure(infer, forward, cfg, device)
-        if "error" not in infer:
-            infer["fps"] = 1e3 / infer["ms"]
-        model.train()
-        image = None
-        free_memory()
-
-        # largest batch that fits
+        if infer is not None:
+            measure_inference(infer, model, runner, cfg, device)
         if cfg["find_max_batch"] and "error" not in train:
             try:
                 b = largest_batch(lambda bs: batch_fits(runner, optimizer, cfg, bs, device),
@@ -284,17 +125,75 @@ def run_variant(head, variant, cfg, device):
                 train["max_batch_error"] = error_text(e)
     except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
         train.setdefault("error", error_text(e))
-        infer.setdefault("error", train["error"])
+        if infer is not None:
+            infer.setdefault("error", train["error"])
     finally:
         model = runner = optimizer = None  # noqa: F841 - frees them before the next variant
         if compiled:
             torch._dynamo.reset()
         free_memory()
-    for row in (train, infer):
-        for key in ("error", "max_batch_error"):
+    rows = [r for r in (train, infer) if r is not None]
+    for row in rows:
+        for key in ("error", "max_batch_error", "data_wait_error"):
             if key in row:
                 print(f"  {variant} {row['mode']} {key}: {row[key]}")
-    return [train, infer]
+    return rows
+
+
+def measure_training(row, runner, optimizer, flops_per_image, cfg, device):
+    """Timed training steps on a fixed batch: ms, images/s, TFLOP/s, MFU, losses, peak memory."""
+    images, labels = make_batch(cfg["batch"], cfg["img_size"], cfg["num_classes"], device)
+    last = {}
+
+    def step():
+        last["loss"] = train_step(runner, optimizer, images, labels, device, cfg["dtype"])
+        last.setdefault("first_loss", last["loss"])
+
+    row["flops_per_image"] = flops_per_image
+    _measure(row, step, cfg, device)
+    if "error" in row:
+        return
+    loss, first = last["loss"].item(), last["first_loss"].item()
+    row["loss"], row["first_loss"] = round(loss, 4), round(first, 4)
+    if not (math.isfinite(loss) and math.isfinite(first)):
+        row["error"] = f"non-finite loss: first step {first}, last step {loss}"
+    ips = cfg["batch"] * 1e3 / row["ms"]
+    row["images_per_s"] = ips
+    row["tflops"] = flops_per_image * ips / 1e12
+    row["mfu"] = model_flops_utilization(flops_per_image, ips, peak_flops(cfg["gpu"], cfg["dtype"]))
+    if row.get("peak_mem_gib") is not None:
+        row["mem_per_image_gib"] = row["peak_mem_gib"] / cfg["batch"]
+
+
+def measure_data_wait(row, runner, optimizer, head, cfg, device):
+    """Loader-fed steps: loader_ms, data_wait_ms, data_wait_share (data_wait_error if it fails)."""
+    try:
+        loader = make_loader(head, cfg["batch"], cfg["img_size"], cfg["num_classes"], cfg["loader_workers"],
+                             device)
+        row["loader"] = loader.description
+
+        def step(images, labels):
+            train_step(runner, optimizer, images, labels, device, cfg["dtype"])
+
+        row["loader_ms"], row["data_wait_ms"], row["data_wait_share"] = time_loader_steps(
+            step, loader, cfg["steps"], device)
+    except Exception as e:  # noqa: BLE001 - reported in the row; the step's own numbers stand
+        row["data_wait_error"] = error_text(e)
+
+
+def measure_inference(row, model, runner, cfg, device):
+    """Eval mode, whole image, batch 1: ms and fps."""
+    model.eval()
+    image, _ = make_batch(1, cfg["img_size"], cfg["num_classes"], device)
+
+    def forward():
+        with torch.inference_mode(), autocast(device, cfg["dtype"]):
+            runner(image)
+
+    _measure(row, forward, cfg, device)
+    if "error" not in row:
+        row["fps"] = 1e3 / row["ms"]
+    model.train()
 
 
 def _measure(row, fn, cfg, device):
@@ -324,7 +223,7 @@ def goal_lines(head, rows, device, gpu_gib=None):
     if device.type != "cuda":
         return ["- n/a: every goal (CPU run; timings, MFU and memory mean nothing)"]
     lines = []
-    ours, eager, eager_c = train.get("triton"), train.get("eager"), train.get("eager+compile")
+    ours, eager, eager_c = train.get(OURS), train.get("eager"), train.get("eager+compile")
 
     def speed(peer, name, goal):
         if ours is None or peer is None:
@@ -348,7 +247,7 @@ def goal_lines(head, rows, device, gpu_gib=None):
         lines.append(f"- {_verdict(m <= GOAL_MEM_PER_IMAGE_GIB)}: impl=triton per-image peak memory "
                      f"{m:.2f} GB at batch {ours['batch']} (goal <= {GOAL_MEM_PER_IMAGE_GIB} GB; "
                      f"the recipe's batch is {GOAL_BATCH})")
-    failed = next((r for r in rows if r["mode"] == "train" and r["provider"] == "triton" and "error" in r), None)
+    failed = next((r for r in rows if r["mode"] == "train" and r["provider"] == OURS and "error" in r), None)
     lines.append(batch_goal_line(ours, gpu_gib, failed))
     return lines
 
@@ -372,7 +271,8 @@ def batch_goal_line(ours, gpu_gib, failed=None):
 # --- output ----------------------------------------------------------------------------------
 
 COLUMNS = ["mode", "provider", "shape", "dtype", "ms", "images_per_s", "fps", "tflops", "mfu",
-           "peak_mem_gib", "mem_per_image_gib", "max_batch", "first_loss", "loss", "error", "max_batch_error"]
+           "peak_mem_gib", "mem_per_image_gib", "data_wait_share", "max_batch", "first_loss", "loss", "error",
+           "max_batch_error", "data_wait_error"]
 
 
 def plot(rows, path):
@@ -389,8 +289,28 @@ def plot(rows, path):
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"{rows[0]['kernel']} train step, {train[0]['shape'] if train else ''}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
+
+
+def earlier_rows(path, variants, gpu):
+    """--append: the rows in an earlier results file except those of `variants` (measured again now)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        data = json.load(f)
+    if data["environment"].get("gpu") != gpu:
+        raise SystemExit(f"--append: {path} comes from {data['environment'].get('gpu') or 'a CPU run'}, this run "
+                         f"from {gpu or 'the CPU'}: results of two devices are not merged")
+    return [r for r in data["rows"] if r.get("provider") not in variants]
+
+
+def write_head(head, rows, device, outdir, gpu_gib, with_plot=True):
+    """train_step_<head>.{json,md(,png)} from these rows, with the ratios and the goals. Returns (paths, goals)."""
+    common.add_ratios(rows, ours=OURS_VARIANTS, keys=("mode",))  # each variant of ours vs every other
+    paths = common.write_results(f"train_step_{head}", rows, COLUMNS, outdir, plot=plot if with_plot else None)
+    goals = goal_lines(head, rows, device, gpu_gib)
+    append_section(paths[1], "Goals", goals)
+    return paths, goals
 
 
 def append_section(md_path, title, lines):
@@ -403,8 +323,8 @@ def add_model_args(p):
     p.add_argument("--head", default="pup", choices=HEADS + ("all",))
     p.add_argument("--backbone", default=None, help="vit_large (GPU default) | vit_base | vit_tiny (CPU default)")
     p.add_argument("--img-size", type=int, default=None, help="square crop; 512 on GPU, 32 on CPU")
-    p.add_argument("--batch", type=int, default=None, help="8 on GPU, 2 on CPU")
-    p.add_argument("--num-classes", type=int, default=150)
+    p.add_argument("--batch", type=int, default=None, help="8 on GPU; the tiny config's (1 or 2) on CPU")
+    p.add_argument("--num-classes", type=int, default=None, help="150 (ADE20K); 8 in train_step's tiny config")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16 = autocast over fp32 params")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="cap this process's GPU memory (GiB), e.g. 80 to check the 80 GB goal on an H200")
@@ -414,10 +334,11 @@ def add_model_args(p):
 
 def resolve_model_args(args, device, tiny, full):
     """The script's defaults (`tiny` on CPU or with --quick, else `full`) overridden by the flags
-    given, plus num_classes and dtype; checks the crop and the batch."""
+    given, plus the number of classes (150, ADE20K's, unless the defaults say) and dtype; checks the
+    crop and the batch."""
     defaults = tiny if args.quick or device.type != "cuda" else full
     cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
-    cfg.update(num_classes=args.num_classes, dtype=args.dtype)
+    cfg.update(num_classes=args.num_classes or defaults.get("num_classes", 150), dtype=args.dtype)
     if cfg["img_size"] % PATCH_SIZE:
         raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of the patch size {PATCH_SIZE}")
     if cfg["batch"] < 1:
@@ -428,46 +349,35 @@ def resolve_model_args(args, device, tiny, full):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--steps", type=int, default=None, help="timed steps (median); 20 on GPU")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (median); 20 on GPU, 1 on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU, 0 on CPU")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend; inductor on GPU, aot_eager on CPU (inductor takes minutes there)")
+                   help="torch.compile backend; inductor on GPU, eager (Dynamo alone) on CPU, where inductor "
+                        "takes minutes")
     p.add_argument("--find-max-batch", action="store_true", help="also find the largest batch that fits")
     p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (64 on GPU)")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help=f"DataLoader workers of the data-wait steps; {FULL['loader_workers']} on GPU "
+                        "(training's default), 0 on CPU")
+    p.add_argument("--no-data-wait", action="store_true", help="skip the loader-fed steps")
+    p.add_argument("--no-inference", action="store_true", help="skip the inference timing")
+    p.add_argument("--append", action="store_true",
+                   help="keep the other variants' rows of the results file already in --out")
     return p.parse_args(argv)
 
 
 def resolve_config(args, device):
     cfg = resolve_model_args(args, device, TINY, FULL)
-    cfg.update(find_max_batch=args.find_max_batch,
-               compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"),
+    cfg.update(find_max_batch=args.find_max_batch, data_wait=not args.no_data_wait, inference=not args.no_inference,
+               compile_backend=args.compile_backend or common.compile_backend(),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     for k in ("steps", "max_batch"):
         if cfg[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    if cfg["loader_workers"] < 0:
+        raise ValueError(f"--loader-workers must be >= 0, got {cfg['loader_workers']}")
     return cfg
-
-
-def set_memory_limit(limit_gib, device):
-    if limit_gib is None:
-        return
-    if device.type != "cuda":
-        print("--memory-limit-gb ignored: no GPU")
-        return
-    total = torch.cuda.get_device_properties(device).total_memory / GIB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib / total), device)
-    print(f"GPU memory capped at {limit_gib:.1f} of {total:.1f} GB")
-
-
-def ours_note(device):
-    """What impl=triton runs on this device (kernels.utils.use_triton's rule)."""
-    if device.type == "cuda":
-        return "impl=triton runs our compiled Triton kernels"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "impl=triton runs our Triton kernels through the interpreter (slow)"
-    return ("impl=triton runs the kernels' plain-PyTorch references on CPU "
-            "(TRITON_INTERPRET=1 runs our Triton kernels through the interpreter instead, slowly)")
 
 
 def main(argv=None):
@@ -481,23 +391,22 @@ def main(argv=None):
     print(f"train step: {cfg['backbone']} {cfg['img_size']}x{cfg['img_size']} batch {cfg['batch']} "
           f"{cfg['dtype']} on {cfg['gpu'] or 'CPU'}; steps {cfg['steps']} after {cfg['warmup']} warm-up; "
           f"compile backend {cfg['compile_backend']}; {ours_note(device)}")
+    gpu_gib = gpu_memory_gib(device, args.memory_limit_gb)
     failed = []
     for head in heads:
-        rows = []
+        path = os.path.join(outdir, f"train_step_{head}.json")
+        rows = earlier_rows(path, args.variants, cfg["gpu"]) if args.append else []
         for variant in args.variants:
             print(f"[{head}] {variant} ...", flush=True)
-            rows += run_variant(head, variant, cfg, device)
+            new = run_variant(head, variant, cfg, device)
             free_memory()  # the variant's model and graphs are gone once run_variant returned
-        common.add_ratios(rows, ours=OURS, keys=("mode",))  # each variant of ours vs every other
-        name = f"train_step_{head}"
-        paths = common.write_results(name, rows, COLUMNS, outdir, plot=plot)
-        goals = goal_lines(head, rows, device, gpu_memory_gib(device, args.memory_limit_gb))
-        append_section(paths[1], "Goals", goals)
+            rows += new
+            paths, goals = write_head(head, rows, device, outdir, gpu_gib, with_plot=variant == args.variants[-1])
+            failed += [f"{head}/{r['provider']}/{r['mode']}" for r in new
+                       if ("error" in r and not r["error"].startswith("OOM")) or "max_batch_error" in r]
         print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
         print("\n".join(goals))
         print("wrote " + ", ".join(paths))
-        failed += [f"{head}/{r['provider']}/{r['mode']}" for r in rows
-                   if ("error" in r and not r["error"].startswith("OOM")) or "max_batch_error" in r]
     return common.finish(failed)
 
 

@@ -1,26 +1,27 @@
-"""The benchmark harness: each script's main() on the tiny CPU config, its files, and its logic.
+"""The benchmark harness: its logic (goals, batch search, ratios, data wait, merging, README
+tables, failure reporting).
 
-Timings here mean nothing; what is checked is that every script runs end to end, writes the JSON
-and markdown with the environment and the CPU warning, reports failures instead of hiding them,
-and that the goal, batch-search and README-table logic is right.
+The scripts' end-to-end CPU smoke runs (kernels, train step, memory plan, README tables) are the
+parts of `bench/gpu_check.py --dry-run`, checked in tests/test_gpu_check.py; the measured memory
+profile (bench/memory.py without --estimate) runs on a GPU below. Timings here mean nothing.
 """
 import json
 import math
 import os
 import sys
+import time
 import types
 
 import pytest
 import torch
 
-from bench import common, readme_tables, train_step
+from bench import common, readme_tables, step, train_step
 from bench import kernels as kernels_bench
 from bench import memory as memory_bench
-from train.trainer import peak_flops
+from train.flops import model_flops_utilization, peak_flops
 
 ON_CPU = not torch.cuda.is_available()
-TINY = ["--batch", "1", "--img-size", "32", "--num-classes", "8"]
-# CPU-path assertions (no device memory, no MFU); the GPU paths: test_train_step_and_memory_quick_on_gpu
+# CPU-path assertions; the GPU paths: test_train_step_and_memory_quick_on_gpu
 cpu_only = pytest.mark.skipif(not ON_CPU, reason="checks the CPU smoke path")
 ENV_KEYS = ("date", "torch", "triton", "git_commit", "gpu", "python")
 
@@ -37,66 +38,7 @@ def read_results(outdir, name):
     return data, md
 
 
-def check_ours(row, peer_rows):
-    """A row of ours ran and was compared with every peer that ran."""
-    assert "error" not in row, row.get("error")
-    assert set(row["speedup_vs"]) == {p["provider"] for p in peer_rows if p.get("ms")}
-
-
 # --- train_step ---------------------------------------------------------------------------
-
-VARIANTS = ["eager", "triton", "eager+compile"]
-
-
-@pytest.fixture(scope="module")
-def train_results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("train_step"))
-    rc = train_step.main(["--head", "pup", "--variants", *VARIANTS, "--steps", "1", "--warmup", "0",
-                          *TINY, "--out", out])
-    return rc, out
-
-
-@cpu_only
-def test_train_step_cpu_smoke(train_results, capsys):
-    rc, out = train_results
-    data, md = read_results(out, "train_step_pup")
-    rows = {(r["provider"], r["mode"]): r for r in data["rows"]}
-    assert set(rows) == {(v, m) for v in VARIANTS for m in ("train", "inference")}
-    for v in VARIANTS:
-        t, i = rows[v, "train"], rows[v, "inference"]
-        assert t["shape"] == "1x3x32x32" and i["shape"] == "1x3x32x32"
-        if v.startswith("triton"):
-            check_ours(t, [rows[p, "train"] for p in VARIANTS if p != v])
-        assert "error" not in t and "error" not in i, (t.get("error"), i.get("error"))
-        assert t["ms"] > 0 and i["ms"] > 0
-        assert t["images_per_s"] == pytest.approx(1e3 / t["ms"])
-        assert i["fps"] == pytest.approx(1e3 / i["ms"])
-        assert t["tflops"] == pytest.approx(3 * flops_tiny(v) * t["images_per_s"] / 1e12)
-        assert t["mfu"] is None and t["peak_mem_gib"] is None  # no GPU: no MFU, no device memory
-        assert math.isfinite(t["loss"])
-        # same weights and batch for every variant: the first-step losses agree (bf16 autocast)
-        assert t["first_loss"] == pytest.approx(rows["eager", "train"]["first_loss"], rel=2e-2)
-    assert "## Goals" in md and "n/a" in md
-    assert rc == 0
-
-
-def flops_tiny(variant):
-    import setr
-
-    model = setr.build_setr("pup", "vit_tiny", num_classes=8, img_size=32, impl=variant.split("+")[0],
-                            device="meta")
-    return model.forward_flops(32, 32)
-
-
-@cpu_only
-def test_train_step_find_max_batch_cpu(tmp_path):
-    rc = train_step.main(["--variants", "eager", "--find-max-batch", "--max-batch", "3", "--steps", "1",
-                          "--warmup", "0", *TINY, "--out", str(tmp_path)])
-    assert rc == 0
-    data, _ = read_results(str(tmp_path), "train_step_pup")
-    train = [r for r in data["rows"] if r["mode"] == "train"]
-    assert len(train) == 1 and train[0]["max_batch"] == 3 and train[0]["max_batch_capped"]
-
 
 @pytest.mark.parametrize("cap", [1, 5, 16, 64])
 @pytest.mark.parametrize("start", [1, 8])
@@ -120,6 +62,8 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H200", "fp32") == 67e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert peak_flops("Tesla T4", "bf16") is None and peak_flops(None, "bf16") is None
+    assert model_flops_utilization(2e12, 100.0, 989e12, num_gpus=2) == pytest.approx(2e14 / (2 * 989e12))
+    assert model_flops_utilization(2e12, 100.0, None) is None
 
 
 def _train_row(variant, ips, **kw):
@@ -164,65 +108,59 @@ def test_oom_detection():
     assert not train_step.is_oom(ValueError("shape mismatch"))
 
 
-# --- memory ---------------------------------------------------------------------------------
+class _SlowSamples(torch.utils.data.Dataset):
+    def __init__(self, delay_s):
+        self.delay_s = delay_s
 
-@cpu_only
-def test_memory_cpu_smoke(tmp_path, capsys):
-    # eager and sdpa: the memory code does not depend on the variant, and the triton variant is
-    # already run by the train-step test (through the interpreter it costs ~5 s per step)
-    rc = memory_bench.main(["--variants", "eager", "sdpa", "--batches", "1", *TINY,
-                            "--snapshot", "--out", str(tmp_path)])
-    phases, md = read_results(str(tmp_path), "memory_pup")
-    sweep, sweep_md = read_results(str(tmp_path), "memory_sweep_pup")
-    assert "n/a" in md and "## Goals" in sweep_md
-    assert "no snapshot" in capsys.readouterr().out
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".pickle")]  # no snapshot on CPU
-    rows = {r["provider"]: r for r in phases["rows"]}
-    assert set(rows) == {"eager", "sdpa"}
-    import setr
+    def __len__(self):
+        return 64
 
-    model = setr.build_setr("pup", "vit_tiny", num_classes=8, img_size=32, device="meta")
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    for r in rows.values():
-        assert "error" not in r, r.get("error")
-        assert r["weights_gib"] * 2**30 == param_bytes + buffer_bytes
-        assert r["grads_gib"] * 2**30 == param_bytes  # every parameter gets a gradient
-        assert r["optimizer_state_gib"] * 2**30 == param_bytes  # one momentum buffer each
-        assert r["inputs_gib"] * 2**30 == 1 * 3 * 32 * 32 * 4 + 1 * 32 * 32 * 8
-        assert r["peak_forward_gib"] is None and "activations_gib" not in r  # device memory: n/a
-    batches = sorted((r["provider"], r["batch"]) for r in sweep["rows"])
-    assert batches == [("eager", 1), ("sdpa", 1)]
-    assert all("error" not in r and r["peak_gib"] is None for r in sweep["rows"])
-    assert rc == 0
+    def __getitem__(self, i):
+        time.sleep(self.delay_s)
+        return torch.zeros(3, 4, 4), torch.zeros(4, 4, dtype=torch.int64)
 
 
-# --- kernels --------------------------------------------------------------------------------
+def test_data_wait_share_of_the_step():
+    """A loader as slow as the step waits half of each step; one much faster than the step, almost none."""
+    steps = []
+    slow = torch.utils.data.DataLoader(_SlowSamples(0.02), batch_size=2)  # 40 ms per batch
+    ms, wait_ms, share = step.time_loader_steps(lambda x, y: (steps.append(x.shape), time.sleep(0.04)), slow, 3,
+                                                torch.device("cpu"))
+    assert steps == [(2, 3, 4, 4)] * 3
+    assert 70 < ms < 200 and 30 < wait_ms < 100 and 0.3 < share < 0.7, (ms, wait_ms, share)
+    fast = torch.utils.data.DataLoader(_SlowSamples(0.0), batch_size=2)
+    _, _, share = step.time_loader_steps(lambda x, y: time.sleep(0.04), fast, 3, torch.device("cpu"))
+    assert share < 0.1
 
-def test_kernels_cpu_smoke(tmp_path):
-    """Every kernel bench runs without an error in a row of ours, next to at least one peer."""
-    rc = kernels_bench.main(["--quick", "--out", str(tmp_path)])
-    data, md = read_results(str(tmp_path), "kernels")
-    by_bench = {}
-    for r in data["rows"]:
-        by_bench.setdefault(r["bench"], []).append(r)
-    assert set(by_bench) == set(kernels_bench.KERNEL_BENCHES)
-    for name, rows in by_bench.items():
-        errors = [r["error"] for r in kernels_bench.failures(rows)]
-        assert not errors, f"bench_{name}.py: {errors}"
-        ours = [r for r in rows if r["provider"] == common.OURS]
-        assert ours and all(r["ms"] > 0 for r in ours)
-        assert any(r.get("speedup_vs") for r in ours)  # compared with a peer in the same run
-    assert rc == 0
 
+def test_loader_is_the_training_pipeline():
+    loader = step.make_loader("pup", 2, 32, 8, 0, torch.device("cpu"))
+    images, labels = next(iter(loader))
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.shape == (2, 32, 32) and labels.dtype == torch.int64
+    assert set(labels.unique().tolist()) <= set(range(8)) | {255}
+    assert "0 workers" in loader.description
+
+
+def test_append_keeps_other_variants_of_the_same_device(tmp_path):
+    path = tmp_path / "train_step_pup.json"
+    assert train_step.earlier_rows(str(path), ["eager"], None) == []
+    rows = [dict(mode="train", provider="eager", ms=2.0), dict(mode="train", provider="triton", ms=1.0)]
+    _write(path, dict(GPU_ENV, gpu=None), rows)
+    assert train_step.earlier_rows(str(path), ["eager"], None) == rows[1:]
+    with pytest.raises(SystemExit, match="not merged"):
+        train_step.earlier_rows(str(path), ["eager"], "NVIDIA H200")
+
+
+# --- kernels ---------------------------------------------------------------------------------
 
 def test_kernels_harness_reports_failures(tmp_path, monkeypatch):
-    def ok_run(quick=False):
+    def ok_run(quick=False, setr_only=False):
         base = dict(kernel="toy", mode="fwd", shape=[4, 4], dtype="float32")
-        return [dict(base, provider="ours", ms=1.0), dict(base, provider="torch", ms=3.0),
+        return [dict(base, provider=common.OURS, ms=1.0), dict(base, provider="eager", ms=3.0),
                 dict(base, provider="apex", ms=None, error="ModuleNotFoundError: No module named 'apex'")]
 
-    def boom_run(quick=False):
+    def boom_run(quick=False, setr_only=False):
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setitem(sys.modules, "bench.bench_ok", types.SimpleNamespace(run=ok_run))
@@ -232,9 +170,9 @@ def test_kernels_harness_reports_failures(tmp_path, monkeypatch):
     assert rc == 1
     data, md = read_results(str(tmp_path), "kernels")
     rows = data["rows"]
-    ours = next(r for r in rows if r["bench"] == "ok" and r["provider"] == "ours")
-    assert ours["speedup_vs"] == {"torch": 3.0}
-    failed = {r["bench"]: r["error"] for r in kernels_bench.failures(rows)}
+    ours = next(r for r in rows if r["bench"] == "ok" and r["provider"] == common.OURS)
+    assert ours["speedup_vs"] == {"eager": 3.0}
+    failed = {r["bench"]: r["error"] for r in common.kernel_failures(rows)}
     assert set(failed) == {"boom", "nothere"}  # the missing peer (apex) is not a failure
     assert "RuntimeError: kernel launch failed" in failed["boom"] and "not found" in failed["nothere"]
     assert "kernel launch failed" in md
@@ -243,6 +181,34 @@ def test_kernels_harness_reports_failures(tmp_path, monkeypatch):
     except ImportError:
         return
     assert os.path.getsize(os.path.join(tmp_path, "kernels.png")) > 0
+
+
+def test_kernel_script_exits_nonzero_when_ours_fails(tmp_path):
+    def run(quick=False, setr_only=False):
+        base = dict(kernel="toy", mode="fwd", shape=[4], dtype="float32")
+        return [dict(base, provider=common.OURS, ms=None, error="RuntimeError: launch failed"),
+                dict(base, provider="eager", ms=1.0)]
+
+    assert common.kernel_bench_main("toy", run, ["kernel", "provider", "ms", "error"], None, "toy",
+                                    ["--out", str(tmp_path)]) == 1
+    data, md = read_results(str(tmp_path), "toy")
+    assert "launch failed" in md
+
+
+@cpu_only
+def test_cpu_figures_say_so_on_the_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    common.save_figure(fig, str(tmp_path / "f.png"))
+    texts = " ".join(t.get_text() for t in fig.texts)
+    assert "CPU RUN" in texts and common.cpu_warning() in texts
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- README tables --------------------------------------------------------------------------
@@ -270,7 +236,7 @@ def test_readme_tables_quote_only_the_files(tmp_path):
         dict(base, mode="batch_sweep", provider="triton", batch=2, peak_gib=6.5),
     ])
     _write(tmp_path / "kernels.json", GPU_ENV, [
-        dict(kernel="attention", mode="fwd", provider="ours", shape="B=8 H=16 N=1025 D=64", dtype="bfloat16",
+        dict(kernel="attention", mode="fwd", provider="triton", shape="B=8 H=16 N=1025 D=64", dtype="bfloat16",
              ms=0.5, tflops=420.0, speedup_vs={"sdpa_flash": 1.2}),
         dict(kernel="attention", mode="fwd", provider="xformers", shape="B=8 H=16 N=1025 D=64",
              dtype="bfloat16", ms=None, error="ModuleNotFoundError: No module named 'xformers'"),
@@ -285,14 +251,14 @@ def test_readme_tables_quote_only_the_files(tmp_path):
     assert not any(line.startswith("| SETR-Naive") for line in text.splitlines())
 
 
-@cpu_only
-def test_readme_tables_refuse_cpu_results(train_results, tmp_path):
-    _, out = train_results
+def test_readme_tables_refuse_cpu_results(tmp_path):
+    row = dict(kernel="setr_pup_vit_tiny", backbone="vit_tiny", mode="train", provider="triton", batch=1, ms=9.0)
+    _write(tmp_path / "train_step_pup.json", dict(GPU_ENV, gpu=None), [row])
     with pytest.raises(SystemExit, match="CPU run"):
-        readme_tables.render(out)
-    text = readme_tables.render(out, allow_cpu=True)  # the smoke-test files render end to end
+        readme_tables.render(str(tmp_path))
+    text = readme_tables.render(str(tmp_path), allow_cpu=True)  # for tests: renders anyway
     assert "| SETR-PUP ViT-tiny | 1 |" in text
-    rc = readme_tables.main(["--results", out, "--allow-cpu", "--out", str(tmp_path / "t.md")])
+    rc = readme_tables.main(["--results", str(tmp_path), "--allow-cpu", "--out", str(tmp_path / "t.md")])
     assert rc == 0 and (tmp_path / "t.md").read_text() == text
 
 

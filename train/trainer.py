@@ -23,34 +23,12 @@ from setr.data import PositionSampler
 from setr.inference import evaluate
 from train.build import build_data, build_model, eval_copy  # noqa: F401 - also imported from here
 from train.checkpoint import Checkpointer, DamagedCheckpoint, resolve_resume
+from train.flops import model_flops_utilization, peak_flops
 from train.logger import BadSamples, MetricWindow, dump_memory_snapshot, format_duration, max_memory_gib
 from train.optim import PolyLR, param_groups
 from train.parallelize import DTYPES, data_worker_init
 
-# Dense (no sparsity) peak FLOP/s per device by name (substring, first match wins) and compute
-# dtype, for MFU. Shared with bench/.
-PEAK_FLOPS = [
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
-    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("H20", {"bf16": 148e12, "fp16": 148e12, "fp32": 44e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
-]
 MAX_SKIPPED_IN_A_ROW = 20
-
-
-def peak_flops(device_name, precision):
-    """Peak dense FLOP/s of a GPU named like torch.cuda.get_device_name() for precision
-    'bf16' | 'fp16' | 'fp32'; None for an unknown GPU or no name (CPU)."""
-    for key, table in PEAK_FLOPS:
-        if device_name and key in device_name:
-            return table[precision]
-    return None
 
 
 class Trainer:
@@ -405,7 +383,7 @@ class Trainer:
     def _log_window(self, w, out, eta):
         """One log line, metrics.jsonl record and TensorBoard scalars; w: MetricWindow.means()."""
         it, loss, terms = self.iteration, w["loss"], w["terms"]
-        mfu = self.flops_per_image * w["img_per_s"] / (self.peak * self.world_size) if self.peak else None
+        mfu = model_flops_utilization(self.flops_per_image, w["img_per_s"], self.peak, self.world_size)
         mem, reserved = max_memory_gib(self.device)
         lr_base = out["lr"][0]
         lr_head = out["lr"][1] if len(out["lr"]) > 1 else None
