@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import environment, markdown_table, results_dir  # noqa: E402
 from setr.data import ADE20K, TrainSamples  # noqa: E402
 from setr.data import transforms as T  # noqa: E402
+from setr.files import write_atomic  # noqa: E402
 
 try:  # mmseg 1.x's own transforms, timed side by side where installed
     from mmcv.transforms import LoadImageFromFile
@@ -103,9 +104,7 @@ def write(rows, outdir):
              "# bench_data: training samples per second, one worker, one thread\n\nEnvironment: "
              + ", ".join(f"{k}={v}" for k, v in env.items()) + "\n\n" + markdown_table(rows, COLUMNS) + "\n"]
     for path, text in zip(paths, texts):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, text)
     return paths
 
 

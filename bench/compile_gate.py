@@ -52,6 +52,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
+from setr.files import write_atomic  # noqa: E402
 
 attn = importlib.import_module("kernels.attention")
 ln = importlib.import_module("kernels.layer_norm")
@@ -315,9 +316,7 @@ def write_table(rows, outdir, seconds, compiled):
                 last_run=f"{compiled} compiled, {len(rows) - compiled} reused, {seconds:.0f} s",
                 regenerate="python -m bench.compile_gate --all")
     path = os.path.join(outdir, "compile.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"meta": meta, "rows": [public(r) for r in rows]}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps({"meta": meta, "rows": [public(r) for r in rows]}, indent=1))
     lines = ["# Compile gate: every kernel launch at SETR's shapes, every autotune config", "",
              f"`{meta['regenerate']}` (Triton {meta['triton']}, {len(rows)} compiles, "
              f"{meta['compile_core_seconds']} core-seconds of compiling). "
@@ -325,10 +324,9 @@ def write_table(rows, outdir, seconds, compiled):
              "spills in bytes; occupancy = estimated resident warps / 64 per SM; tensor-core ops = wgmma "
              "(sm_90a) or mma.sync (sm_80) instructions in the PTX.", ""]
     fmt = lambda r: {**r, "config": " ".join(f"{k}={v}" for k, v in r["config"].items())}
-    with open(os.path.join(outdir, "compile.md") + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n" + markdown_table(summary(rows), SUMMARY_COLUMNS) + "\n\n"
-                + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
-    os.replace(os.path.join(outdir, "compile.md") + ".tmp", os.path.join(outdir, "compile.md"))
+    write_atomic(os.path.join(outdir, "compile.md"),
+                 "\n".join(lines) + "\n" + markdown_table(summary(rows), SUMMARY_COLUMNS) + "\n\n"
+                 + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
 
 
 def subset(committed):

@@ -200,7 +200,7 @@ def write_report(out, env, records, dry_run):
         lines += [f"- {line}" for line in r["summary"]] + ["", "```"] + r["tail"] + ["```"]
     for name, text in (("gpu_check.json", json.dumps(data, indent=1)), ("gpu_check.md", "\n".join(lines) + "\n")):
         path = os.path.join(out, name)
-        with open(path + ".tmp", "w") as f:
+        with open(path + ".tmp", "w") as f:  # not setr.files: this parent process never imports torch
             f.write(text)
         os.replace(path + ".tmp", path)
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from setr.data import EvalSamples, build_dataset
 from setr.data.datasets import DataError
+from setr.files import write_atomic
 from setr.inference import evaluate
 from setr.predict import PredictError, add_model_args, build_model, pipeline_settings, save_label
 
@@ -91,10 +92,7 @@ def write_metrics(path, result, settings):
     record = {k: _nan_to_none(result[k]) for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images",
                                                     "seconds", "images_per_s")}
     record = {**record, "class_names": [p["name"] for p in result["per_class"]], **settings}
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=1))
 
 
 def _run(args, rank, world_size, device):

@@ -136,12 +136,17 @@ def test_non_unit_stride_head_dim_is_copied():
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v), **FLOAT32_TOL)
 
 
-def test_backward_is_deterministic():
-    B, N, H, D = 1, 150, 2, 32
+def packed_twice(B, N, H, D):
+    """Packed bf16 inputs and the (out, dqkv) of two identical runs: the two must be bitwise equal."""
     qkv, dout = packed_inputs(B, N, H, D, torch.bfloat16)
     first = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
     second = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    return qkv, dout, first
+
+
+def test_backward_is_deterministic():
+    packed_twice(1, 150, 2, 32)
     q, k, v = (torch.randn(1, 2, 70, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
     do = torch.randn_like(q)
     first = run_with_grads(attention, (q, k, v), do)
@@ -278,10 +283,7 @@ def test_gpu_head_dims_and_lengths(Nq, Nk, D):
 
 @pytest.mark.gpu
 def test_gpu_packed_setr_block_deterministic():
-    B, N, H, D = 4, 1025, 16, 64
-    qkv, dout = packed_inputs(B, N, H, D, torch.bfloat16)
-    ours = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
-    again = run_with_grads(lambda x: attention_qkv_packed(x, H), (qkv,), dout)
-    assert all(torch.equal(a, b) for a, b in zip(ours, again))
+    H = 16
+    qkv, dout, ours = packed_twice(4, 1025, H, 64)
     same, gold = packed_baselines(qkv, dout, H)
     assert_rule(ours, same, gold, ATOL[torch.bfloat16], ("out", "dqkv"))

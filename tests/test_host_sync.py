@@ -63,7 +63,8 @@ def tiny_trainer(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
 
     from train.parallelize import parallelize
-    from train.trainer import Trainer, build_data, build_model, eval_copy
+    from train.build import build_data, build_model, eval_copy
+    from train.trainer import Trainer
 
     class Log:
         def info(self, *args, **kwargs):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import ConfigError
-from train.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm, sync_batchnorm  # noqa: F401 - also imported from here
+from train.sync_batchnorm import sync_batchnorm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from setr.files import write_atomic  # noqa: E402
+
 PANELS = (  # (title, y label, [(record key, legend suffix)], event)
     ("loss", "loss", None, "train"),  # None: "loss" and every "loss_<term>" key
     ("learning rate", "lr", [("lr", "base"), ("lr_head", "head")], "train"),
@@ -87,10 +89,8 @@ def plot_runs(runs, out):
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.tight_layout()
-    tmp = f"{out}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -21,7 +21,6 @@ from torch.distributed.tensor import DTensor
 import setr
 from setr.data import PositionSampler
 from setr.inference import evaluate
-from train.build import build_data, build_model, eval_copy  # noqa: F401 - also imported from here
 from train.checkpoint import Checkpointer, DamagedCheckpoint, resolve_resume
 from train.flops import model_flops_utilization, peak_flops
 from train.logger import BadSamples, MetricWindow, dump_memory_snapshot, format_duration, max_memory_gib
