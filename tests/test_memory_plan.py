@@ -40,3 +40,32 @@ def test_planned_activations_equal_the_bytes_saved_for_backward(impl):
     real = saved_for_backward_bytes(model, images, labels)
     assert real > 0
     assert plan["saved_activations"] == pytest.approx(real, rel=0.05), (plan["saved_activations"], real)
+
+
+def test_triton_plan_of_pup_512_never_holds_full_resolution_logits():
+    """The fused upsample + cross-entropy is planned through its fake op: no (B, 150, 512, 512)
+    tensor anywhere in the step (eager, the control, has them in its loss). The heads and the
+    loss are those of ViT-L; the backbone width does not change them."""
+    full = 2 * 150 * 512 * 512
+    kw = dict(batch=2, crop=512, backbone="vit_tiny", num_classes=150)
+    ours = memory_plan.plan("pup", "triton", **kw)["modules"]
+    assert ours["loss"]["largest"] is not None
+    assert max(m["largest"][0] for m in ours.values() if m["largest"]) < full
+    assert ours["loss"]["largest"][1] == [2, 150, 256, 256]  # the logits before the fused x2 upsample
+    eager = memory_plan.plan("pup", "eager", **kw)["modules"]
+    assert eager["loss"]["largest"][1] == [2, 150, 512, 512]
+
+
+def test_compile_and_unknown_impl_are_refused():
+    with pytest.raises(memory_plan.PlanError, match="compile"):
+        memory_plan.plan("pup", "triton", batch=1, compile_=True)
+    with pytest.raises(memory_plan.PlanError, match="impl 'flash'"):
+        memory_plan.plan("pup", "flash", batch=1)
+
+
+def test_real_step_code_path_on_cpu():
+    """What runs on a GPU beside the plan: two real steps; on CPU the peak is None."""
+    out = memory_plan.measure(TINY["head"], "eager", batch=2, precision="fp32", crop=TINY["crop"],
+                              backbone=TINY["backbone"], num_classes=TINY["num_classes"], aux=False, device="cpu")
+    assert out["measured_peak"] is None
+    assert out["grad_norm"] > 0 and out["grad_norm"] == out["grad_norm"]
