@@ -10,8 +10,34 @@ Module names mirror mmseg's state dict (`up_convs.k.0.conv`, `conv_seg`, `neck.m
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from setr import layers
+from setr.vit import recomputes
+
+
+class UpsampledConv(torch.autograd.Function):
+    """F.conv2d(upsample(x), weight, padding=padding) (no bias, stride 1) keeping x, not the
+    upsampled map (4x larger for a x2 upsample, 16x for x4): the backward upsamples x again (the
+    same values) and calls the convolution backward autograd calls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, size, padding, impl):
+        ctx.save_for_backward(x, weight)
+        ctx.size, ctx.padding, ctx.impl = size, padding, impl
+        return F.conv2d(layers.upsample(x, size, impl), weight, None, 1, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            up = layers.upsample(leaf, ctx.size, ctx.impl)
+        grad_up, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, up.detach(), weight, None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
+            [True, ctx.needs_input_grad[1], False])
+        (grad_x,) = torch.autograd.grad(up, leaf, grad_up)
+        return grad_x, grad_w, None, None, None
 
 
 class ConvModule(nn.Module):
@@ -29,8 +55,13 @@ class ConvModule(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         self.bn.reset_parameters()
 
-    def forward(self, x):
-        return self.activate(self.bn(self.conv(x)))
+    def forward(self, x, upsample=None):  # upsample: an Upsample applied to x first, recomputed in the backward
+        if upsample is None:
+            x = self.conv(x)
+        else:
+            x = UpsampledConv.apply(x, self.conv.weight, upsample.out_size(x.shape[-2:]), self.conv.padding,
+                                    upsample.impl)
+        return self.activate(self.bn(x))
 
 
 class Upsample(nn.Module):
@@ -82,6 +113,7 @@ class SETRUPHead(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.in_index = in_index
         self.classify_first = classify_first
+        self.recompute = recomputes(impl)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1, **dd)
         self.norm = layers.LayerNorm(in_channels, eps=1e-6, impl=impl["layer_norm"], **dd)
         self.up_convs = nn.ModuleList()
@@ -105,10 +137,15 @@ class SETRUPHead(nn.Module):
 
     def forward(self, inputs):  # list of (B, C, h, w) -> (B, K, h', w'), out_size
         x = tokens_layer_norm(self.norm, inputs[self.in_index])
-        for up_conv in self.up_convs[:-1]:
-            x = up_conv(x)
+        pending = None  # recompute: an upsample left to the next conv, which keeps only its smaller input
+        for conv, up in self.up_convs[:-1]:
+            x = conv(x, upsample=pending)
+            if self.recompute:
+                pending = up
+            else:
+                x = up(x)
         conv, up = self.up_convs[-1]
-        x = conv(x)
+        x = conv(x, upsample=pending)
         out_size = up.out_size(x.shape[-2:])
         if self.classify_first:
             return self.conv_seg(x), out_size

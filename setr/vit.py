@@ -24,6 +24,63 @@ VIT_CONFIGS = {
 }
 
 
+def recomputes(impl):
+    """True when the model recomputes cheap intermediates in the backward instead of keeping them
+    (GELU output, pre-attention LayerNorm output, the heads' upsampled inputs): part of
+    impl="triton", our memory-lean path. eager / sdpa keep PyTorch's autograd as it is (baselines)."""
+    return all(name == "triton" for name in impl.values())
+
+
+def linear_grads(grad_out, x, weight, needs=(True, True, True)):
+    """Gradients of F.linear(x, weight, bias) for x, weight, bias (None where not needed), op for op
+    as autograd computes them for a contiguous (..., K) input: addmm on the flattened input.
+
+    grad_out: (..., N); x: (..., K) contiguous; weight: (N, K)."""
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = g.mm(weight).view(x.shape) if needs[0] else None
+    grad_w = g.t().mm(x.reshape(-1, x.shape[-1])) if needs[1] else None  # weight.t() is column-major
+    grad_b = g.sum(0) if needs[2] else None
+    return grad_x, grad_w, grad_b
+
+
+class GeluLinear(torch.autograd.Function):
+    """F.linear(gelu(h), weight, bias) keeping only h for the backward: the exact GELU is
+    recomputed there (elementwise: the same values), saving the (B, N, 4C) GELU output."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        grad_a, grad_w, grad_b = linear_grads(grad_out, F.gelu(h), weight, ctx.needs_input_grad)
+        grad_h = torch.ops.aten.gelu_backward(grad_a, h) if grad_a is not None else None
+        return grad_h, grad_w, grad_b
+
+
+class NormLinear(torch.autograd.Function):
+    """F.linear(layer_norm(x), weight, bias) keeping x (which the LayerNorm keeps anyway) but not
+    layer_norm(x): the backward runs the same LayerNorm on the same x again (the same values)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps, impl):
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
+        ctx.eps, ctx.impl = eps, impl
+        return F.linear(layers.layer_norm(x, norm_weight, norm_bias, eps, impl), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, norm_weight, norm_bias, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, norm_weight, norm_bias)]
+            y = layers.layer_norm(*leaves, ctx.eps, ctx.impl)
+        grad_y, grad_w, grad_b = linear_grads(grad_out, y.detach(), weight, (True,) + ctx.needs_input_grad[3:5])
+        grad_x, grad_nw, grad_nb = torch.autograd.grad(y, leaves, grad_y)
+        return grad_x, grad_nw, grad_nb, grad_w, grad_b, None, None
+
+
 def resize_pos_embed(pos_embed, src_hw, dst_hw):
     """Resize the patch grid of a (1, 1 + h*w, C) pos-embed to dst_hw; the cls entry is kept.
 
@@ -71,8 +128,12 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dims, device=device, dtype=dtype))
         self.out_proj = nn.Linear(embed_dims, embed_dims, device=device, dtype=dtype)
 
-    def forward(self, x):  # (B, N, C) -> (B, N, C)
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
+    def forward(self, x, norm=None):  # (B, N, C) -> (B, N, C); norm: a LayerNorm applied to x first
+        if norm is not None:  # recomputed in the backward rather than kept
+            qkv = NormLinear.apply(x, norm.weight, norm.bias, self.in_proj_weight, self.in_proj_bias, norm.eps,
+                                   norm.impl)
+        else:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
         out = layers.attention_packed(qkv, self.num_heads, self.impl)  # (B, N, C)
         return self.out_proj(out)
 
@@ -84,21 +145,25 @@ class Attention(nn.Module):
         super().__init__()
         self.attn = SelfAttention(embed_dims, num_heads, impl, device=device, dtype=dtype)
 
-    def forward(self, x):
-        return self.attn(x)
+    def forward(self, x, norm=None):
+        return self.attn(x, norm)
 
 
 class FFN(nn.Module):
     """Linear -> GELU (exact) -> Linear, named as mmcv's FFN (`layers.0.0`, `layers.1`)."""
 
-    def __init__(self, embed_dims, hidden_dims, device=None, dtype=None):
+    def __init__(self, embed_dims, hidden_dims, recompute_gelu=False, device=None, dtype=None):
         super().__init__()
+        self.recompute_gelu = recompute_gelu
         self.layers = nn.Sequential(
             nn.Sequential(nn.Linear(embed_dims, hidden_dims, device=device, dtype=dtype), nn.GELU()),
             nn.Linear(hidden_dims, embed_dims, device=device, dtype=dtype),
         )
 
     def forward(self, x):
+        if self.recompute_gelu:
+            fc1, fc2 = self.layers[0][0], self.layers[1]
+            return GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
         return self.layers(x)
 
 
@@ -107,13 +172,15 @@ class Block(nn.Module):
         super().__init__()
         impl = layers.resolve_impl(impl or "eager")
         dd = dict(device=device, dtype=dtype)
+        self.recompute = recomputes(impl)
         self.ln1 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
         self.attn = Attention(embed_dims, num_heads, impl["attention"], **dd)
         self.ln2 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
-        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims, **dd)
+        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims, self.recompute, **dd)
 
     def forward(self, x):  # (B, N, C)
-        h, y = self.ln2(x, residual=self.attn(self.ln1(x)))  # h = x + attn(ln1(x)), y = ln2(h)
+        attn = self.attn(x, norm=self.ln1) if self.recompute else self.attn(self.ln1(x))
+        h, y = self.ln2(x, residual=attn)  # h = x + attn(ln1(x)), y = ln2(h)
         return h + self.ffn(y)
 
 

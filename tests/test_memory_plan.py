@@ -1,4 +1,6 @@
 """The memory planner (bench/memory_plan.py) against what a real CPU step keeps for backward."""
+import copy
+
 import pytest
 import torch
 
@@ -69,3 +71,27 @@ def test_real_step_code_path_on_cpu():
                               backbone=TINY["backbone"], num_classes=TINY["num_classes"], aux=False, device="cpu")
     assert out["measured_peak"] is None
     assert out["grad_norm"] > 0 and out["grad_norm"] == out["grad_norm"]
+
+
+def test_recomputation_in_the_backward_changes_no_number():
+    """impl='triton' recomputes GELU, the pre-attention LayerNorm and the heads' upsamples in the
+    backward instead of keeping them. Forced on an eager model (the same Functions, fast on CPU):
+    bitwise the same losses and gradients as autograd's own backward."""
+    torch.manual_seed(0)
+    plain = setr.build_setr("pup", "vit_tiny", 7, img_size=32, impl="eager").train()
+    assert not plain.backbone.layers[0].recompute and not plain.decode_head.recompute
+    lean = copy.deepcopy(plain)
+    for m in lean.modules():
+        for flag in ("recompute", "recompute_gelu"):
+            if hasattr(m, flag):
+                setattr(m, flag, True)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 7, (2, 32, 32))
+    results = []
+    for model in (plain, lean):
+        losses = model(images, labels)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert all(torch.equal(l0[k], l1[k]) for k in l0)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0), [n for n in g0 if not torch.equal(g0[n], g1[n])]
+    assert setr.build_setr("pup", "vit_tiny", 7, img_size=32, impl="triton").backbone.layers[0].ffn.recompute_gelu
