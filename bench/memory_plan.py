@@ -12,7 +12,8 @@ is the one reported.
 Fake tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot create
 even for fake tensors); `kernels.utils.plan_as_cuda` sends them down the GPU path of our
 kernels, so impl="triton" is planned through the custom ops' fake (shape-only) versions, as
-the GPU runs it, and not through the CPU references. What the plan cannot see: the CUDA
+the GPU runs it, and not through the CPU references. A Recorder (a dispatch mode inside the
+tracker) attributes what it counts to the model's parts. What the plan cannot see: the CUDA
 context, cuBLAS / cuDNN / Triton workspaces and allocator fragmentation (the caller adds an
 allowance for them), and torch.compile (refused).
 """
@@ -23,11 +24,11 @@ import re
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _SavedFSDPMethods
+from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_state import _register_group_forward_hooks
-from torch.distributed._tools.common_utils import get_untyped_storages
-from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
@@ -87,7 +88,7 @@ def build_parallel_model(cfg, impl, crop, device, backbone="vit_large", num_clas
                             device=device)
     device = torch.device(device)
     mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (dist.get_world_size(),))
-    parallelize(model, cfg, mesh)
+    model = parallelize(model, cfg, mesh)
     return model.train()
 
 
@@ -103,7 +104,7 @@ def train_step(model, optimizer, images, labels, after_forward=None):
     the loss terms, SGD step, zero_grad. BatchNorm statistics are saved as the trainer saves them."""
     optimizer.zero_grad(set_to_none=True)
     bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                  for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+                  for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
     bn_state = [b.clone() for b in bn_buffers]  # noqa: F841 - held for the step, as the trainer does
     losses = model(images, labels)
     loss = sum(losses.values())
@@ -209,6 +210,7 @@ class Recorder(TorchDispatchMode):
         self.seen_child = False
         self.owner = WeakIdKeyDictionary()  # storage -> module group whose forward op allocated it
         self.node_starts, self.node_groups = [], []  # first autograd sequence number of each group run
+        self.forward_end_seq, self.last_backward_group = None, "step"
 
     def current(self):
         out = dict.fromkeys(CATEGORY_ORDER, 0)
@@ -231,8 +233,11 @@ class Recorder(TorchDispatchMode):
         node = torch._C._current_autograd_node()
         if node is None:  # FSDP's end-of-backward callback: gradient reduce-scatter
             return "step"
+        if node._sequence_nr() >= self.forward_end_seq:  # a graph recomputed inside a backward node
+            return self.last_backward_group
         i = bisect.bisect_right(self.node_starts, node._sequence_nr()) - 1
-        return self.node_groups[i] if i >= 0 else "step"
+        self.last_backward_group = self.node_groups[i] if i >= 0 else "step"
+        return self.last_backward_group
 
     def _pre_forward(self, module, _inputs):
         if not self.mods.is_bw:
@@ -244,6 +249,7 @@ class Recorder(TorchDispatchMode):
 
     def mark_forward_end(self):
         self.forward_end = self.current()
+        self.forward_end_seq = torch._C._autograd._get_sequence_nr()
         self.forward_group({"Global"})
         for st, group in self.owner.items():
             winfo = self.tracker._WINFO.get(st, (None, None))[0]

@@ -1,13 +1,17 @@
 """The memory planner (bench/memory_plan.py) against what a real CPU step keeps for backward."""
 import copy
+import json
+import os
+import re
 
 import pytest
 import torch
 
 import setr
-from bench import memory_plan
+from bench import memory_estimate, memory_plan
 from train.parallelize import convert_sync_batchnorm
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(head="pup", backbone="vit_tiny", num_classes=7, crop=32)  # no aux heads: 3x faster interpreted
 
 
@@ -95,3 +99,40 @@ def test_recomputation_in_the_backward_changes_no_number():
     assert all(torch.equal(l0[k], l1[k]) for k in l0)
     assert all(torch.equal(g0[n], g1[n]) for n in g0), [n for n in g0 if not torch.equal(g0[n], g1[n])]
     assert setr.build_setr("pup", "vit_tiny", 7, img_size=32, impl="triton").backbone.layers[0].ffn.recompute_gelu
+
+
+def test_estimate_command_writes_results_and_ends_with_summary_lines(tmp_path, capsys):
+    from bench import memory
+
+    argv = ["--estimate", "--head", "pup", "--backbone", "vit_tiny", "--crop", "32", "--batch", "2",
+            "--impl", "eager", "--num-classes", "7", "--out", str(tmp_path)]
+    assert memory.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"estimate pup eager batch 2 world 1: peak \d+\.\d\d GiB, \d+\.\d\d GiB per image", last)
+    name = "pup_vit_tiny_32_eager_bf16_b2_w1"
+    row = json.loads((tmp_path / f"{name}.json").read_text())["row"]
+    assert row["peak_gib"] == pytest.approx(row["plan"]["peak"] / 2 ** 30)
+    assert "| blocks |" in (tmp_path / f"{name}.md").read_text()
+    assert memory.main(argv) == 2  # the same config again: refused, nothing overwritten
+    assert "--overwrite" in capsys.readouterr().err
+    assert memory.main(argv + ["--compile", "on"]) == 2
+    assert "cannot be planned" in capsys.readouterr().err
+
+
+def test_largest_batch_uses_the_affine_prediction(monkeypatch):
+    planned = []
+
+    def affine_plan(config):  # 2 GiB + 1.5 GiB per image
+        planned.append(config["batch"])
+        return dict(config, peak_gib=2.0 + 1.5 * config["batch"])
+
+    monkeypatch.setattr(memory_estimate, "plan_row", affine_plan)
+    batch, row = memory_estimate.largest_batch(dict(head="pup"), gpu_memory=41)  # (2 + 1.5 b) 1.1 + 1.5 <= 41
+    assert (batch, row["batch"]) == (22, 22)
+    assert len(planned) <= 5
+    assert memory_estimate.largest_batch(dict(head="pup"), gpu_memory=4)[0] == 0
+
+
+def test_readme_table_is_rendered_from_the_committed_results():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert memory_estimate.render_table(memory_estimate.OUT) in readme
