@@ -20,6 +20,7 @@ import os
 from bench.memory_plan import CATEGORY_ORDER, GIB, MODULES, PlanError, check_plannable, measure, plan
 
 HEADS = ("naive", "pup", "mla")
+HEAD_NAMES = {"naive": "SETR-Naive", "pup": "SETR-PUP", "mla": "SETR-MLA"}
 IMPLS = ("eager", "sdpa", "triton")
 RECIPE_BATCH = 16
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "estimate")
@@ -107,7 +108,7 @@ def render_markdown(row, environment):
     """The markdown report of one planned config."""
     p, b = row["plan"], row["batch"]
     gib = lambda v: f"{v / GIB:.3f}"
-    lines = [f"# Planned training memory: SETR-{row['head'].upper()} {row['backbone']} {row['crop']}x{row['crop']}, "
+    lines = [f"# Planned training memory: {HEAD_NAMES[row['head']]} {row['backbone']} {row['crop']}x{row['crop']}, "
              f"impl={row['impl']}, {row['precision']}, batch {b} per GPU, {row['world_size']} GPU(s)"
              f"{', activation checkpointing' if row['ac'] else ''}", "",
              f"Planned (FakeTensorMode + FSDPMemTracker, bench/memory_plan.py; torch {environment.get('torch')}, "
@@ -276,7 +277,7 @@ def render_table(outdir):
                 envs.append(data["environment"])
                 cells.append(f"{data['row']['peak_gib']:.2f} ({data['row']['per_image_gib']:.2f})")
             theirs = (f"{MMSEG_MEM_GB[head, global_batch]:.2f} (fp32, 8 x {global_batch // 8})" if world == 8 else "")
-            lines.append(f"| SETR-{head.upper()} | {global_batch} | {world} x {global_batch // world} | "
+            lines.append(f"| {HEAD_NAMES[head]} | {global_batch} | {world} x {global_batch // world} | "
                          + " | ".join(cells) + f" | {theirs} |")
     commits = sorted({(e.get("git_commit") or "unknown")[:10] for e in envs})
     lines += ["", f"Planned, not yet measured: GiB per GPU (per image in parentheses), ViT-L/16, 512x512, bf16 "
