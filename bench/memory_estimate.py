@@ -84,7 +84,8 @@ def fits(row, gpu_memory):
 
 def largest_batch(config, gpu_memory):
     """Largest batch per GPU whose plan fits (0 if batch 1 does not) and that batch's row. Memory
-    is affine in the batch, so the plans at 1 and 2 predict it; neighbours confirm."""
+    is nearly affine in the batch: a line through the last two plans predicts the batch that
+    fills the GPU (secant steps), and the neighbours of the prediction confirm it."""
     rows = {}
 
     def row(b):
@@ -94,9 +95,14 @@ def largest_batch(config, gpu_memory):
 
     if not fits(row(1), gpu_memory):
         return 0, row(1)
-    per_image = row(2)["peak_gib"] - row(1)["peak_gib"]
-    fixed = row(1)["peak_gib"] - per_image
-    b = max(1, int(((gpu_memory - ALLOWANCE_GIB) / (1 + FRAGMENTATION) - fixed) / max(per_image, 1e-9)))
+    budget = (gpu_memory - ALLOWANCE_GIB) / (1 + FRAGMENTATION)  # the planned peak that fits
+    a, b = 1, 8
+    for _ in range(4):
+        per_image = (row(b)["peak_gib"] - row(a)["peak_gib"]) / (b - a)
+        guess = max(1, int(b + (budget - row(b)["peak_gib"]) / max(per_image, 1e-9)))
+        if guess == b:
+            break
+        a, b = b, guess
     while b > 1 and not fits(row(b), gpu_memory):
         b -= 1
     while fits(row(b + 1), gpu_memory):

@@ -10,34 +10,9 @@ Module names mirror mmseg's state dict (`up_convs.k.0.conv`, `conv_seg`, `neck.m
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from setr import layers
-from setr.vit import recomputes
-
-
-class UpsampledConv(torch.autograd.Function):
-    """F.conv2d(upsample(x), weight, padding=padding) (no bias, stride 1) keeping x, not the
-    upsampled map (4x larger for a x2 upsample, 16x for x4): the backward upsamples x again (the
-    same values) and calls the convolution backward autograd calls."""
-
-    @staticmethod
-    def forward(ctx, x, weight, size, padding, impl):
-        ctx.save_for_backward(x, weight)
-        ctx.size, ctx.padding, ctx.impl = size, padding, impl
-        return F.conv2d(layers.upsample(x, size, impl), weight, None, 1, padding)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_()
-            up = layers.upsample(leaf, ctx.size, ctx.impl)
-        grad_up, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, up.detach(), weight, None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
-            [True, ctx.needs_input_grad[1], False])
-        (grad_x,) = torch.autograd.grad(up, leaf, grad_up)
-        return grad_x, grad_w, None, None, None
+from setr.vit import recompute_cheap, recomputes
 
 
 class ConvModule(nn.Module):
@@ -55,12 +30,10 @@ class ConvModule(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         self.bn.reset_parameters()
 
-    def forward(self, x, upsample=None):  # upsample: an Upsample applied to x first, recomputed in the backward
-        if upsample is None:
-            x = self.conv(x)
-        else:
-            x = UpsampledConv.apply(x, self.conv.weight, upsample.out_size(x.shape[-2:]), self.conv.padding,
-                                    upsample.impl)
+    def forward(self, x, upsample=None):
+        """upsample: an Upsample applied to x first and run again in the backward, so that only x,
+        not the 4x (x2) or 16x (x4) larger upsampled map, is kept for the conv's backward."""
+        x = self.conv(x) if upsample is None else recompute_cheap(lambda t: self.conv(upsample(t)), x)
         return self.activate(self.bn(x))
 
 

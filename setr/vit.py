@@ -4,11 +4,13 @@ Module and parameter names mirror mmseg's state dict (`patch_embed.projection`,
 `layers.i.attn.attn.in_proj_weight`, `layers.i.ffn.layers.0.0`, ...) so its checkpoints load
 without any key conversion. Pre-norm blocks: x = x + attn(ln1(x)); x = x + ffn(ln2(x)).
 """
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from setr import layers
 
@@ -27,7 +29,9 @@ VIT_CONFIGS = {
 def recomputes(impl):
     """True when the model recomputes cheap intermediates in the backward instead of keeping them
     (GELU output, pre-attention LayerNorm output, the heads' upsampled inputs): part of
-    impl="triton", our memory-lean path. eager / sdpa keep PyTorch's autograd as it is (baselines)."""
+    impl="triton", our memory-lean path. eager / sdpa keep PyTorch's autograd as it is (baselines).
+    Activation checkpointing of a whole block turns its selective recompute off (Block.recompute):
+    the kept matrix products would outlive the block's discarded activations."""
     return all(name == "triton" for name in impl.values())
 
 
@@ -60,25 +64,22 @@ class GeluLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
-class NormLinear(torch.autograd.Function):
-    """F.linear(layer_norm(x), weight, bias) keeping x (which the LayerNorm keeps anyway) but not
-    layer_norm(x): the backward runs the same LayerNorm on the same x again (the same values)."""
+KEPT_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.convolution.default)
 
-    @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps, impl):
-        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
-        ctx.eps, ctx.impl = eps, impl
-        return F.linear(layers.layer_norm(x, norm_weight, norm_bias, eps, impl), weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, norm_weight, norm_bias, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (x, norm_weight, norm_bias)]
-            y = layers.layer_norm(*leaves, ctx.eps, ctx.impl)
-        grad_y, grad_w, grad_b = linear_grads(grad_out, y.detach(), weight, (True,) + ctx.needs_input_grad[3:5])
-        grad_x, grad_nw, grad_nb = torch.autograd.grad(y, leaves, grad_y)
-        return grad_x, grad_nw, grad_nb, grad_w, grad_b, None, None
+def _keep_products(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep the outputs of matrix products and convolutions,
+    recompute everything else (norms, upsampling, views) in the backward."""
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_cheap(fn, *args):
+    """fn(*args), keeping for the backward only args and the outputs of fn's matrix products and
+    convolutions (selective activation checkpointing): the rest of fn runs again in the backward.
+    The backward is autograd's own on the same recomputed values, so the gradients do not change;
+    unlike a custom autograd.Function with a nested autograd.grad, torch.compile traces it."""
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_products))
 
 
 def resize_pos_embed(pos_embed, src_hw, dst_hw):
@@ -130,8 +131,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, norm=None):  # (B, N, C) -> (B, N, C); norm: a LayerNorm applied to x first
         if norm is not None:  # recomputed in the backward rather than kept
-            qkv = NormLinear.apply(x, norm.weight, norm.bias, self.in_proj_weight, self.in_proj_bias, norm.eps,
-                                   norm.impl)
+            qkv = recompute_cheap(lambda t: F.linear(norm(t), self.in_proj_weight, self.in_proj_bias), x)
         else:
             qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
         out = layers.attention_packed(qkv, self.num_heads, self.impl)  # (B, N, C)

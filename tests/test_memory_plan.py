@@ -9,7 +9,7 @@ import torch
 
 import setr
 from bench import memory_estimate, memory_plan
-from train.parallelize import convert_sync_batchnorm
+from train.parallelize import apply_activation_checkpointing, convert_sync_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(head="pup", backbone="vit_tiny", num_classes=7, crop=32)  # no aux heads: 3x faster interpreted
@@ -79,8 +79,8 @@ def test_real_step_code_path_on_cpu():
 
 def test_recomputation_in_the_backward_changes_no_number():
     """impl='triton' recomputes GELU, the pre-attention LayerNorm and the heads' upsamples in the
-    backward instead of keeping them. Forced on an eager model (the same Functions, fast on CPU):
-    bitwise the same losses and gradients as autograd's own backward."""
+    backward instead of keeping them. Forced on an eager model (the same code, fast on CPU):
+    bitwise the same losses and gradients as without, also under activation checkpointing."""
     torch.manual_seed(0)
     plain = setr.build_setr("pup", "vit_tiny", 7, img_size=32, impl="eager").train()
     assert not plain.backbone.layers[0].recompute and not plain.decode_head.recompute
@@ -98,7 +98,13 @@ def test_recomputation_in_the_backward_changes_no_number():
     (l0, g0), (l1, g1) = results
     assert all(torch.equal(l0[k], l1[k]) for k in l0)
     assert all(torch.equal(g0[n], g1[n]) for n in g0), [n for n in g0 if not torch.equal(g0[n], g1[n])]
-    assert setr.build_setr("pup", "vit_tiny", 7, img_size=32, impl="triton").backbone.layers[0].ffn.recompute_gelu
+    ours = setr.build_setr("pup", "vit_tiny", 7, img_size=32, impl="triton")
+    assert ours.backbone.layers[0].ffn.recompute_gelu and ours.backbone.layers[0].recompute
+    apply_activation_checkpointing(lean)  # whole blocks recomputed: no selective recompute inside them
+    assert not lean.backbone.layers[0]._checkpoint_wrapped_module.recompute
+    lean.zero_grad()
+    sum(lean(images, labels).values()).backward()
+    assert all(torch.equal(g0[n], p.grad) for n, p in zip(g0, lean.parameters()))
 
 
 def test_estimate_command_writes_results_and_ends_with_summary_lines(tmp_path, capsys):
