@@ -78,7 +78,7 @@ def recompute_cheap(fn, *args):
     convolutions (selective activation checkpointing): the rest of fn runs again in the backward.
     The backward is autograd's own on the same recomputed values, so the gradients do not change;
     unlike a custom autograd.Function with a nested autograd.grad, torch.compile traces it."""
-    return checkpoint(fn, *args, use_reentrant=False,
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,  # no randomness inside
                       context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_products))
 
 
