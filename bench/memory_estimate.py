@@ -90,7 +90,7 @@ def largest_batch(config, gpu_memory):
 
     def row(b):
         if b not in rows:
-            rows[b] = plan_row(dict(config, batch=b))
+            rows[b] = safe_plan_row(dict(config, batch=b))
         return rows[b]
 
     if not fits(row(1), gpu_memory):
@@ -199,6 +199,8 @@ def add_measurement(row):
                                   "num_classes")}
     try:
         peak = measure(**config)["measured_peak"]
+    except PlanError as e:  # e.g. 8 ranks asked of one process: the plan still stands
+        return f"measured {row['head']} {row['impl']} batch {row['batch']} world {row['world_size']}: n/a ({e})"
     except torch.OutOfMemoryError:
         row["measured_error"] = "out of memory"
         torch.cuda.empty_cache()
@@ -228,17 +230,20 @@ def main(argv=None):
             print(f"planning {config_name(config)}{' (largest batch)' if args.max_batch else ''} ...", flush=True)
             if args.max_batch:
                 b, row = largest_batch(config, args.gpu_memory)
-                notes.append(f"max batch {config['head']} {config['impl']} world {config['world_size']}: {b} per GPU "
-                             f"fits {args.gpu_memory:g} GiB (planned peak x {1 + FRAGMENTATION:g} fragmentation "
+                fit = f"{b} per GPU fits" if b else "not even batch 1 fits"
+                notes.append(f"max batch {config['head']} {config['impl']} world {config['world_size']}: {fit} "
+                             f"{args.gpu_memory:g} GiB (planned peak x {1 + FRAGMENTATION:g} fragmentation "
                              f"+ {ALLOWANCE_GIB} GiB CUDA context and workspaces)")
             else:
                 row = safe_plan_row(config)
             rows.append(row)
         if torch.cuda.is_available() and not args.no_measure:
             notes += [add_measurement(row) for row in rows]
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun (measuring on W GPUs): rank 0 reports
+            return 0
         env = environment()
         for row in rows:
-            check_free([row], args.out, args.overwrite or args.max_batch)
+            check_free([row], args.out, args.overwrite)
             print("wrote " + ", ".join(write_row(row, args.out, env)))
         print("\n".join(notes + [summary_line(row) for row in rows]))
         return 0
