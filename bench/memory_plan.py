@@ -101,7 +101,8 @@ def make_optimizer(model, cfg):
 def train_step(model, optimizer, images, labels, after_forward=None):
     """Trainer.train_step's tensor work for one micro-batch, in its order, without the host reads
     of the loss and grad norm (scalars): forward, backward, global grad norm, the all-reduce of
-    the loss terms, SGD step, zero_grad. BatchNorm statistics are saved as the trainer saves them."""
+    the loss terms, SGD step, zero_grad. BatchNorm statistics are saved as the trainer saves them.
+    fp16's grad scaler is left out (it scales a scalar loss and unscales the gradients in place)."""
     optimizer.zero_grad(set_to_none=True)
     bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
