@@ -4,6 +4,7 @@
     python bench/memory.py --head pup --snapshot            # + a memory_viz snapshot per variant
     python bench/memory.py --head all --batches 1 2 4 8 16  # per-image memory vs batch size
     python bench/memory.py --quick                          # tiny config (CPU smoke test)
+    python bench/memory.py --estimate --head pup --batch 16 # planned, no GPU needed (see bench/memory_estimate.py)
 
 After one warm-up step (so that the SGD momentum buffers exist), one step is measured phase by
 phase with torch.cuda.memory_allocated / max_memory_allocated:
@@ -282,6 +283,11 @@ def resolve_config(args, device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--estimate" in argv:  # the planner: any machine, real shapes (bench/memory_estimate.py)
+        from bench.memory_estimate import main as estimate_main
+
+        return estimate_main(argv)
     args = parse_args(argv)
     device = common.default_device()
     cfg = resolve_config(args, device)

@@ -9,16 +9,34 @@ import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_PLAN_AS_CUDA = False
+
+
+@contextlib.contextmanager
+def plan_as_cuda():
+    """Within this context fake (shape-only) tensors take the CUDA path: the Triton custom ops,
+    whose register_fake versions then run. For planning GPU memory on a machine without one."""
+    global _PLAN_AS_CUDA
+    previous, _PLAN_AS_CUDA = _PLAN_AS_CUDA, True
+    try:
+        yield
+    finally:
+        _PLAN_AS_CUDA = previous
+
+
 def use_triton(*tensors):
     """True when the Triton kernel (compiled or interpreted) should handle these tensors."""
     devices = {t.device.type for t in tensors}
     if devices == {"cuda"}:
+        return True
+    if _PLAN_AS_CUDA and all(isinstance(t, FakeTensor) for t in tensors):
         return True
     return devices == {"cpu"} and INTERPRET
 

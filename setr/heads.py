@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from setr import layers
+from setr.vit import recompute_cheap, recomputes
 
 
 class ConvModule(nn.Module):
@@ -29,8 +30,11 @@ class ConvModule(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         self.bn.reset_parameters()
 
-    def forward(self, x):
-        return self.activate(self.bn(self.conv(x)))
+    def forward(self, x, upsample=None):
+        """upsample: an Upsample applied to x first and run again in the backward, so that only x,
+        not the 4x (x2) or 16x (x4) larger upsampled map, is kept for the conv's backward."""
+        x = self.conv(x) if upsample is None else recompute_cheap(lambda t: self.conv(upsample(t)), x)
+        return self.activate(self.bn(x))
 
 
 class Upsample(nn.Module):
@@ -82,6 +86,7 @@ class SETRUPHead(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.in_index = in_index
         self.classify_first = classify_first
+        self.recompute = recomputes(impl)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1, **dd)
         self.norm = layers.LayerNorm(in_channels, eps=1e-6, impl=impl["layer_norm"], **dd)
         self.up_convs = nn.ModuleList()
@@ -105,10 +110,15 @@ class SETRUPHead(nn.Module):
 
     def forward(self, inputs):  # list of (B, C, h, w) -> (B, K, h', w'), out_size
         x = tokens_layer_norm(self.norm, inputs[self.in_index])
-        for up_conv in self.up_convs[:-1]:
-            x = up_conv(x)
+        pending = None  # recompute: an upsample left to the next conv, which keeps only its smaller input
+        for conv, up in self.up_convs[:-1]:
+            x = conv(x, upsample=pending)
+            if self.recompute:
+                pending = up
+            else:
+                x = up(x)
         conv, up = self.up_convs[-1]
-        x = conv(x)
+        x = conv(x, upsample=pending)
         out_size = up.out_size(x.shape[-2:])
         if self.classify_first:
             return self.conv_seg(x), out_size

@@ -4,11 +4,13 @@ Module and parameter names mirror mmseg's state dict (`patch_embed.projection`,
 `layers.i.attn.attn.in_proj_weight`, `layers.i.ffn.layers.0.0`, ...) so its checkpoints load
 without any key conversion. Pre-norm blocks: x = x + attn(ln1(x)); x = x + ffn(ln2(x)).
 """
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from setr import layers
 
@@ -22,6 +24,62 @@ VIT_CONFIGS = {
     "vit_tiny": dict(embed_dims=128, num_layers=4, num_heads=4,
                      out_indices=(0, 1, 2, 3), mla_out_indices=(0, 1, 2, 3), head_channels=32),
 }
+
+
+def recomputes(impl):
+    """True when the model recomputes cheap intermediates in the backward instead of keeping them
+    (GELU output, pre-attention LayerNorm output, the heads' upsampled inputs): part of
+    impl="triton", our memory-lean path. eager / sdpa keep PyTorch's autograd as it is (baselines).
+    Activation checkpointing of a whole block turns its selective recompute off (Block.recompute):
+    the kept matrix products would outlive the block's discarded activations."""
+    return all(name == "triton" for name in impl.values())
+
+
+def linear_grads(grad_out, x, weight, needs=(True, True, True)):
+    """Gradients of F.linear(x, weight, bias) for x, weight, bias (None where not needed), op for op
+    as autograd computes them for a contiguous (..., K) input: addmm on the flattened input.
+
+    grad_out: (..., N); x: (..., K) contiguous; weight: (N, K)."""
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = g.mm(weight).view(x.shape) if needs[0] else None
+    grad_w = g.t().mm(x.reshape(-1, x.shape[-1])) if needs[1] else None  # weight.t() is column-major
+    grad_b = g.sum(0) if needs[2] else None
+    return grad_x, grad_w, grad_b
+
+
+class GeluLinear(torch.autograd.Function):
+    """F.linear(gelu(h), weight, bias) keeping only h for the backward: the exact GELU is
+    recomputed there (elementwise: the same values), saving the (B, N, 4C) GELU output."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        grad_a, grad_w, grad_b = linear_grads(grad_out, F.gelu(h), weight, ctx.needs_input_grad)
+        grad_h = torch.ops.aten.gelu_backward(grad_a, h) if grad_a is not None else None
+        return grad_h, grad_w, grad_b
+
+
+KEPT_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.convolution.default)
+
+
+def _keep_products(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep the outputs of matrix products and convolutions,
+    recompute everything else (norms, upsampling, views) in the backward."""
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_cheap(fn, *args):
+    """fn(*args), keeping for the backward only args and the outputs of fn's matrix products and
+    convolutions (selective activation checkpointing): the rest of fn runs again in the backward.
+    The backward is autograd's own on the same recomputed values, so the gradients do not change;
+    unlike a custom autograd.Function with a nested autograd.grad, torch.compile traces it."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,  # no randomness inside
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_products))
 
 
 def resize_pos_embed(pos_embed, src_hw, dst_hw):
@@ -73,8 +131,11 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dims, device=device, dtype=dtype))
         self.out_proj = nn.Linear(embed_dims, embed_dims, device=device, dtype=dtype)
 
-    def forward(self, x):  # (B, N, C) -> (B, N, C)
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
+    def forward(self, x, norm=None):  # (B, N, C) -> (B, N, C); norm: a LayerNorm applied to x first
+        if norm is not None:  # recomputed in the backward rather than kept
+            qkv = recompute_cheap(lambda t: F.linear(norm(t), self.in_proj_weight, self.in_proj_bias), x)
+        else:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
         out = layers.attention_packed(qkv, self.num_heads, self.impl)  # (B, N, C)
         return self.out_proj(out)
 
@@ -86,21 +147,25 @@ class Attention(nn.Module):
         super().__init__()
         self.attn = SelfAttention(embed_dims, num_heads, impl, device=device, dtype=dtype)
 
-    def forward(self, x):
-        return self.attn(x)
+    def forward(self, x, norm=None):
+        return self.attn(x, norm)
 
 
 class FFN(nn.Module):
     """Linear -> GELU (exact) -> Linear, named as mmcv's FFN (`layers.0.0`, `layers.1`)."""
 
-    def __init__(self, embed_dims, hidden_dims, device=None, dtype=None):
+    def __init__(self, embed_dims, hidden_dims, recompute_gelu=False, device=None, dtype=None):
         super().__init__()
+        self.recompute_gelu = recompute_gelu
         self.layers = nn.Sequential(
             nn.Sequential(nn.Linear(embed_dims, hidden_dims, device=device, dtype=dtype), nn.GELU()),
             nn.Linear(hidden_dims, embed_dims, device=device, dtype=dtype),
         )
 
     def forward(self, x):
+        if self.recompute_gelu:
+            fc1, fc2 = self.layers[0][0], self.layers[1]
+            return GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
         return self.layers(x)
 
 
@@ -109,13 +174,15 @@ class Block(nn.Module):
         super().__init__()
         impl = layers.resolve_impl(impl or "eager")
         dd = dict(device=device, dtype=dtype)
+        self.recompute = recomputes(impl)
         self.ln1 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
         self.attn = Attention(embed_dims, num_heads, impl["attention"], **dd)
         self.ln2 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
-        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims, **dd)
+        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims, self.recompute, **dd)
 
     def forward(self, x):  # (B, N, C)
-        h, y = self.ln2(x, residual=self.attn(self.ln1(x)))  # h = x + attn(ln1(x)), y = ln2(h)
+        attn = self.attn(x, norm=self.ln1) if self.recompute else self.attn(self.ln1(x))
+        h, y = self.ln2(x, residual=attn)  # h = x + attn(ln1(x)), y = ln2(h)
         return h + self.ffn(y)
 
 

@@ -136,6 +136,7 @@ def apply_activation_checkpointing(model):
 
     layers = model.backbone.layers
     for i, block in enumerate(layers):
+        block.recompute = False  # the whole block is recomputed: no selective recompute inside it
         layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 

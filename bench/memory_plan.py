@@ -1,0 +1,369 @@
+"""Peak training memory of a SETR config at its real shapes, planned without a GPU.
+
+The model is built on the meta device and parallelized with the training code's own
+`train.parallelize.parallelize` (SyncBN, activation checkpointing, FSDP2 with the mixed-precision
+policy) over a fake process group of any world size. Under FakeTensorMode (tensors with shapes,
+dtypes and storages but no data) two training steps run as `Trainer.train_step` runs them, and
+torch.distributed._tools' FSDPMemTracker counts every tensor they allocate: sharded and
+gathered parameters, gradients, SGD momentum, activations, backward temporaries and the
+all-gather / reduce-scatter buffers. The first step creates the optimizer state; the second
+is the one reported.
+
+Fake tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot create
+even for fake tensors); `kernels.utils.plan_as_cuda` sends them down the GPU path of our
+kernels, so impl="triton" is planned through the custom ops' fake (shape-only) versions, as
+the GPU runs it, and not through the CPU references. A Recorder (a dispatch mode inside the
+tracker) attributes what it counts to the model's parts. What the plan cannot see: the CUDA
+context, cuBLAS / cuDNN / Triton workspaces and allocator fragmentation (the caller adds an
+allowance for them), and torch.compile (refused).
+"""
+import bisect
+import contextlib
+import re
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _SavedFSDPMethods
+from torch.distributed._tools.mod_tracker import ModTracker
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_state import _register_group_forward_hooks
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+import setr
+from kernels.utils import plan_as_cuda
+from train.config import IMPLS, get_preset
+from train.parallelize import parallelize
+from train.trainer import param_groups
+
+GIB = 2 ** 30
+# FSDPMemTracker's categories -> ours
+CATEGORIES = {
+    "Sharded Param": "params", "Buffer": "params", "Unsharded Param": "gathered params",
+    "Sharded Grad": "grads", "Unsharded Grad": "grads", "OptState": "optimizer state",
+    "Activation": "activations", "Temp": "temporaries", "All Gather": "all-gather/reduce-scatter",
+    "Reduce Scatter": "all-gather/reduce-scatter", "Inputs": "inputs",
+}
+CATEGORY_ORDER = ["params", "gathered params", "grads", "optimizer state", "inputs", "activations",
+                  "temporaries", "all-gather/reduce-scatter"]
+MODULES = ["inputs cast", "patch embed", "blocks", "neck", "decode head", "aux heads", "loss", "step"]
+
+
+class PlanError(ValueError):
+    """A config the planner cannot trace faithfully; the message says why."""
+
+
+def run_config(head, precision, ac):
+    """The training config of this head's recipe with the given precision and AC."""
+    cfg = get_preset(head)
+    cfg.parallel.precision = precision
+    cfg.parallel.activation_checkpointing = ac
+    cfg.parallel.compile = False
+    return cfg
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size):
+    """A default process group of `world_size` fake ranks (this process is rank 0)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise PlanError("a process group is already initialized: the planner needs its own fake one "
+                        "(plan before init_process_group, or in another process)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build_parallel_model(cfg, impl, crop, device, backbone="vit_large", num_classes=150, aux=True):
+    """SETR parallelized as training does, on `device` ("meta" when planning: no storage at all)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = setr.build_setr(cfg.model.head, backbone, num_classes, img_size=crop, impl=impl, aux=aux,
+                            device=device)
+    device = torch.device(device)
+    mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (dist.get_world_size(),))
+    model = parallelize(model, cfg, mesh)
+    return model.train()
+
+
+def make_optimizer(model, cfg):
+    o = cfg.optim
+    return torch.optim.SGD(param_groups(model, o.lr, o.head_lr_mult), lr=o.lr, momentum=o.momentum,
+                           weight_decay=o.weight_decay)
+
+
+def train_step(model, optimizer, images, labels, after_forward=None):
+    """Trainer.train_step's tensor work for one micro-batch, in its order, without the host reads
+    of the loss and grad norm (scalars): forward, backward, global grad norm, the all-reduce of
+    the loss terms, SGD step, zero_grad. BatchNorm statistics are saved as the trainer saves them.
+    fp16's grad scaler is left out (it scales a scalar loss and unscales the gradients in place)."""
+    optimizer.zero_grad(set_to_none=True)
+    bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                  for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    bn_state = [b.clone() for b in bn_buffers]  # noqa: F841 - held for the step, as the trainer does
+    losses = model(images, labels)
+    loss = sum(losses.values())
+    if after_forward is not None:
+        after_forward()
+    loss.backward()
+    terms = [v.detach().float() for v in losses.values()]
+    del loss, losses
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    local = torch.stack(terms)
+    packed = torch.cat([local, (~torch.isfinite(local)).any().float()[None], torch.zeros_like(local[:1])])
+    dist.all_reduce(packed)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _register_forward_hooks(state, pre, post):
+    """Forward hooks of an FSDP state as FSDPState.init registers them: on its one module, or as
+    a group (gathered before the first module of the group runs, resharded after the last)."""
+    mods = state._modules
+    if len(mods) == 1:
+        state._pre_forward_hook_handle = mods[0].register_forward_pre_hook(pre, prepend=True, with_kwargs=True)
+        state._post_forward_hook_handle = mods[0].register_forward_hook(post, prepend=False)
+    else:
+        handle = _register_group_forward_hooks(mods, pre, post, state._modules_to_run_forward,
+                                               state._cast_output_dtype)
+        state._pre_forward_hook_handle = state._post_forward_hook_handle = handle
+
+
+class GroupedFSDPMemTracker(FSDPMemTracker):
+    """FSDPMemTracker that keeps fully_shard's module groups.
+
+    The stock tracker re-registers every FSDP module's forward hooks module by module. Training
+    shards the neck, decode head and auxiliary-head list as one group; per-module hooks would
+    reshard it after the decode head and never gather it for the auxiliary heads (which are called
+    one by one, not through their ModuleList). Here each state's hooks are wrapped as registered."""
+
+    def _instrument_fsdp_module(self):
+        states = {}
+        for module in self._root_mod.modules():
+            if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group:
+                states.setdefault(module._get_fsdp_state(), module)
+        for state, module in states.items():
+            state._pre_forward_hook_handle.remove()
+            state._post_forward_hook_handle.remove()
+            group = state._fsdp_param_group
+            self._instrument_fsdp_sharded_params_grads(group)
+            _register_forward_hooks(state, self._fsdp_state_pre_forward(module, state._pre_forward),
+                                    self._fsdp_state_post_forward(module, state._post_forward))
+            self._fsdp_mod_to_saved_methods[module] = _SavedFSDPMethods(group.pre_backward, group.post_backward)
+            group.pre_backward = self._fsdp_param_group_pre_backward(module, group.pre_backward)
+            group.post_backward = self._fsdp_param_group_post_backward(module, group.post_backward)
+        for buffer in self._root_mod.buffers():
+            self._update_and_maybe_create_winfos(buffer, _FSDPRefType.BUFFER)
+
+    def _deregister_module_and_optimizer_hooks(self):
+        for module, saved in self._fsdp_mod_to_saved_methods.items():
+            state = module._get_fsdp_state()
+            state._pre_forward_hook_handle.remove()
+            state._post_forward_hook_handle.remove()
+            _register_forward_hooks(state, state._pre_forward, state._post_forward)
+            state._fsdp_param_group.pre_backward, state._fsdp_param_group.post_backward = saved
+        self._fsdp_mod_to_saved_methods.clear()
+        for handle in self._optimizer_hook_handles or ():
+            handle.remove()
+        self._optimizer_hook_handles = None
+
+
+def module_group(parents, seen_model_child):
+    """Which reported module the innermost active module (ModTracker fqn) belongs to."""
+    names = [n for n in parents if n != "Global"]
+    if not names:
+        return "step"
+    fqn = max(names, key=lambda n: n.count("."))
+    rel = fqn.split(".", 1)[1] if "." in fqn else ""
+    for pattern, group in ((r"backbone\.layers\.", "blocks"), (r"backbone", "patch embed"), (r"neck", "neck"),
+                           (r"decode_head", "decode head"), (r"auxiliary_head", "aux heads")):
+        if re.match(pattern, rel):
+            return group
+    return "loss" if seen_model_child else "inputs cast"
+
+
+class Recorder(TorchDispatchMode):
+    """After every op of one step: the tracker's bytes by category, the step's peak (and where it
+    happened) and, per reported module, its forward / backward peak and largest tensor. At the end
+    of the forward: the activation bytes still alive, by the module whose op allocated them.
+
+    In the forward the module is the innermost one running (ModTracker). In the backward it is the
+    one whose forward created the autograd node being run: forward module changes are logged with
+    the autograd sequence number, which numbers the nodes in creation order."""
+
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+        self.mods = ModTracker()
+        self.modules = {m: dict(saved=0, peak_forward=0, peak_backward=0, largest=None) for m in MODULES}
+        self.peak, self.peak_snapshot, self.peak_at = 0, {}, None
+        self.forward_end = None
+        self.seen_child = False
+        self.owner = WeakIdKeyDictionary()  # storage -> module group whose forward op allocated it
+        self.node_starts, self.node_groups = [], []  # first autograd sequence number of each group run
+        self.forward_end_seq, self.last_backward_group = None, "step"
+
+    def current(self):
+        out = dict.fromkeys(CATEGORY_ORDER, 0)
+        for dev_snap in self.tracker.get_tracker_snapshot().values():
+            for k, v in dev_snap.items():
+                if k != "Total":
+                    out[CATEGORIES[k.value]] += v
+        return out
+
+    def forward_group(self, parents):
+        group = module_group(parents, self.seen_child)
+        if group not in ("inputs cast", "step", "loss"):
+            self.seen_child = True
+        if not self.node_groups or self.node_groups[-1] != group:
+            self.node_starts.append(torch._C._autograd._get_sequence_nr())
+            self.node_groups.append(group)
+        return group
+
+    def backward_group(self):
+        node = torch._C._current_autograd_node()
+        if node is None:  # FSDP's end-of-backward callback: gradient reduce-scatter
+            return "step"
+        if node._sequence_nr() >= self.forward_end_seq:  # a graph recomputed inside a backward node
+            return self.last_backward_group
+        i = bisect.bisect_right(self.node_starts, node._sequence_nr()) - 1
+        self.last_backward_group = self.node_groups[i] if i >= 0 else "step"
+        return self.last_backward_group
+
+    def _pre_forward(self, module, _inputs):
+        if not self.mods.is_bw:
+            self.forward_group(self.mods.parents)
+
+    def _post_forward(self, module, _inputs, _outputs):
+        if not self.mods.is_bw:
+            self.forward_group(self.mods.parents - {self.mods.get_known_fqn(module)})
+
+    def mark_forward_end(self):
+        self.forward_end = self.current()
+        self.forward_end_seq = torch._C._autograd._get_sequence_nr()
+        self.forward_group({"Global"})
+        for st, group in self.owner.items():
+            winfo = self.tracker._WINFO.get(st, (None, None))[0]
+            if winfo is not None and winfo.reftype == _FSDPRefType.ACT:
+                self.modules[group]["saved"] += winfo.mem_consumed
+
+    def __enter__(self):
+        self.mods.register_user_hooks(self._pre_forward, self._post_forward)
+        self.mods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        super().__exit__(*args)
+        self.mods.__exit__(*args)
+        self.mods.clear_user_hooks()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        backward = self.mods.is_bw
+        group = self.backward_group() if backward else self.node_groups[-1] if self.node_groups else "step"
+        snap = self.current()
+        total = sum(snap.values())
+        stats = self.modules[group]
+        phase = "peak_backward" if backward else "peak_forward"
+        stats[phase] = max(stats[phase], total)
+        if total > self.peak:
+            self.peak, self.peak_snapshot = total, snap
+            self.peak_at = f"{group} {'backward' if backward else 'forward'}"
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if stats["largest"] is None or t.numel() > stats["largest"][0]:
+                stats["largest"] = (t.numel(), list(t.shape), str(t.dtype).replace("torch.", ""))
+            if not backward and self.forward_end is None:
+                for st in get_untyped_storages(t):
+                    self.owner.setdefault(st, group)
+        return out
+
+
+def check_plannable(impl, compile_):
+    if compile_:
+        raise PlanError("--compile on cannot be planned: FakeTensorMode and FSDPMemTracker follow eager ops, "
+                        "and torch.compile fuses ops and frees tensors where they cannot see it (plan with "
+                        "--compile off: the compiled step should not need more)")
+    if impl not in IMPLS:
+        raise PlanError(f"impl {impl!r} cannot be planned; expected one of {IMPLS}")
+
+
+def random_batch(batch, crop, num_classes, device="cpu"):
+    """images (B, 3, crop, crop) float32 and labels (B, crop, crop) int64, as the data loader gives them."""
+    images = torch.randn(batch, 3, crop, crop, device=device)
+    labels = torch.randint(0, num_classes, (batch, crop, crop), device=device)
+    return images, labels
+
+
+def plan(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, compile_=False,
+         backbone="vit_large", num_classes=150, aux=True):
+    """Plan one config (batch is per rank). Returns bytes: the second step's peak and its breakdown
+    by category, what is alive at the end of the forward, and per module what its forward keeps
+    for the backward ("saved"), its own forward / backward peak and its largest tensor."""
+    check_plannable(impl, compile_)
+    if batch < 1 or world_size < 1 or crop < 16 or crop % 16:
+        raise PlanError(f"batch and world size must be >= 1 and the crop a multiple of 16, got batch {batch}, "
+                        f"world size {world_size}, crop {crop}")
+    cfg = run_config(head, precision, ac)
+    with fake_process_group(world_size):
+        model = build_parallel_model(cfg, impl, crop, "meta", backbone, num_classes, aux)
+        # allow_non_fake_inputs: the meta parameters become fake tensors in to_empty
+        with FakeTensorMode(allow_non_fake_inputs=True), plan_as_cuda():
+            model.to_empty(device="cpu")  # no data, so no init either
+            optimizer = make_optimizer(model, cfg)
+            images, labels = random_batch(batch, crop, num_classes)
+            tracker = GroupedFSDPMemTracker(model, optimizer)
+            tracker.track_inputs((images, labels))
+            with tracker:
+                train_step(model, optimizer, images, labels)  # creates the momentum buffers
+                tracker.reset_mod_stats()
+                with Recorder(tracker) as rec:
+                    train_step(model, optimizer, images, labels, after_forward=rec.mark_forward_end)
+    saved = sum(m["saved"] for name, m in rec.modules.items() if name != "step")
+    return dict(peak=rec.peak, peak_at=rec.peak_at, peak_by_category=rec.peak_snapshot,
+                forward_end=rec.forward_end, saved_activations=saved, modules=rec.modules)
+
+
+def measure(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, compile_=False,
+            backbone="vit_large", num_classes=150, aux=True, device=None):
+    """The same two steps for real on `device` (default: CUDA when there is one), in a process
+    group of `world_size` (one process, or torchrun with that many ranks). Returns the second
+    step's torch.cuda.max_memory_allocated (None on CPU, where this only checks the code path)."""
+    from train.parallelize import destroy_distributed, init_distributed
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = run_config(head, precision, ac)
+    cfg.parallel.compile = compile_
+    _, world, local_rank = init_distributed(device.type)
+    try:
+        if world != world_size:
+            raise PlanError(f"measuring world size {world_size} needs that many ranks (torchrun "
+                            f"--nproc_per_node={world_size}); this process group has {world}")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+        torch.manual_seed(0)
+        model = build_parallel_model(cfg, impl, crop, device, backbone, num_classes, aux)
+        optimizer = make_optimizer(model, cfg)
+        images, labels = random_batch(batch, crop, num_classes, device)
+        train_step(model, optimizer, images, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        grad_norm = train_step(model, optimizer, images, labels)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return dict(measured_peak=peak, grad_norm=float(grad_norm))
+    finally:
+        destroy_distributed()
