@@ -19,6 +19,7 @@ allowance for them), and torch.compile (refused).
 """
 import bisect
 import contextlib
+import copy
 import re
 
 import torch
@@ -37,7 +38,7 @@ import setr
 from kernels.utils import plan_as_cuda
 from train.config import IMPLS, get_preset
 from train.parallelize import parallelize
-from train.trainer import param_groups
+from train.optim import param_groups
 
 GIB = 2 ** 30
 # FSDPMemTracker's categories -> ours
@@ -87,6 +88,11 @@ def build_parallel_model(cfg, impl, crop, device, backbone="vit_large", num_clas
     model = setr.build_setr(cfg.model.head, backbone, num_classes, img_size=crop, impl=impl, aux=aux,
                             device=device)
     device = torch.device(device)
+    if device.type == "meta" and cfg.parallel.sync_bn:
+        # GPUs run torch.nn.SyncBatchNorm, which keeps for backward what BatchNorm2d keeps (its
+        # collectives add only (C,)-sized tensors) but refuses meta tensors: plan it as BatchNorm2d
+        cfg = copy.deepcopy(cfg)
+        cfg.parallel.sync_bn = False
     mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (dist.get_world_size(),))
     model = parallelize(model, cfg, mesh)
     return model.train()

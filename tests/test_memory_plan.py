@@ -9,7 +9,8 @@ import torch
 
 import setr
 from bench import memory_estimate, memory_plan
-from train.parallelize import apply_activation_checkpointing, convert_sync_batchnorm
+from train.parallelize import apply_activation_checkpointing
+from train.sync_batchnorm import convert_sync_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(head="pup", backbone="vit_tiny", num_classes=7, crop=32)  # no aux heads: 3x faster interpreted
