@@ -43,6 +43,7 @@ The budget, for a first run on a fresh machine (nothing cached):
 This process imports no torch and touches no GPU: the environment comes from a subprocess.
 """
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -110,6 +111,13 @@ def kill_group(proc):
                 pass
 
 
+def _own_group_dies_with_parent():
+    """In the part's process: a process group of its own (killed whole at its limit), and SIGKILL
+    when this runner dies, however it dies (prctl PR_SET_PDEATHSIG, Linux)."""
+    os.setpgrp()
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_part(name, cmd, limit_s, log_path):
     """Run cmd in its own process group with output to log_path; its whole group is killed at
     limit_s, once it exits (workers it left behind) and when this run is stopped. Returns the
@@ -118,10 +126,8 @@ def run_part(name, cmd, limit_s, log_path):
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        # its own process group, in this session: whatever ends this run's session ends the part too
-        # (os.setpgrp: process_group=0 needs Python 3.11)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(),
-                                preexec_fn=os.setpgrp)
+                                preexec_fn=_own_group_dies_with_parent)
         try:
             rc = proc.wait(timeout=limit_s)
             status = "passed" if rc == 0 else "failed"
@@ -205,11 +211,24 @@ def write_report(out, env, records, dry_run):
         os.replace(path + ".tmp", path)
 
 
-def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S):
-    """Run the parts in order; a part's limit is cut to what is left of total_limit_s. Returns the records."""
+def earlier_records(out):
+    """The part records of the report already in out (a rerun with --only keeps the others)."""
+    try:
+        with open(os.path.join(out, "gpu_check.json")) as f:
+            return json.load(f)["parts"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=()):
+    """Run the parts in order; a part's limit is cut to what is left of total_limit_s. Returns this
+    run's records; the report also keeps `earlier` records of the parts not rerun, in PARTS order."""
     logs = os.path.join(out, "gpu_check_logs")
     os.makedirs(logs, exist_ok=True)
     start, records = time.monotonic(), []
+    rerun = {name for name, _, _ in parts}
+    kept = [r for r in earlier if r["name"] not in rerun]
+    order = lambda r: PART_NAMES.index(r["name"]) if r["name"] in PART_NAMES else len(PART_NAMES)
     for name, limit_s, cmd in parts:
         left = total_limit_s - (time.monotonic() - start) - KILL_GRACE_S
         if left < 1:
@@ -221,13 +240,14 @@ def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S):
         records.append(record)
         print(f"[gpu_check] {name}: {record['status']} in {record['wall_s']} s", flush=True)
         print("\n".join("    " + line for line in record["tail"][-8:]), flush=True)
-        write_report(out, env, records, dry_run)
+        write_report(out, env, sorted(kept + records, key=order), dry_run)
     return records
 
 
 def stop_on_sigterm():
-    """SIGTERM ends this run as Ctrl-C does: the running part's group is killed on the way out."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    """SIGTERM or SIGHUP ends this run as Ctrl-C does: the running part's group is killed on the way out."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def parse_args(argv=None):
@@ -259,7 +279,8 @@ def main(argv=None):
           + f"; parts (limit on the GPU, total {TOTAL_LIMIT_S} s):")
     for name, limit_s, _, _ in PARTS:
         print(f"  {name:<28} {limit_s:>4} s" + ("" if not args.only or name in args.only else "  (not selected)"))
-    records = run_all(parts, out, env, args.dry_run, TOTAL_LIMIT_S * args.scale)
+    records = run_all(parts, out, env, args.dry_run, TOTAL_LIMIT_S * args.scale,
+                      earlier_records(out) if args.only else ())
     bad = [r for r in records if r["status"] != "passed"]
     print(f"[gpu_check] {len(records) - len(bad)}/{len(records)} parts passed"
           + "".join(f"\nNOT PASSED: {r['name']} ({r['status']}, log {r['log']})" for r in bad))

@@ -301,6 +301,8 @@ def check_labels(name, labels, num_classes, ignore_index, n_bad=None):
         torch._assert_async(n_bad == 0, f"{name}: labels hold values outside [0, {num_classes}) that are not "
                                         f"ignore_index={ignore_index}")
     except RuntimeError:
+        if not int(n_bad):
+            raise  # not the label check
         raise ValueError(f"{name}: labels hold {int(n_bad)} value(s) outside [0, {num_classes}) that are not "
                          f"ignore_index={ignore_index}; the first is {int(lab[bad()][0])}") from None
 

@@ -105,7 +105,19 @@ def _assert_nothing_left(marker, grace=10.0):
         pytest.fail(f"processes of the job still alive {grace:.0f}s after it ended: {names}")
 
 
+STARTED = []  # markers of the jobs this test started
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers():
+    """A test that fails before _finish (an assert while its job runs) leaves nothing behind either."""
+    yield
+    while STARTED:
+        _kill_all(STARTED.pop())
+
+
 def _env(marker):
+    STARTED.append(marker)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **{MARKER: marker})
     env.pop("TRITON_INTERPRET", None)
     return env

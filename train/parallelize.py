@@ -166,6 +166,13 @@ def apply_fsdp(model, mesh, precision):
     fully_shard(model.backbone.patch_embed, **kw)
     heads = [m for m in (model.neck, model.decode_head, model.auxiliary_head)
              if m is not None and any(True for _ in m.parameters())]
+    if precision != "fp32":
+        # BatchNorm keeps float32 weights beside its float32 running statistics (PyTorch's kernels
+        # refuse a bf16 weight with float32 statistics); its low-precision input stays as it is
+        norm_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+        norms = [m for head in heads for m in head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for norm in norms:
+            fully_shard(norm, mesh=mesh, mp_policy=norm_mp)
     fully_shard(heads, **kw)
     fully_shard(model, reshard_after_forward=False, **kw)  # root: its params are needed right away
     return model
