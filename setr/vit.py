@@ -154,16 +154,15 @@ class Attention(nn.Module):
 class FFN(nn.Module):
     """Linear -> GELU (exact) -> Linear, named as mmcv's FFN (`layers.0.0`, `layers.1`)."""
 
-    def __init__(self, embed_dims, hidden_dims, recompute_gelu=False, device=None, dtype=None):
+    def __init__(self, embed_dims, hidden_dims, device=None, dtype=None):
         super().__init__()
-        self.recompute_gelu = recompute_gelu
         self.layers = nn.Sequential(
             nn.Sequential(nn.Linear(embed_dims, hidden_dims, device=device, dtype=dtype), nn.GELU()),
             nn.Linear(hidden_dims, embed_dims, device=device, dtype=dtype),
         )
 
-    def forward(self, x):
-        if self.recompute_gelu:
+    def forward(self, x, recompute_gelu=False):
+        if recompute_gelu:
             fc1, fc2 = self.layers[0][0], self.layers[1]
             return GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
         return self.layers(x)
@@ -178,12 +177,12 @@ class Block(nn.Module):
         self.ln1 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
         self.attn = Attention(embed_dims, num_heads, impl["attention"], **dd)
         self.ln2 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
-        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims, self.recompute, **dd)
+        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims, **dd)
 
     def forward(self, x):  # (B, N, C)
         attn = self.attn(x, norm=self.ln1) if self.recompute else self.attn(self.ln1(x))
         h, y = self.ln2(x, residual=attn)  # h = x + attn(ln1(x)), y = ln2(h)
-        return h + self.ffn(y)
+        return h + self.ffn(y, recompute_gelu=self.recompute)
 
 
 class VisionTransformer(nn.Module):
