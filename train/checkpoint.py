@@ -204,13 +204,19 @@ class Checkpointer:
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
+        rng, problem = None, None
         if meta.get("world_size") == self.world_size and os.path.isfile(rng_path):
             try:
-                set_rng_state(torch.load(rng_path, weights_only=True))
+                rng = torch.load(rng_path, weights_only=True)
             except Exception as e:  # noqa: BLE001
-                raise DamagedCheckpoint(f"checkpoint {path}: {os.path.basename(rng_path)} is unreadable "
-                                      f"({type(e).__name__}: {e})") from e
-            meta["rng_restored"] = True
-        else:
-            meta["rng_restored"] = False
+                problem = f"checkpoint {path}: {os.path.basename(rng_path)} is unreadable ({type(e).__name__}: {e})"
+        if self.world_size > 1:  # every rank falls back together, or none does
+            problems = [None] * self.world_size
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p), None)
+        if problem:
+            raise DamagedCheckpoint(problem)
+        if rng is not None:
+            set_rng_state(rng)
+        meta["rng_restored"] = rng is not None
         return meta

@@ -6,16 +6,12 @@ seeded by (seed, p). So the data a run sees is a pure function of (seed, p): the
 worker count, rank count or restart, and a run resumed at iteration k (start_pos = k * global
 batch) continues with exactly the samples it would have seen.
 """
-
-import logging
-
 import numpy as np
 import torch
 
 from .datasets import DataError
 from .transforms import check_crop_size, eval_transform, to_pair, train_transform
 
-log = logging.getLogger("setr.data")
 
 _PERM_TAG, _AUG_TAG = 0x9E3, 0xA06
 
@@ -26,8 +22,8 @@ class TrainSamples(torch.utils.data.Dataset):
     dataset: a raw dataset (items (image uint8 (H, W, 3), label (H, W), name)).
     crop_size: int or (h, w), multiples of the patch size 16. scale, ratio_range, cat_max_ratio: the
     Resize / RandomCrop parameters (mmseg: (2048, 512), (0.5, 2.0), 0.75).
-    skip_corrupt: on a DataError (unreadable / inconsistent sample) log a warning naming the
-    file and use the next dataset item instead (deterministic: the same replacement on every
+    skip_corrupt: on a DataError (unreadable / inconsistent sample) note the file (returned by
+    `collate`, warned about once by the training loop) and use the next dataset item instead (deterministic: the same replacement on every
     run, rank count and restart); otherwise raise.
     Item `pos` -> (image float32 (3, ch, cw) normalized, padded with 0; label int64 (ch, cw)
     padded with ignore_index). `collate` batches items and also returns the bad samples met
@@ -52,7 +48,6 @@ class TrainSamples(torch.utils.data.Dataset):
         self.skip_corrupt = bool(skip_corrupt)
         self.ignore_index = dataset.ignore_index
         self.num_classes = dataset.num_classes
-        self.skipped = 0  # corrupt samples skipped by this process
         self._bad = []  # (path, problem) of the samples skipped since the last collate
         self._perm_epoch, self._perm = None, None
 
@@ -77,10 +72,7 @@ class TrainSamples(torch.utils.data.Dataset):
             except DataError as e:
                 if not self.skip_corrupt:
                     raise
-                self.skipped += 1
-                self._bad.append((e.path, e.problem))
-                log.warning("skipping corrupt sample %s (dataset item %d, position %d): %s",
-                            e.path, i, pos, e.problem)
+                self._bad.append((e.path, e.problem))  # reported once per file by the training loop
         raise DataError(getattr(self.dataset, "root", "<dataset>"),
                         f"all {n} samples failed to load")
 
