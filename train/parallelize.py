@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 
+import cv2
 import torch
 import torch.distributed as dist
 
@@ -124,6 +125,7 @@ def data_worker_init(parent_pid, _worker_id):
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    cv2.setNumThreads(0)  # OpenCV runs sequentially in a worker: workers x ranks already fill the cores
 
 
 # ----------------------------------------------------------------------------------------------
