@@ -18,10 +18,11 @@ import json
 import os
 
 from bench.memory_plan import CATEGORY_ORDER, GIB, MODULES, PlanError, check_plannable, measure, plan
+from bench.readme_tables import HEAD_NAMES
+from setr.files import write_atomic
+from setr.layers import IMPLS
+from setr.model import HEADS
 
-HEADS = ("naive", "pup", "mla")
-HEAD_NAMES = {"naive": "SETR-Naive", "pup": "SETR-PUP", "mla": "SETR-MLA"}
-IMPLS = ("eager", "sdpa", "triton")
 RECIPE_BATCH = 16
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "estimate")
 # What the plan (tensors only) does not see, for --max-batch: a fixed part for the CUDA context,
@@ -140,13 +141,6 @@ def render_markdown(row, environment):
         lines.append(f"| {name} | {gib(m['saved'])} | {gib(m['saved'] / b)} | {gib(m['peak_forward'])} | "
                      f"{gib(m['peak_backward'])} | {largest} |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_row(row, outdir, environment):

@@ -59,7 +59,6 @@ if __package__ in (None, ""):  # run as `python bench/train_step.py`: make the r
 
 import torch
 
-import setr
 from bench import common
 from bench.common import OURS
 from bench.step import (

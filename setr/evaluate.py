@@ -24,8 +24,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from setr.data import EvalSamples, build_dataset
-from setr.data.datasets import DataError
+from setr.data import DataError, EvalSamples, build_dataset
+from setr.data.ade20k import ADE20K_CLASSES
 from setr.files import write_atomic
 from setr.inference import evaluate
 from setr.predict import PredictError, add_model_args, build_model, pipeline_settings, save_label
@@ -68,8 +68,8 @@ def _distributed():
 
 def _dataset(args, info, ignore_index):
     """The test split (EvalSamples at the test scale set later) and its checks against the model."""
-    if args.dataset == "ade20k" and (info["num_classes"] != 150 or ignore_index != 255):
-        raise PredictError(f"ADE20K has 150 classes and ignore_index 255; the checkpoint has "
+    if args.dataset == "ade20k" and (info["num_classes"] != len(ADE20K_CLASSES) or ignore_index != 255):
+        raise PredictError(f"ADE20K has {len(ADE20K_CLASSES)} classes and ignore_index 255; the checkpoint has "
                            f"{info['num_classes']} classes, ignore_index {ignore_index}")
     try:
         return build_dataset(args.dataset, args.data_root, args.split, num_classes=info["num_classes"],
@@ -97,14 +97,14 @@ def write_metrics(path, result, settings):
 
 def _run(args, rank, world_size, device):
     """Load, evaluate, report; returns the result dict (rank 0 writes the files)."""
+    out = args.out or f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]}"
+    metrics_path = os.path.join(out, "metrics.json")
+    if os.path.exists(metrics_path) and not args.overwrite:  # before any loading
+        raise PredictError(f"{metrics_path} exists (another evaluation's); pass --overwrite or another --out")
     model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl)
     ignore_index = args.ignore_index if args.ignore_index is not None else model.ignore_index
     mode, scale, crop, stride = pipeline_settings(args, info)
     samples = EvalSamples(_dataset(args, info, ignore_index), scale=scale)
-    out = args.out or f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]}"
-    metrics_path = os.path.join(out, "metrics.json")
-    if os.path.exists(metrics_path) and not args.overwrite:
-        raise PredictError(f"{metrics_path} exists (another evaluation's); pass --overwrite or another --out")
     os.makedirs(out, exist_ok=True)
     save = None
     if args.save_predictions:

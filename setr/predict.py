@@ -26,7 +26,7 @@ from setr.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE
 from setr.data.datasets import DataError, random_palette, read_image
 from setr.data.transforms import check_crop_size, eval_transform
 from setr.inference import MS_RATIOS, aug_inference, inference
-from setr.layers import IMPLS
+from setr.layers import IMPLS, PATCH_SIZE
 from setr.model import BACKBONES, HEADS
 from setr.run_dir import model_source, read_sharded_model
 from setr.vit import VIT_CONFIGS
@@ -68,7 +68,7 @@ def _infer_from_keys(state):
     if isinstance(pos, torch.Tensor) and pos.dim() == 3:
         side = int(round((pos.shape[1] - 1) ** 0.5))
         if side * side == pos.shape[1] - 1:
-            img_size = side * 16
+            img_size = side * PATCH_SIZE
     return head, dims, num_classes, img_size
 
 

@@ -89,8 +89,9 @@ def model_source(path):
     """What `path` names -> a model file or a checkpoint directory to read the weights from.
 
     A file (our export, an mmseg checkpoint) is itself; a run directory gives its model_final.pth,
-    else its latest checkpoint; `checkpoints/latest` the checkpoint it points to."""
-    path = os.fspath(path)
+    unless a later checkpoint exists (a resumed, longer run), else its latest checkpoint;
+    `checkpoints/latest` the checkpoint it points to."""
+    path = os.path.normpath(os.fspath(path))
     if os.path.isfile(path) and os.path.basename(path) == LATEST:
         path = os.path.dirname(os.path.abspath(path))  # the checkpoints folder: its latest one
         run = os.path.dirname(path)
@@ -100,8 +101,11 @@ def model_source(path):
         return found
     if os.path.isfile(path) or not os.path.isdir(path):
         return path  # a file (or nothing: the loader names it)
-    if os.path.isfile(os.path.join(path, FINAL)):
-        return os.path.join(path, FINAL)
+    final = os.path.join(path, FINAL)
+    if os.path.isfile(final):
+        newest = latest_checkpoint(path) if os.path.isdir(checkpoint_root(path)) else None
+        newer = newest is not None and os.path.getmtime(os.path.join(newest, META)) > os.path.getmtime(final)
+        return newest if newer else final
     if os.path.isdir(checkpoint_root(path)) or os.path.basename(path) == "checkpoints":
         run = path if os.path.isdir(checkpoint_root(path)) else os.path.dirname(path)
         found = latest_checkpoint(run)

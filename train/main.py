@@ -204,9 +204,14 @@ def train(cfg, data, device, log):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def run():
+    """The process entry point (`python train/main.py`, `setr-train`): main(), then exit without
+    interpreter teardown: nothing is left to do, and a hung peer or worker must not keep us here."""
     exit_code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    # no interpreter teardown: nothing left to do, and a hung peer or worker must not keep us here
     os._exit(exit_code)
+
+
+if __name__ == "__main__":
+    run()
