@@ -169,7 +169,11 @@ class Checkpointer:
         if os.path.exists(final):  # same iteration written before (e.g. a resumed run): replace it
             old = final + ".old.tmp"
             os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                os.rename(old, final)  # the earlier checkpoint of this iteration stays
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
