@@ -38,7 +38,7 @@ import setr
 from kernels.utils import plan_as_cuda
 from train.config import IMPLS, get_preset
 from train.parallelize import parallelize
-from train.optim import param_groups
+from train.optim import sgd
 
 GIB = 2 ** 30
 # FSDPMemTracker's categories -> ours
@@ -96,12 +96,6 @@ def build_parallel_model(cfg, impl, crop, device, backbone="vit_large", num_clas
     mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (dist.get_world_size(),))
     model = parallelize(model, cfg, mesh)
     return model.train()
-
-
-def make_optimizer(model, cfg):
-    o = cfg.optim
-    return torch.optim.SGD(param_groups(model, o.lr, o.head_lr_mult), lr=o.lr, momentum=o.momentum,
-                           weight_decay=o.weight_decay)
 
 
 def train_step(model, optimizer, images, labels, after_forward=None):
@@ -329,7 +323,7 @@ def plan(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, 
         # allow_non_fake_inputs: the meta parameters become fake tensors in to_empty
         with FakeTensorMode(allow_non_fake_inputs=True), plan_as_cuda():
             model.to_empty(device="cpu")  # no data, so no init either
-            optimizer = make_optimizer(model, cfg)
+            optimizer = sgd(model, cfg.optim)
             images, labels = random_batch(batch, crop, num_classes)
             tracker = GroupedFSDPMemTracker(model, optimizer)
             tracker.track_inputs((images, labels))
@@ -362,7 +356,7 @@ def measure(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=Fals
             device = torch.device("cuda", local_rank)
         torch.manual_seed(0)
         model = build_parallel_model(cfg, impl, crop, device, backbone, num_classes, aux)
-        optimizer = make_optimizer(model, cfg)
+        optimizer = sgd(model, cfg.optim)
         images, labels = random_batch(batch, crop, num_classes, device)
         train_step(model, optimizer, images, labels)
         if device.type == "cuda":

@@ -11,7 +11,7 @@ import torch
 
 from setr.data import TrainSamples, build_dataset
 from train.config import DataConfig, get_preset
-from train.optim import param_groups
+from train.optim import sgd
 
 GIB = 2**30
 
@@ -65,9 +65,7 @@ def build_model(head, backbone, impl, img_size, num_classes, device):
 
 def make_optimizer(model, head):
     """mmseg's SGD for this head's preset (the training engine's own parameter groups)."""
-    optim = get_preset(head).optim
-    return torch.optim.SGD(param_groups(model, optim.lr, optim.head_lr_mult), lr=optim.lr,
-                           momentum=optim.momentum, weight_decay=optim.weight_decay)
+    return sgd(model, get_preset(head).optim)
 
 
 def autocast(device, dtype):

@@ -145,7 +145,7 @@ def main(argv=None):
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     watch_job()  # under torchrun: exit when the launcher dies or another rank failed
-    rank, log, code, clean = int(os.environ.get("RANK", 0)), None, FAILED, False
+    rank, log, clean = int(os.environ.get("RANK", 0)), None, False
     try:
         rank, world_size, local_rank = init_distributed(device_type)
         if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

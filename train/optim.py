@@ -1,4 +1,5 @@
 """Optimizer parameter groups and the learning-rate schedule of mmseg's SETR recipe."""
+import torch
 
 
 def param_groups(model, lr, head_lr_mult):
@@ -12,6 +13,12 @@ def param_groups(model, lr, head_lr_mult):
     if head:
         groups.append({"params": head, "lr": lr * head_lr_mult, "name": "head"})
     return groups
+
+
+def sgd(model, optim):
+    """mmseg's SGD of the recipe: optim is an OptimConfig (lr, head_lr_mult, momentum, weight_decay)."""
+    return torch.optim.SGD(param_groups(model, optim.lr, optim.head_lr_mult), lr=optim.lr,
+                           momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 class PolyLR:

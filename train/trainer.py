@@ -24,7 +24,7 @@ from setr.inference import evaluate
 from train.checkpoint import Checkpointer, DamagedCheckpoint, resolve_resume
 from train.flops import model_flops_utilization, peak_flops
 from train.logger import BadSamples, MetricWindow, dump_memory_snapshot, format_duration, max_memory_gib
-from train.optim import PolyLR, param_groups
+from train.optim import PolyLR, sgd
 from train.parallelize import DTYPES, data_worker_init
 
 MAX_SKIPPED_IN_A_ROW = 20
@@ -48,8 +48,7 @@ class Trainer:
         self.flops_per_image = 3 * eval_model.forward_flops(*cfg.data.crop_size)  # forward + backward
 
         o, s = cfg.optim, cfg.schedule
-        self.optimizer = torch.optim.SGD(param_groups(self.model, o.lr, o.head_lr_mult), lr=o.lr,
-                                         momentum=o.momentum, weight_decay=o.weight_decay)
+        self.optimizer = sgd(self.model, o)
         self.scheduler = PolyLR(self.optimizer, s.max_iters, s.poly_power, s.min_lr)
         self.scaler = None
         if cfg.parallel.precision == "fp16":
