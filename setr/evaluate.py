@@ -36,9 +36,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m setr.evaluate", description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--dataset", choices=(*NAMED_DATASETS, "folder"), default="ade20k",
-                   help="ade20k (default): the ADEChallengeData2016 folder; cityscapes: the folder holding leftImg8bit/ "
-                        "and gtFine/; pascal_context (60 classes) / pascal_context59: VOCdevkit/VOC2010; folder: "
-                        "images/<split> + annotations/<split>. A named dataset sets the test defaults")
+                   help="ade20k (default): the ADEChallengeData2016 folder; cityscapes: the folder holding "
+                        "leftImg8bit/ and gtFine/; pascal_context (60 classes) / pascal_context59: VOCdevkit/VOC2010; "
+                        "folder: images/<split> + annotations/<split>. A named dataset sets the test defaults")
     p.add_argument("--data-root", required=True, help="dataset folder")
     p.add_argument("--split", default="validation", help="split folder name (default validation)")
     p.add_argument("--ignore-index", type=int, default=None,

@@ -112,6 +112,7 @@ def test_cityscapes_classes_and_palette_are_the_train_ids_of_labels_py():
     pc, pc59 = NAMED_DATASETS["pascal_context"], NAMED_DATASETS["pascal_context59"]
     assert pc.classes[0] == "background" and pc59.classes == pc.classes[1:] and pc59.palette == pc.palette[1:]
     assert len(set(pc.classes)) == 60 and list(pc.classes[1:]) == sorted(pc.classes[1:])  # mmseg 1.x: alphabetical
+    assert (pc.palette[0], pc.palette[30], pc.palette[59]) == ((120, 120, 120), (8, 255, 214), (31, 0, 255))  # mmseg's
 
 
 def test_cityscapes_reads_train_ids_else_converts_label_ids(cityscapes_root, tmp_path):
@@ -258,7 +259,8 @@ def mmseg_train_pipeline(image_path, label_path, rng, scale, crop, reduce_zero_l
     return _mmseg_photometric_cv2(bgr[..., ::-1], rng), seg
 
 
-@pytest.mark.parametrize("preset, dataset", [("naive_cityscapes", "cityscapes"), ("pup_pascal_context", "pascal_context"),
+@pytest.mark.parametrize("preset, dataset", [("naive_cityscapes", "cityscapes"),
+                                             ("pup_pascal_context", "pascal_context"),
                                              ("mla_pascal_context", "pascal_context59")])
 def test_training_pipeline_equals_mmseg_description(preset, dataset, cityscapes_root, pascal_parent):
     """The preset's training samples (its scale and crop, wired through train.build) pixel for pixel."""
@@ -312,9 +314,10 @@ def test_cityscapes_checkpoint_evaluates_and_predicts_at_the_768_test_settings(c
 
     ckpt, model = _mmseg_format_checkpoint(tmp_path / "setr_naive_tiny_cityscapes.pth", "naive", 19, 768,
                                            aux_num_convs=1)
-    assert sum(k.startswith("auxiliary_head.0.up_convs.") and k.endswith("conv.weight") for k in model.state_dict()) == 1
-    assert main(["--checkpoint", ckpt, "--dataset", "cityscapes", "--data-root", str(cityscapes_root), "--device", "cpu",
-                 "--out", str(tmp_path / "eval"), "--save-predictions", "--num-workers", "0"]) == 0
+    assert [k for k in model.state_dict() if k.startswith("auxiliary_head.0.") and k.endswith("conv.weight")] == [
+        "auxiliary_head.0.up_convs.0.0.conv.weight"]
+    assert main(["--checkpoint", ckpt, "--dataset", "cityscapes", "--data-root", str(cityscapes_root),
+                 "--device", "cpu", "--out", str(tmp_path / "eval"), "--save-predictions", "--num-workers", "0"]) == 0
     image = cityscapes_root / "leftImg8bit" / "val" / "frankfurt" / "frankfurt_000000_000019_leftImg8bit.png"
     assert predict_main([str(image), "--checkpoint", ckpt, "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
     ref = mmseg_test_pipeline(model, str(image), scale=(2049, 1025), crop=768, stride=512, num_classes=19)
@@ -325,7 +328,8 @@ def test_cityscapes_checkpoint_evaluates_and_predicts_at_the_768_test_settings(c
         assert np.array_equal(np.array(label), ref), (png, (np.array(label) != ref).mean())
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["num_images"] == 1 and len(metrics["IoU"]) == 19 and metrics["class_names"][-1] == "bicycle"
-    assert (metrics["mode"], metrics["crop_size"], metrics["stride"], metrics["scale"]) == ("slide", 768, 512, [2049, 1025])
+    settings = (metrics["mode"], metrics["crop_size"], metrics["stride"], metrics["scale"])
+    assert settings == ("slide", 768, 512, [2049, 1025])
     assert "traffic light" in capsys.readouterr().out
 
 
@@ -340,7 +344,8 @@ def test_pascal_context_evaluates_at_the_setr_test_settings(pascal_parent, tmp_p
     ref = mmseg_test_pipeline(model, str(image), scale=(520, 520), crop=480, stride=320, num_classes=60)
     assert np.array_equal(np.array(Image.open(tmp_path / "eval" / "2008_000080_label.png")), ref)
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
-    assert (metrics["crop_size"], metrics["stride"], metrics["scale"], len(metrics["IoU"])) == (480, 320, [520, 520], 60)
+    settings = (metrics["crop_size"], metrics["stride"], metrics["scale"], len(metrics["IoU"]))
+    assert settings == (480, 320, [520, 520], 60)
     # ms+flip follows the SETR repository's rule (short side >= the 480 crop)
     calls = []
 
@@ -444,6 +449,7 @@ def test_every_new_preset_trains_on_its_dataset(cityscapes_root, pascal_parent, 
         records = [json.loads(line) for line in open(work / "metrics.jsonl")]
         train = [r for r in records if r["event"] == "train"]
         assert [r["iter"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
-        assert math.isclose(train[0]["lr"], lr, rel_tol=1e-3) and math.isclose(train[0]["lr_head"], 10 * lr, rel_tol=1e-3)
+        assert math.isclose(train[0]["lr"], lr, rel_tol=1e-3)
+        assert math.isclose(train[0]["lr_head"], 10 * lr, rel_tol=1e-3)
         assert sum(k.startswith("loss_aux") for k in train[0]) == (4 if head == "mla" else 3)
         assert len([r for r in records if r["event"] == "eval"][-1]["IoU"]) == classes

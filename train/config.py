@@ -268,55 +268,42 @@ def _demo_preset():
     return cfg
 
 
-def _eval_config(dataset, interval):
-    """The dataset's test settings (setr.data.catalog), evaluated every `interval` iterations."""
-    test = NAMED_DATASETS[dataset].test
-    return EvalConfig(interval=interval, crop_size=(test.crop_size,) * 2, stride=(test.stride,) * 2,
-                      scale=test.scale)
-
-
-def _cityscapes_preset(head, lr):
-    """mmseg configs/setr/setr_vit-l_<head>_8xb1-80k_cityscapes-768x768.py: 8 GPUs x 1 image, 80k
-    iterations (schedule_80k: checkpoint and evaluation every 8k), crops of 768 from the
-    cityscapes_768x768 base's (2049, 1025) scale, weight decay 0, head lr x10. PUP's config sets its
-    aux heads (2 convs), Naive keeps the base model's (1 conv); lr 0.01 from schedule_80k (MLA 0.002)."""
-    cfg = Config(preset=f"{head}_cityscapes")
-    cfg.model = ModelConfig(head=head, num_classes=NAMED_DATASETS["cityscapes"].num_classes,
-                            aux_num_convs=1 if head == "naive" else 2)
-    cfg.data = DataConfig(dataset="cityscapes", crop_size=(768, 768), scale=(2049, 1025))
+def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=2):
+    """An 80k-iteration SETR recipe on Cityscapes or Pascal Context: evaluation and checkpoints every
+    8k, the dataset's test settings (setr.data.catalog); like every SETR config, SGD momentum 0.9,
+    weight decay 0, head lr x10, poly 0.9 to 1e-4."""
+    cfg = Config(preset=f"{head}_{dataset}")
+    named = NAMED_DATASETS[dataset]
+    cfg.model = ModelConfig(head=head, num_classes=named.num_classes, aux_num_convs=aux_num_convs)
+    cfg.data = DataConfig(dataset=dataset, crop_size=(crop, crop), scale=scale)
     cfg.optim.lr = lr
-    cfg.schedule = ScheduleConfig(max_iters=80000, batch_size=8)
+    cfg.schedule = ScheduleConfig(max_iters=80000, batch_size=batch_size)
     cfg.checkpoint.interval = 8000
-    cfg.eval = _eval_config("cityscapes", 8000)
+    cfg.eval = EvalConfig(interval=8000, crop_size=(named.test.crop_size,) * 2, stride=(named.test.stride,) * 2,
+                          scale=named.test.scale)
     return cfg
 
 
-def _pascal_context_preset(head, lr):
-    """fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: batch 16, 80k
-    iterations (checkpoint and evaluation every 8k), crops of 480 from the (520, 520) scale, 60
-    classes (background included, as the paper scores them), weight decay 0, head lr x10. The models
-    are mmseg's, as for ADE20K (the SETR repository's own heads differ: ref/setr_spec.md section 11)."""
-    cfg = Config(preset=f"{head}_pascal_context")
-    cfg.model = ModelConfig(head=head, num_classes=NAMED_DATASETS["pascal_context"].num_classes)
-    cfg.data = DataConfig(dataset="pascal_context", crop_size=(480, 480), scale=(520, 520))
-    cfg.optim.lr = lr
-    cfg.schedule = ScheduleConfig(max_iters=80000, batch_size=16)
-    cfg.checkpoint.interval = 8000
-    cfg.eval = _eval_config("pascal_context", 8000)
-    return cfg
-
+# mmseg configs/setr/setr_vit-l_<head>_8xb1-80k_cityscapes-768x768.py: 8 GPUs x 1 image, crops of 768
+# from the cityscapes_768x768 base's (2049, 1025) scale; lr 0.01 from schedule_80k (MLA's config:
+# 0.002). PUP's config sets its aux heads (2 convs); Naive's keeps the base model's (1 conv).
+_cityscapes = dict(dataset="cityscapes", batch_size=8, crop=768, scale=(2049, 1025))
+# fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: batch 16, crops of 480
+# from (520, 520), 60 classes (background included, as the paper scores them). The models are
+# mmseg's, as for ADE20K (the SETR repository's own heads differ: ref/setr_spec.md section 11).
+_pascal_context = dict(dataset="pascal_context", batch_size=16, crop=480, scale=(520, 520))
 
 PRESETS = {
     "naive": lambda: _ade20k_preset("naive", 0.01),
     "pup": lambda: _ade20k_preset("pup", 0.001),
     "mla": lambda: _ade20k_preset("mla", 0.001),
     "mla_b8": lambda: _ade20k_preset("mla", 0.001, batch_size=8),
-    "naive_cityscapes": lambda: _cityscapes_preset("naive", 0.01),
-    "pup_cityscapes": lambda: _cityscapes_preset("pup", 0.01),
-    "mla_cityscapes": lambda: _cityscapes_preset("mla", 0.002),
-    "naive_pascal_context": lambda: _pascal_context_preset("naive", 0.01),
-    "pup_pascal_context": lambda: _pascal_context_preset("pup", 0.001),
-    "mla_pascal_context": lambda: _pascal_context_preset("mla", 0.001),
+    "naive_cityscapes": lambda: _benchmark_preset("naive", lr=0.01, aux_num_convs=1, **_cityscapes),
+    "pup_cityscapes": lambda: _benchmark_preset("pup", lr=0.01, **_cityscapes),
+    "mla_cityscapes": lambda: _benchmark_preset("mla", lr=0.002, **_cityscapes),
+    "naive_pascal_context": lambda: _benchmark_preset("naive", lr=0.01, **_pascal_context),
+    "pup_pascal_context": lambda: _benchmark_preset("pup", lr=0.001, **_pascal_context),
+    "mla_pascal_context": lambda: _benchmark_preset("mla", lr=0.001, **_pascal_context),
     "demo": _demo_preset,
 }
 

@@ -3,8 +3,8 @@
 Raw datasets (`ADE20K`, `Cityscapes`, `PascalContext`, `PascalContext59`, `FolderSegmentation`,
 `SyntheticSegmentation`, or `build_dataset`; the named ones are described in `catalog`)
 yield (image uint8 (H, W, 3) RGB, label int64 (H, W), name). `TrainSamples` applies mmseg's
-training pipeline (each dataset's config sets its scale and crop) by global sample position, `PositionSampler` hands each rank its
-positions, `EvalSamples` applies the test pipeline.
+training pipeline (each dataset's config sets its scale and crop) by global sample position,
+`PositionSampler` hands each rank its positions, `EvalSamples` applies the test pipeline.
 """
 
 from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE
