@@ -74,8 +74,7 @@ def _dataset(args, info, ignore_index):
     named = NAMED_DATASETS.get(args.dataset)
     if named and (info["num_classes"] != named.num_classes or ignore_index != IGNORE_INDEX):
         raise PredictError(f"{named.title} has {named.num_classes} classes and ignore_index {IGNORE_INDEX}; the "
-                           f"checkpoint has "
-                           f"{info['num_classes']} classes, ignore_index {ignore_index}")
+                           f"checkpoint has {info['num_classes']} classes, ignore_index {ignore_index}")
     try:
         return build_dataset(args.dataset, args.data_root, args.split, num_classes=info["num_classes"],
                              ignore_index=ignore_index, reduce_zero_label=args.reduce_zero_label or None,

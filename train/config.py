@@ -177,6 +177,8 @@ class Config:
         if not 0 <= m.ignore_index <= 255 or m.ignore_index < m.num_classes:
             raise ConfigError(f"model.ignore_index (--ignore-index) must be in [num_classes={m.num_classes}, "
                               f"255] (labels are 8-bit PNGs), got {m.ignore_index}")
+        if m.aux_num_convs not in (1, 2):
+            raise ConfigError(f"model.aux_num_convs must be 1 or 2 (mmseg's SETR configs), got {m.aux_num_convs}")
         named = NAMED_DATASETS.get(d.dataset)
         if named and (m.num_classes, m.ignore_index) != (named.num_classes, IGNORE_INDEX):
             raise ConfigError(f"{named.title} has {named.num_classes} classes and ignore_index {IGNORE_INDEX}, got "
