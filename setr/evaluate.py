@@ -1,6 +1,7 @@
 """Evaluate a SETR checkpoint on a segmentation split: mIoU, mAcc, aAcc, per-class IoU / Acc, speed.
 
     python -m setr.evaluate --checkpoint CKPT --dataset ade20k --data-root ADEChallengeData2016
+        (or --dataset cityscapes|pascal_context|pascal_context59|folder: setr.data.catalog)
         [--split validation] [--mode slide|whole] [--aug] [--crop-size 512] [--stride 341]
         [--out DIR] [--save-predictions]
     torchrun --nproc_per_node=8 -m setr.evaluate ...      # images split across ranks
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from setr.data import DataError, EvalSamples, build_dataset
-from setr.data.ade20k import ADE20K_CLASSES
+from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
 from setr.files import write_atomic
 from setr.inference import evaluate
 from setr.predict import PredictError, add_model_args, build_model, pipeline_settings, save_label
@@ -34,8 +35,10 @@ from setr.predict import PredictError, add_model_args, build_model, pipeline_set
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m setr.evaluate", description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--dataset", choices=("ade20k", "folder"), default="ade20k",
-                   help="ade20k (default): the ADEChallengeData2016 folder; folder: images/<split> + annotations/<split>")
+    p.add_argument("--dataset", choices=(*NAMED_DATASETS, "folder"), default="ade20k",
+                   help="ade20k (default): the ADEChallengeData2016 folder; cityscapes: the folder holding "
+                        "leftImg8bit/ and gtFine/; pascal_context (60 classes) / pascal_context59: VOCdevkit/VOC2010; "
+                        "folder: images/<split> + annotations/<split>. A named dataset sets the test defaults")
     p.add_argument("--data-root", required=True, help="dataset folder")
     p.add_argument("--split", default="validation", help="split folder name (default validation)")
     p.add_argument("--ignore-index", type=int, default=None,
@@ -68,9 +71,10 @@ def _distributed():
 
 def _dataset(args, info, ignore_index):
     """The test split (EvalSamples at the test scale set later) and its checks against the model."""
-    if args.dataset == "ade20k" and (info["num_classes"] != len(ADE20K_CLASSES) or ignore_index != 255):
-        raise PredictError(f"ADE20K has {len(ADE20K_CLASSES)} classes and ignore_index 255; the checkpoint has "
-                           f"{info['num_classes']} classes, ignore_index {ignore_index}")
+    named = NAMED_DATASETS.get(args.dataset)
+    if named and (info["num_classes"] != named.num_classes or ignore_index != IGNORE_INDEX):
+        raise PredictError(f"{named.title} has {named.num_classes} classes and ignore_index {IGNORE_INDEX}; the "
+                           f"checkpoint has {info['num_classes']} classes, ignore_index {ignore_index}")
     try:
         return build_dataset(args.dataset, args.data_root, args.split, num_classes=info["num_classes"],
                              ignore_index=ignore_index, reduce_zero_label=args.reduce_zero_label or None,
@@ -101,10 +105,12 @@ def _run(args, rank, world_size, device):
     metrics_path = os.path.join(out, "metrics.json")
     if os.path.exists(metrics_path) and not args.overwrite:  # before any loading
         raise PredictError(f"{metrics_path} exists (another evaluation's); pass --overwrite or another --out")
-    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl)
+    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl,
+                              args.dataset)
     ignore_index = args.ignore_index if args.ignore_index is not None else model.ignore_index
     mode, scale, crop, stride = pipeline_settings(args, info)
-    samples = EvalSamples(_dataset(args, info, ignore_index), scale=scale)
+    samples = EvalSamples(_dataset(args, info, ignore_index), scale=scale,
+                          aug_short_min=info["test"].aug_short_min if info["test"] else 0)
     os.makedirs(out, exist_ok=True)
     save = None
     if args.save_predictions:

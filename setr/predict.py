@@ -9,8 +9,9 @@ both at the original image size. Checkpoints: our single-file export (head, back
 and names read from its meta) or a plain mmseg SETR checkpoint (head, backbone and number of
 classes inferred from its keys unless given), or what training writes: a run directory, a
 checkpoints/iter_* directory or checkpoints/latest (the sharded checkpoint is consolidated).
-Test pipeline and inference as mmseg's ADE20K config: keep-ratio rescale into (2048, 512),
-sliding 512 windows at stride 341, or --aug for multi-scale (0.5-1.75) + flip.
+Test pipeline and inference as the config of the checkpoint's dataset (--dataset, else the named
+dataset with the checkpoint's number of classes; setr.data.catalog): for ADE20K keep-ratio rescale
+into (2048, 512), sliding 512 windows at stride 341, or --aug for multi-scale (0.5-1.75) + flip.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 import setr
-from setr.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE
+from setr.data.catalog import NAMED_DATASETS, dataset_with_classes
 from setr.data.datasets import DataError, random_palette, read_image
 from setr.data.transforms import check_crop_size, eval_transform
 from setr.inference import MS_RATIOS, aug_inference, inference
@@ -73,11 +74,14 @@ def _infer_from_keys(state):
 
 
 def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="cpu",
-                impl="eager"):
+                impl="eager", dataset=None):
     """Build and strictly load the model of a checkpoint.
 
+    dataset: the dataset the checkpoint is for; None: the named dataset (setr.data.catalog) with
+    its number of classes, if any. A named dataset gives the class names, palette and test settings that a
+    checkpoint does not carry.
     Returns (model in eval mode on device, info dict with head, backbone, num_classes,
-    img_size, class_names, palette).
+    img_size, class_names, palette, eval (the export's test settings), test (the dataset's)).
     """
     obj, meta, state = _load_checkpoint(checkpoint)
     key_head, dims, key_classes, key_img = _infer_from_keys(state)
@@ -98,7 +102,9 @@ def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="
     img_size = meta.get("img_size") or key_img or 512
     if isinstance(img_size, list):
         img_size = tuple(img_size)
-    kwargs = {k: meta[k] for k in ("patch_bias", "ignore_index") if k in meta}
+    kwargs = {k: meta[k] for k in ("patch_bias", "ignore_index", "aux_num_convs") if k in meta}
+    if "aux_num_convs" not in kwargs and "auxiliary_head.0.up_convs.0.0.conv.weight" in state:
+        kwargs["aux_num_convs"] = 2 if "auxiliary_head.0.up_convs.1.0.conv.weight" in state else 1
     try:
         model = setr.build_setr(head, backbone=backbone, num_classes=num_classes,
                                 img_size=img_size, impl=impl, **kwargs)
@@ -107,14 +113,13 @@ def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="
         report = str(e).replace("\n  (pass strict=False to load the matching keys anyway)", "")  # API-only advice
         raise PredictError(f"checkpoint {checkpoint}: cannot load into a {head!r} {backbone} "
                            f"model with {num_classes} classes:\n{report}") from None
-    class_names = meta.get("class_names")
-    palette = meta.get("palette")
-    if class_names is None and num_classes == 150:
-        class_names = ADE20K_CLASSES
-    if palette is None:
-        palette = ADE20K_PALETTE if num_classes == 150 else random_palette(num_classes)
+    named = NAMED_DATASETS.get(dataset_with_classes(num_classes) if dataset is None else dataset)
+    if named and named.num_classes != num_classes:
+        raise PredictError(f"{named.title} has {named.num_classes} classes; checkpoint {checkpoint} has {num_classes}")
+    class_names = meta.get("class_names") or (named.classes if named else None)
+    palette = meta.get("palette") or (named.palette if named else random_palette(num_classes))
     info = dict(head=head, backbone=backbone, num_classes=num_classes, img_size=img_size,
-                class_names=class_names, palette=palette,
+                class_names=class_names, palette=palette, test=named.test if named else None,
                 eval=meta.get("eval") if isinstance(meta.get("eval"), dict) else {})
     return model.to(device).eval(), info
 
@@ -154,12 +159,12 @@ def save_outputs(image, label, palette, out_dir, stem):
 
 
 def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(2048, 512),
-                  crop_size=(512, 512), stride=(341, 341)):
+                  crop_size=(512, 512), stride=(341, 341), aug_short_min=0):
     """(H, W) uint8/int64 class ids of one uint8 (H, W, 3) RGB image."""
     out_size = image.shape[:2]
     if aug:
         probs = aug_inference(model, image, num_classes, out_size, scale, MS_RATIOS, True, mode,
-                              crop_size, stride)
+                              crop_size, stride, short_min=aug_short_min)
     else:
         probs = inference(model, eval_transform(image, scale), num_classes, out_size, mode,
                           crop_size, stride)
@@ -179,13 +184,13 @@ def add_model_args(p):
                    help="default: from the checkpoint, else 150")
     p.add_argument("--mode", choices=("slide", "whole"), default=None,
                    help="default: the checkpoint's evaluation mode, else slide")
-    p.add_argument("--aug", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    p.add_argument("--aug", action="store_true", help="multi-scale (0.5-1.75, the dataset's rule) + flip")
     p.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="test scale, keep ratio (default: the checkpoint's, else 2048 512)")
+                   help="test scale, keep ratio (default: the checkpoint's, else its dataset's, else 2048 512)")
     p.add_argument("--crop-size", type=int, default=None,
-                   help="slide window (default: the checkpoint's, else its img_size, else 512)")
+                   help="slide window (default: the checkpoint's, else its dataset's, else its img_size)")
     p.add_argument("--stride", type=int, default=None,
-                   help="slide stride (default: the checkpoint's, else 2/3 crop)")
+                   help="slide stride (default: the checkpoint's, else its dataset's, else 2/3 crop)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--impl", choices=IMPLS, default="sdpa",
                    help="op implementations (default sdpa)")
@@ -193,8 +198,11 @@ def add_model_args(p):
 
 def pipeline_settings(args, info):
     """(mode, scale, crop, stride) from the flags, else what the exported checkpoint was
-    evaluated with, else mmseg's ADE20K test settings. Raises PredictError on bad values."""
-    saved = info["eval"]
+    evaluated with, else its dataset's test settings (setr.data.catalog), else a keep-ratio
+    resize into (2048, 512) and windows of the model's img_size at 2/3 stride. Raises
+    PredictError on bad values."""
+    test = info["test"]
+    saved = info["eval"] or (dict(scale=test.scale, crop_size=[test.crop_size], stride=[test.stride]) if test else {})
     img_size = info["img_size"]
     mode = args.mode or saved.get("mode", "slide")
     scale = tuple(args.scale or saved.get("scale", (2048, 512)))
@@ -214,6 +222,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m setr.predict", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="+", help="image files")
     add_model_args(p)
+    p.add_argument("--dataset", choices=tuple(NAMED_DATASETS), default=None,
+                   help="the dataset the checkpoint is for: its classes, palette and test settings "
+                        "(default: the one with the checkpoint's number of classes)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     return p.parse_args(argv)
 
@@ -232,7 +243,7 @@ def main(argv=None):
                                    f"outputs {stem}_*.png; rename one")
             stems[stem] = path
         model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes,
-                                  device, args.impl)
+                                  device, args.impl, args.dataset)
         mode, scale, crop, stride = pipeline_settings(args, info)
         os.makedirs(args.out, exist_ok=True)
     except PredictError as e:
@@ -246,8 +257,8 @@ def main(argv=None):
             print(f"error: cannot read image {e.path}: {e.problem}", file=sys.stderr)
             failed += 1
             continue
-        label = predict_image(model, image, info["num_classes"], mode, args.aug,
-                              scale, (crop, crop), (stride, stride))
+        label = predict_image(model, image, info["num_classes"], mode, args.aug, scale, (crop, crop),
+                              (stride, stride), info["test"].aug_short_min if info["test"] else 0)
         stem = os.path.splitext(os.path.basename(path))[0]
         outs = save_outputs(image, label, info["palette"], args.out, stem)
         print(f"{path}: {' '.join(outs)}")

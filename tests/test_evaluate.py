@@ -45,7 +45,7 @@ def mmseg_pup(tmp_path_factory):
     return str(path), model
 
 
-def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341):
+def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341, num_classes=150):
     """mmseg 1.2.2's ADE20K test pipeline from its published description, independently of
     setr.data / setr.inference: LoadImageFromFile (cv2, BGR) -> Resize(scale, keep_ratio) with
     mmcv's rescale rule and cv2 INTER_LINEAR -> SegDataPreProcessor (bgr_to_rgb, (x - mean) / std)
@@ -60,7 +60,7 @@ def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341):
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
     x = ((x - mean) / std)[None]
-    preds = torch.zeros(1, 150, new_h, new_w)
+    preds = torch.zeros(1, num_classes, new_h, new_w)
     count = torch.zeros(1, 1, new_h, new_w)
     h_grids = max(new_h - crop + stride - 1, 0) // stride + 1
     w_grids = max(new_w - crop + stride - 1, 0) // stride + 1

@@ -131,8 +131,8 @@ def test_test_pipeline_defaults_to_the_checkpoint_eval_settings(tmp_path, images
     monkeypatch.setattr(setr.predict, "predict_image", lambda *a: seen.append(a[3:]) or real(*a))
     code, _, err = _run([images[1], "--checkpoint", path, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
-    assert seen[-1] == ("whole", False, (96, 64), (64, 64), (48, 48))
+    assert seen[-1] == ("whole", False, (96, 64), (64, 64), (48, 48), 0)
     code, _, err = _run([images[1], "--checkpoint", path, "--out", tmp_path / "o", "--mode", "slide",
                          "--crop-size", 32], capsys)
     assert code == 0, err
-    assert seen[-1] == ("slide", False, (96, 64), (32, 32), (21, 21))  # flags win; stride follows the crop
+    assert seen[-1] == ("slide", False, (96, 64), (32, 32), (21, 21), 0)  # flags win; stride follows the crop
