@@ -8,10 +8,8 @@ import torch.nn as nn
 
 from setr import layers
 from setr.heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUPHead
-from setr.vit import VIT_CONFIGS, build_vit
-
-HEADS = ("naive", "pup", "mla")
-BACKBONES = tuple(VIT_CONFIGS)  # vit_large, vit_base, vit_tiny
+from setr.constants import BACKBONES, HEADS, VIT_CONFIGS
+from setr.vit import build_vit
 AUX_WEIGHT = 0.4
 
 
@@ -107,7 +105,7 @@ def build_setr(head, backbone="vit_large", num_classes=150, img_size=512, impl="
                patch_bias=True, ignore_index=255, device=None, dtype=None):
     """Build SETR-Naive / PUP / MLA as mmseg's ADE20K configs do.
 
-    head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.layers.IMPLS or a per-op
+    head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.constants.IMPLS or a per-op
     dict (the table in setr.layers says what runs).
     """
     return SETR(head, backbone, num_classes, img_size, impl, aux, patch_bias, ignore_index, device, dtype)
