@@ -14,9 +14,17 @@ def error(message, code=BAD_INPUT):
     return code
 
 
-def internal_error(prog):
-    """In an `except Exception` block: print the traceback, say it is our bug; returns exit code 1."""
-    traceback.print_exc()
-    print(f"{prog}: internal error, a bug in this program (not in your input): please report it with the "
-          f"traceback above", file=sys.stderr, flush=True)
-    return FAILED
+def run(prog, body, mistakes):
+    """body() -> exit code. An exception of the classes `mistakes` is the user's: one line, exit 2;
+    Ctrl-C: exit 130; any other exception is a bug: its traceback, said to be one, exit 1."""
+    try:
+        return body()
+    except mistakes as e:
+        return error(e)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # noqa: BLE001 - not the user's input: ours
+        traceback.print_exc()
+        print(f"{prog}: internal error, a bug in this program (not in your input): please report it with the "
+              f"traceback above", file=sys.stderr, flush=True)
+        return FAILED

@@ -30,7 +30,7 @@ import sys
 
 # torch-free imports only: the arguments are parsed, and --help answered, before torch loads; the
 # functions below import the rest where they need it.
-from setr.cli import BAD_INPUT, error, internal_error
+from setr import cli
 from setr.data.datasets import DATASETS, DataError, LabelValueError, build_dataset
 from setr.files import write_atomic
 from setr.predict import (PredictError, add_model_args, build_model, make_output_dir, pipeline_settings,
@@ -182,17 +182,15 @@ def _run(args, rank, world_size, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    world_size = 1
+    return cli.run("setr.evaluate", lambda: _evaluate(args), (PredictError, CheckpointError))
+
+
+def _evaluate(args):
+    """One process of the evaluation (of several under torchrun); returns the exit code."""
+    rank, world_size, device = _distributed()
     try:
-        rank, world_size, device = _distributed()
         _run(args, rank, world_size, device or resolve_device(args.device))
         return 0
-    except (PredictError, CheckpointError) as e:
-        return error(e, BAD_INPUT)
-    except KeyboardInterrupt:
-        return 130
-    except Exception:  # noqa: BLE001 - not the user's input: ours
-        return internal_error("setr.evaluate")
     finally:
         if world_size > 1:
             import torch.distributed as dist

@@ -27,7 +27,7 @@ from PIL import Image
 # torch-free imports only (setr imports its model lazily): the arguments are parsed, and --help
 # answered, before torch loads; the functions below import the rest where they need it.
 import setr
-from setr.cli import BAD_INPUT, FAILED, error, internal_error
+from setr import cli
 from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE, VIT_CONFIGS
 from setr.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE
 from setr.data.datasets import DataError, random_palette, read_image
@@ -282,7 +282,7 @@ def predict(args):
         try:
             image = read_image(path)
         except DataError as e:
-            error(f"cannot read image {e.path}: {e.problem}")
+            cli.error(f"cannot read image {e.path}: {e.problem}")
             failed += 1
             continue
         label = predict_image(model, image, info["num_classes"], mode, args.aug,
@@ -291,26 +291,19 @@ def predict(args):
         try:
             outs = save_outputs(image, label, info["palette"], args.out, stem)
         except OSError as e:  # disk full, folder removed meanwhile
-            error(f"cannot write the outputs of {path} to {args.out} ({e.strerror or e})")
+            cli.error(f"cannot write the outputs of {path} to {args.out} ({e.strerror or e})")
             failed += 1
             continue
         print(f"{path}: {' '.join(outs)}")
     if failed:
         print(f"{failed} of {len(args.images)} images failed", file=sys.stderr)
-        return FAILED
+        return cli.FAILED
     return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return predict(args)
-    except PredictError as e:
-        return error(e, BAD_INPUT)
-    except KeyboardInterrupt:
-        return 130
-    except Exception:  # noqa: BLE001 - not the user's input: ours
-        return internal_error("setr.predict")
+    return cli.run("setr.predict", lambda: predict(args), PredictError)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 """What the command lines and the data workers import: `--help` is answered before torch loads, and a
 DataLoader worker imports neither triton nor huggingface_hub (it needs neither)."""
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
-import pytest
+from conftest import run_process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "triton", "huggingface_hub", "matplotlib")
@@ -89,27 +87,6 @@ def test_data_workers_import_neither_triton_nor_huggingface_hub(tmp_path):
     script = tmp_path / "worker_imports.py"
     script.write_text(WORKER_SCRIPT)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the DataLoader with a spawned worker did not finish in 180 s")
-    finally:
-        if _alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0 and stdout.strip() == "ok", stderr[-3000:]
-    deadline = time.monotonic() + 10  # multiprocessing's resource tracker exits just after its parent
-    while _alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(proc.pid), "a process of the worker test is still alive"
-
-
-def _alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    code, stdout, stderr = run_process_group([sys.executable, str(script)], 180, "a DataLoader with a spawned worker",
+                                             cwd=tmp_path, env=env)
+    assert code == 0 and stdout.strip() == "ok", stderr[-3000:]

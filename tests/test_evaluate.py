@@ -2,8 +2,6 @@
 the same numbers on two processes as on one, and clear errors."""
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import cv2
@@ -17,6 +15,7 @@ import setr
 from setr.data.ade20k import ADE20K_PALETTE
 from setr.evaluate import main
 from setr.predict import main as predict_main
+from conftest import run_process_group
 from test_data import ade_root, shared_data  # noqa: F401 (ade_root is a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,14 +124,6 @@ def _tiny_export(path, classes=11):
     return str(path)
 
 
-def _alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
     ckpt = _tiny_export(tmp_path / "tiny.pth")
     common = ["--checkpoint", ckpt, "--dataset", "folder", "--data-root", camvid_root, "--max-samples", "5",
@@ -141,19 +132,8 @@ def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "setr.evaluate"] + common + ["--out", str(tmp_path / "two")]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("2-process evaluation did not finish in 180 s")
-    finally:
-        if _alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
-    assert not _alive(proc.pid), "a process of the 2-process run is still alive"
+    code, output, errors = run_process_group(cmd, 180, "the 2-process evaluation", env=env, cwd=REPO)
+    assert code == 0, (output + errors)[-3000:]
     one = json.load(open(tmp_path / "one" / "metrics.json"))
     two = json.load(open(tmp_path / "two" / "metrics.json"))
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["num_images"] == one["num_images"] == 5

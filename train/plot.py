@@ -16,7 +16,7 @@ import math
 import os
 import sys
 
-from setr.cli import BAD_INPUT, error, internal_error
+from setr import cli
 from setr.files import make_writable_dir, write_atomic
 
 PANELS = (  # (title, y label, [(record key, legend suffix)], event)
@@ -126,26 +126,24 @@ def main(argv=None):
     p.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="training run folders (metrics.jsonl inside)")
     p.add_argument("--out", default=None, help="PNG to write (default <first WORK_DIR>/curves.png)")
     args = p.parse_args(argv)
-    out = args.out or os.path.join(args.work_dirs[0], "curves.png")
+    return cli.run("train.plot", lambda: plot(args.work_dirs, args.out), PlotError)
+
+
+def plot(work_dirs, out=None):
+    """Read the runs, write the PNG (default <first run>/curves.png); returns the exit code."""
+    out = out or os.path.join(work_dirs[0], "curves.png")
+    names = [os.path.basename(os.path.normpath(d)) for d in work_dirs]
+    if len(set(names)) < len(names):  # runs/a/run and runs/b/run: tell them apart by path
+        names = list(work_dirs)
+    runs = [(name, read_metrics(d)) for name, d in zip(names, work_dirs)]
+    if os.path.isdir(out):
+        raise PlotError(f"--out {out} is a folder; expected the path of a .png file")
     try:
-        names = [os.path.basename(os.path.normpath(d)) for d in args.work_dirs]
-        if len(set(names)) < len(names):  # runs/a/run and runs/b/run: tell them apart by path
-            names = list(args.work_dirs)
-        runs = [(name, read_metrics(d)) for name, d in zip(names, args.work_dirs)]
-        if os.path.isdir(out):
-            raise PlotError(f"--out {out} is a folder; expected the path of a .png file")
-        try:
-            make_writable_dir(os.path.dirname(os.path.abspath(out)))
-            print(plot_runs(runs, out))
-        except OSError as e:
-            raise PlotError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-        return 0
-    except PlotError as e:
-        return error(e, BAD_INPUT)
-    except KeyboardInterrupt:
-        return 130
-    except Exception:  # noqa: BLE001 - not the user's input: ours
-        return internal_error("train.plot")
+        make_writable_dir(os.path.dirname(os.path.abspath(out)))
+        print(plot_runs(runs, out))
+    except OSError as e:
+        raise PlotError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return 0
 
 
 if __name__ == "__main__":
