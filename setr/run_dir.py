@@ -119,15 +119,16 @@ def model_source(path):
 
 def run_config(path):
     """The training config (dict) of the run that `path` belongs to, or None: `path` names a run
-    directory, its model_final.pth, a checkpoints/iter_* directory or checkpoints/latest of a run
-    whose config.json exists. CheckpointError when that config.json is unreadable."""
+    directory, its model_final.pth, checkpoints/, a checkpoints/iter_* directory or checkpoints/latest
+    of a run whose config.json exists. CheckpointError when that config.json is unreadable."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path) and not is_complete(path):
-        run = path
-    elif os.path.basename(path) == FINAL:
-        run = os.path.dirname(path)
-    elif is_complete(path) or os.path.basename(path) == LATEST:
+    name = os.path.basename(path)
+    if is_complete(path) or name == LATEST:  # checkpoints/iter_* or checkpoints/latest
         run = os.path.dirname(os.path.dirname(path))
+    elif name in (FINAL, os.path.basename(checkpoint_root(""))):  # model_final.pth or checkpoints/
+        run = os.path.dirname(path)
+    elif os.path.isdir(path):
+        run = path
     else:
         return None  # any other file: a model without a run
     config = os.path.join(run, CONFIG)

@@ -233,3 +233,15 @@ def test_data_and_output_problems_are_one_line(camvid_root, tmp_path, capsys):
     (tmp_path / "text.pth").write_text("hello\n")
     assert main(["--checkpoint", str(tmp_path / "text.pth"), "--data-root", str(root), "--out", str(tmp_path / "c")]) == 2
     _one_line_error(capsys, "text.pth: not a readable PyTorch checkpoint")
+
+
+def test_run_config_is_found_from_every_name_of_a_run(demo_run, tmp_path):
+    from setr.run_dir import CheckpointError, latest_checkpoint, run_config
+
+    names = [demo_run, demo_run / "model_final.pth", demo_run / "checkpoints", demo_run / "checkpoints" / "latest",
+             latest_checkpoint(str(demo_run))]
+    assert [run_config(name)["data"]["dataset"] for name in names] == ["synthetic"] * 5
+    assert run_config(tmp_path) is None and run_config(tmp_path / "model.pth") is None
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is unreadable"):
+        run_config(tmp_path)
