@@ -187,7 +187,7 @@ def test_sixteen_bit_label_value_beyond_the_classes_is_named(tmp_path):
         FolderSegmentation(root, "val", num_classes=4)[0]
 
 
-def test_unreadable_files_are_named(tmp_path):
+def test_unreadable_files_are_named(tmp_path, capfd):
     write_png(tmp_path / "ok.png", np.zeros((8, 8, 3), np.uint64), 2, 8)
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[:len(data) - 20])
@@ -200,6 +200,7 @@ def test_unreadable_files_are_named(tmp_path):
         with pytest.raises(DataError, match=problem) as caught:
             read_image(tmp_path / name)
         assert caught.value.path == str(tmp_path / name) and "\n" not in str(caught.value)
+    assert capfd.readouterr().err == ""  # OpenCV's and libpng's own complaints silenced: one error, ours
     Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "colour.png")
     with pytest.raises(DataError, match="single-channel.*got mode RGB"):
         read_label(tmp_path / "colour.png")
