@@ -19,9 +19,8 @@ import os
 
 from bench.memory_plan import CATEGORY_ORDER, GIB, MODULES, PlanError, check_plannable, measure, plan
 from bench.readme_tables import HEAD_NAMES
+from setr.constants import HEADS, IMPLS
 from setr.files import write_atomic
-from setr.layers import IMPLS
-from setr.model import HEADS
 
 RECIPE_BATCH = 16
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "estimate")

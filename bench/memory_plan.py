@@ -36,7 +36,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import setr
 from kernels.utils import plan_as_cuda
-from train.config import IMPLS, get_preset
+from setr.constants import IMPLS
+from train.config import get_preset
 from train.parallelize import parallelize
 from train.optim import sgd
 

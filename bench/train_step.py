@@ -66,8 +66,7 @@ from bench.step import (
     largest_batch, make_batch, make_loader, make_optimizer, ours_note, set_memory_limit, sync,
     time_loader_steps, time_steps, train_step,
 )
-from setr.layers import PATCH_SIZE
-from setr.model import HEADS
+from setr.constants import HEADS, PATCH_SIZE
 from train.config import DataConfig
 from train.flops import model_flops_utilization, peak_flops
 

@@ -8,10 +8,8 @@ import torch.nn as nn
 
 from setr import layers
 from setr.heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUPHead
-from setr.vit import VIT_CONFIGS, build_vit
-
-HEADS = ("naive", "pup", "mla")
-BACKBONES = tuple(VIT_CONFIGS)  # vit_large, vit_base, vit_tiny
+from setr.constants import BACKBONES, HEADS, VIT_CONFIGS
+from setr.vit import build_vit
 AUX_WEIGHT = 0.4
 
 
@@ -109,7 +107,7 @@ def build_setr(head, backbone="vit_large", num_classes=150, img_size=512, impl="
                patch_bias=True, ignore_index=255, aux_num_convs=2, device=None, dtype=None):
     """Build SETR-Naive / PUP / MLA as mmseg's ADE20K configs do.
 
-    head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.layers.IMPLS or a per-op
+    head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.constants.IMPLS or a per-op
     dict (the table in setr.layers says what runs). aux_num_convs: conv stages of the Naive / PUP
     auxiliary heads, 2 in every config but mmseg's Naive Cityscapes one (1: it keeps the base
     model's auxiliary heads). img_size: the pos-embed grid (768 for the Cityscapes checkpoints).

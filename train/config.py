@@ -29,15 +29,12 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-import torch
-
+# torch-free imports only: `--help` and usage errors answer before torch is loaded
+from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE
 from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
-from setr.files import write_atomic
-from setr.layers import IMPLS, PATCH_SIZE
-from setr.model import BACKBONES, HEADS
-from setr.weights import is_hub_id
+from setr.data.datasets import DATASETS
+from setr.files import is_hub_id, write_atomic
 
-DATASETS = (*NAMED_DATASETS, "folder", "synthetic")  # ade20k, cityscapes, pascal_context, pascal_context59, ...
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -462,6 +459,8 @@ def parse_config(argv=None, cuda_available=None):
     parser = build_parser()
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if cuda_available is None:
+        import torch  # after parsing: --help never waits for it
+
         cuda_available = torch.cuda.is_available()
     head = args.get("model.head", "pup")
     on_cpu = args.get("device") == "cpu" or not cuda_available

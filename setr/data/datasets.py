@@ -16,8 +16,9 @@ image without a label or a label without an image fails when the dataset is buil
 
 import os
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .catalog import IGNORE_INDEX, NAMED_DATASETS
 from .cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_LABEL_IDS
@@ -47,26 +48,58 @@ class DataError(ValueError):
         super().__init__(f"{path}: {problem}" if path else problem)
 
 
-def read_image(path):
-    """Decode an image file to (H, W, 3) uint8 RGB.
+class LabelValueError(DataError):
+    """A label holds values that are neither a class id nor ignore_index (another dataset's labels?)."""
 
-    Like mmcv.imread(flag='color') (cv2.IMREAD_COLOR): EXIF orientation applied, alpha dropped,
-    grey and palette images expanded to RGB (mmseg decodes BGR, then to_rgb: net effect RGB).
+
+def read_image(path):
+    """Decode an image file to (H, W, 3) uint8 RGB, exactly as mmseg loads one.
+
+    mmseg's LoadImageFromFile calls mmcv.imfrombytes(file bytes, flag='color', backend='cv2'):
+    cv2.imdecode(bytes, IMREAD_COLOR), a BGR uint8 image; its data preprocessor then flips it to
+    RGB (bgr_to_rgb). What that means for each kind of file, mmcv's choices kept even where they
+    are poor for segmentation:
+      - grey (1-16 bit) and palette images are expanded to 3 channels;
+      - alpha (grey+alpha, RGBA, palette transparency) is dropped, not composited: the colour
+        stored under transparent pixels is what the model sees;
+      - 16-bit images are reduced to 8 bits by OpenCV (the high byte): a 16-bit file that uses
+        only the low range (12-bit sensors, depth maps) reads nearly black;
+      - EXIF orientation is applied (JPEG, PNG, WebP, TIFF), but labels are read without it (as
+        mmseg's LoadAnnotations does): a rotated photo then mismatches its label.
+    A file OpenCV cannot decode (also a truncated one) raises DataError.
     """
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.array(im.convert("RGB"))
+        data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
-        raise DataError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+    except OSError as e:  # a folder, no permission, an I/O error
+        raise DataError(path, f"cannot read image ({e.strerror or e})") from None
+    if data.size == 0:
+        raise DataError(path, "cannot decode image (empty file)")
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a damaged file: our one-line error only
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error as e:
+        raise DataError(path, f"cannot decode image ({str(e).strip().splitlines()[-1]})") from None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    if bgr is None:
+        raise DataError(path, "cannot decode image (not an image format OpenCV reads, or damaged)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def read_label(path):
-    """Decode a label PNG to an (H, W) integer array of raw class ids (mmcv 'unchanged').
+    """Decode a label image to an (H, W) integer array of raw class ids, as mmseg reads one.
 
-    Single-channel modes only: L / P (uint8; for P the palette indices are the ids), I;16, I.
+    mmseg's LoadAnnotations: mmcv.imfrombytes(bytes, flag='unchanged', backend='pillow'), i.e.
+    np.array(PIL.Image.open(...)) without EXIF orientation, then squeeze().astype(uint8).
+    Single-channel modes: L and P (uint8; for P the palette indices are the ids), 1, I;16 and I.
+    Two choices differ from mmseg, where it would be silently wrong: 16-bit values are kept
+    (mmseg's astype(uint8) turns 256 into 0, a valid class; here a value beyond the classes is
+    reported by FolderSegmentation.convert_label), and a label one pixel high or wide stays 2-D
+    (squeeze would drop that axis). A colour label image (an RGB visualisation instead of the id
+    map) raises DataError.
     """
     try:
         with Image.open(path) as im:
@@ -258,7 +291,7 @@ class FolderSegmentation:
             shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
             rule = (" after reduce_zero_label (raw 0 -> ignore, raw k -> k-1)"
                     if self.reduce_zero_label else "")
-            raise DataError(path, f"label values [{shown}] ({int(counts[bad].sum())} pixels) "
+            raise LabelValueError(path, f"label values [{shown}] ({int(counts[bad].sum())} pixels) "
                                   f"are outside [0, {self.num_classes}){rule} and not "
                                   f"ignore_index {self.ignore_index}")
         return mapped[raw]
@@ -425,13 +458,14 @@ class PascalContext59(PascalContext):
 
 NAMED_READERS = {"ade20k": ADE20K, "cityscapes": Cityscapes, "pascal_context": PascalContext,
                  "pascal_context59": PascalContext59}
+DATASETS = (*NAMED_READERS, "folder", "synthetic")  # the names build_dataset knows
 
 
 def build_dataset(name, root=None, split="training", num_classes=None, ignore_index=255,
                   reduce_zero_label=None, synthetic_size=(128, 160), synthetic_samples=None,
                   seed=0, class_names=None):
-    """A raw dataset by name: a named dataset (setr.data.catalog: 'ade20k', 'cityscapes',
-    'pascal_context', 'pascal_context59'), 'folder' or 'synthetic'.
+    """A raw dataset by name, one of DATASETS: a named dataset (setr.data.catalog: 'ade20k',
+    'cityscapes', 'pascal_context', 'pascal_context59'), 'folder' or 'synthetic'.
 
     Named datasets: root as the catalog says; num_classes / reduce_zero_label / ignore_index, if
         given, must be the dataset's. folder: num_classes required. synthetic: root ignored;
@@ -462,4 +496,4 @@ def build_dataset(name, root=None, split="training", num_classes=None, ignore_in
         return SyntheticSegmentation(synthetic_samples, size=synthetic_size,
                                      num_classes=8 if num_classes is None else num_classes,
                                      seed=seed, split=split, ignore_index=ignore_index)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {(*NAMED_READERS, 'folder', 'synthetic')}")
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from setr.layers import PATCH_SIZE
+from setr.constants import PATCH_SIZE
 
 # ImageNet mean / std of RGB images on the 0-255 scale (mmseg's ADE20K config).
 MEAN = (123.675, 116.28, 103.53)
