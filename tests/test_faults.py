@@ -339,12 +339,12 @@ def test_a_rank_stuck_after_another_rank_failed_exits():
     marker = uuid.uuid4().hex
     env = dict(_env(marker), TORCHELASTIC_RUN_ID="fault-test", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                RANK="1")
-    stuck = ("import time; from train.parallelize import watch_job; watch_job(grace=1.0); "
-             "print('up', flush=True); time.sleep(60)")
+    stuck = ("import time; from train import parallelize; parallelize._attempt = 'setr/fault-test/7'; "
+             "parallelize.watch_job(grace=1.0); print('up', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", stuck], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "up"
-    store.add("setr_errors_fault-test_0", 1)  # what a failing rank does before it prints its error
+    store.add("setr/fault-test/7/errors", 1)  # what a failing rank does before it prints its error
     start = time.time()
     code, out = _finish(proc, marker, timeout=30)
     assert code == 1 and "rank 1: another rank failed: exiting" in out and time.time() - start < 10, out
