@@ -468,14 +468,22 @@ def _flat(tree, prefix=""):
             yield prefix + key, value
 
 
-def config_differences(path, cfg):
-    """[(dotted field, value in the config.json at path, value in cfg)] for the fields that differ,
-    RESUME_MAY_CHANGE left out (and fields one of them does not know: another version's)."""
+def read_saved_config(path):
+    """The dict of a run's config.json."""
     try:
         with open(path) as f:
-            theirs = dict(_flat(json.load(f)))
-    except (OSError, ValueError, AttributeError) as e:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); it should be the config of the run in its directory") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a config (a JSON object); it should be the config of the run in its directory")
+    return saved
+
+
+def config_differences(saved, cfg):
+    """[(dotted field, value in saved, value in cfg)] for the fields that differ between a saved
+    config (to_dict() as JSON) and cfg, RESUME_MAY_CHANGE left out (and fields only one knows)."""
+    theirs = dict(_flat(saved))
     ours = dict(_flat(json.loads(json.dumps(cfg.to_dict()))))  # tuples as JSON lists
     free = {name for name in ours if any(name == f or name.startswith(f + ".") for f in RESUME_MAY_CHANGE)}
     return [(name, theirs[name], value) for name, value in ours.items()

@@ -39,7 +39,7 @@ from setr.run_dir import FINAL  # noqa: E402
 from train.build import build_data, build_model, eval_copy  # noqa: E402
 from train.checkpoint import (CheckpointError, CheckpointWriteError, DamagedCheckpoint, read_meta,  # noqa: E402
                               resolve_resume)
-from train.config import ConfigError, config_differences, parse_config  # noqa: E402
+from train.config import ConfigError, config_differences, parse_config, read_saved_config  # noqa: E402
 from train.logger import Logger  # noqa: E402
 from train.parallelize import (destroy_distributed, first_to_report, init_distributed, parallelize,  # noqa: E402
                                 watch_job)
@@ -94,7 +94,7 @@ def check_same_run(cfg):
     path = os.path.join(cfg.work_dir, "config.json")
     if not cfg.checkpoint.resume or not os.path.isfile(path):
         return
-    differences = config_differences(path, cfg)
+    differences = config_differences(read_saved_config(path), cfg)
     if differences:
         what = "; ".join(f"{name} {theirs!r} there, {ours!r} here" for name, theirs, ours in differences)
         raise ConfigError(f"--resume {cfg.checkpoint.resume}: the run in {cfg.work_dir} has another config "
