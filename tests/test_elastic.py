@@ -49,7 +49,7 @@ def _assert_equal_runs(work_dir, reference):
 
 
 def _kill_between_checkpoints(work_dir, launcher, rank):
-    """SIGKILL rank `rank` (a child of the launcher process) once a random iteration in 7..11
+    """SIGKILL rank `rank` (a child of the launcher process) once a random iteration in 7..9
     is logged: after checkpoint 6, before checkpoint 12. Returns that iteration."""
     kill_at = random.randint(7, 9)  # the kill lands an iteration or two later on a busy machine
     wait_for_iterations(work_dir, launcher, kill_at, timeout=90, poll=0.02)
@@ -85,7 +85,7 @@ def test_resume_on_another_world_size(reference, tmp_path):
     code, out, _ = run_job(python_main() + ARGS + ["--work-dir", str(work), "--resume", "auto", "--ckpt-interval", "3"])
     assert code == 0 and "at iteration 6: model, optimizer, lr schedule and data position (48) restored" in out
     assert "RNG states not restored (the checkpoint has 2 ranks' states, this run 1;" in out, out[-3000:]
-    shutil.rmtree(work / "checkpoints" / "iter_00000012")  # written by 1 rank at 9: resume it on 2
+    shutil.rmtree(work / "checkpoints" / "iter_00000012")  # resume the checkpoint 1 rank wrote at 9 on 2
     os.remove(work / "checkpoints" / "latest")
     code, out, _ = run_job(torchrun(2) + ARGS + ["--work-dir", str(work), "--resume", "auto"])
     assert code == 0 and "at iteration 9: model, optimizer, lr schedule and data position (72)" in out
