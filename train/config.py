@@ -451,13 +451,14 @@ def parse_config(argv=None, cuda_available=None):
 # Resuming: what a resumed run may change
 # ----------------------------------------------------------------------------------------------
 
-# where and how fast it runs, how often it logs, evaluates and checkpoints, and how long it trains
-# (the poly schedule follows a new max_iters from the resumed iteration on); a section name covers
-# all of its fields. Every other field defines what is trained and must stay.
+# where and how fast it runs, how often it logs, evaluates and checkpoints, how long it trains (the
+# poly schedule follows a new max_iters from the resumed iteration on) and what it does with bad
+# samples (a run stopped by one resumes with --data.on_bad_sample skip); a section name covers all
+# of its fields. Every other field defines what is trained and must stay.
 RESUME_MAY_CHANGE = ("preset", "work_dir", "device", "deterministic", "notes", "model.impl", "model.pretrained",
-                     "data.num_workers", "schedule.max_iters", "schedule.micro_batch_size",
-                     "parallel.activation_checkpointing", "parallel.compile", "checkpoint", "eval.interval",
-                     "eval.at_end", "eval.max_samples", "metrics", "profiler")
+                     "data.num_workers", "data.on_bad_sample", "data.max_bad_fraction", "schedule.max_iters",
+                     "schedule.micro_batch_size", "parallel.activation_checkpointing", "parallel.compile",
+                     "checkpoint", "eval.interval", "eval.at_end", "eval.max_samples", "metrics", "profiler")
 
 
 def _flat(tree, prefix=""):
