@@ -10,6 +10,6 @@ setup(
                       "safetensors>=0.4", "huggingface_hub>=0.24"],
     extras_require={"test": ["pytest"], "bench": ["matplotlib"], "plot": ["matplotlib"], "tb": ["tensorboard"],
                     "all": ["matplotlib", "tensorboard", "pytest"]},
-    entry_points={"console_scripts": ["setr-train=train.main:run", "setr-predict=setr.predict:main",
+    entry_points={"console_scripts": ["setr-train=train.launch:run", "setr-predict=setr.predict:main",
                                       "setr-eval=setr.evaluate:main", "setr-plot=train.plot:main"]},
 )

@@ -1,9 +1,8 @@
 """Runs that fail fast and lose nothing: bad samples on any rank, dying ranks and launchers, stop
 signals, full disks, damaged checkpoints, reused work dirs, and what predict accepts.
 
-Process tests start the job in a session of its own with a unique marker in its environment,
-fail (instead of hanging) past a timeout, kill everything carrying the marker, and check that
-no process of the job is left."""
+Process tests run their jobs with tests/jobs.py: a timeout that fails the test instead of hanging,
+and a check that no process of the job is left."""
 import errno
 import json
 import os
@@ -27,9 +26,9 @@ from train import checkpoint as ckpt
 from train.logger import BadSamples
 from train.main import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN = os.path.join(REPO, "train", "main.py")
-MARKER = "SETR_TEST_JOB"
+from jobs import (REPO, children, finish, job_env, job_pids, kill_leftovers, python_main, rank_pid,  # noqa: F401
+                  run_job, setr_train, start, torchrun, train_losses, train_records, wait_for_iterations)
+
 NUM_CLASSES = 4
 # The demo model on a 4-class folder dataset, 32x32 crops, batch 2 (one image per rank).
 ARGS = ["--device", "cpu", "--preset", "demo", "--head", "pup", "--deterministic", "--log-interval", "1",
@@ -39,7 +38,7 @@ ARGS = ["--device", "cpu", "--preset", "demo", "--head", "pup", "--deterministic
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers: a tiny folder dataset, jobs with a marker, the processes left
+# a tiny folder dataset
 # ------------------------------------------------------------------------------------------------
 
 def _write_sample(root, split, name, seed, size=(40, 48)):
@@ -65,110 +64,6 @@ def _rank1_first_sample(root):
     """Stem of the training image rank 1 reads first (global position 1, seed 0)."""
     ds = FolderSegmentation(root, "training", NUM_CLASSES)
     return ds.names[TrainSamples(ds, 32, seed=0).dataset_index(1)]
-
-
-def _job_pids(marker):
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"{MARKER}={marker}".encode() in f.read().split(b"\0"):
-                    pids.append(int(pid))
-        except OSError:  # gone, or a zombie
-            pass
-    return pids
-
-
-def _kill_all(marker):
-    for pid in _job_pids(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _assert_nothing_left(marker, grace=10.0):
-    deadline = time.time() + grace
-    while _job_pids(marker) and time.time() < deadline:
-        time.sleep(0.2)
-    left = _job_pids(marker)
-    if left:
-        names = []
-        for pid in left:
-            try:
-                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
-                names.append(f"{pid}: {cmdline[:120].decode(errors='replace')}")
-            except OSError:
-                pass
-        _kill_all(marker)
-        pytest.fail(f"processes of the job still alive {grace:.0f}s after it ended: {names}")
-
-
-STARTED = []  # markers of the jobs this test started
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers():
-    """A test that fails before _finish (an assert while its job runs) leaves nothing behind either."""
-    yield
-    while STARTED:
-        _kill_all(STARTED.pop())
-
-
-def _env(marker):
-    STARTED.append(marker)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **{MARKER: marker})
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def _start(args, nproc=2):
-    """Popen of the job (torchrun with nproc ranks, or plain python with nproc=0) and its marker."""
-    marker = uuid.uuid4().hex
-    cmd = [sys.executable, MAIN]
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", MAIN]
-    proc = subprocess.Popen(cmd + args, env=_env(marker), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    return proc, marker
-
-
-def _finish(proc, marker, timeout):
-    """(exit status, output) of a started job; fails past the timeout. Nothing may be left."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _kill_all(marker)
-        out, _ = proc.communicate()
-        pytest.fail(f"the job did not end within {timeout}s:\n{out[-4000:]}")
-    finally:
-        _assert_nothing_left(marker)
-    return proc.returncode, out
-
-
-def _job(args, nproc=2, timeout=60):
-    start = time.time()
-    proc, marker = _start(args, nproc)
-    code, out = _finish(proc, marker, timeout)
-    return code, out, time.time() - start
-
-
-def _wait_for_iterations(work_dir, proc, n, timeout=60):
-    metrics = os.path.join(work_dir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum('"train"' in line for line in open(metrics)) >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{n} iterations not logged within {timeout}s (exit status {proc.poll()})")
-
-
-def _train_losses(work_dir):
-    with open(os.path.join(work_dir, "metrics.jsonl")) as f:
-        return {r["iter"]: r["loss"] for r in map(json.loads, f) if r["event"] == "train"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,89 +113,68 @@ BAD_DATA = {"bad image": _break_image, "truncated label": _truncate_label, "labe
             "size mismatch": _size_mismatch, "missing label": _missing_label, "empty split": _empty_split}
 
 
-@pytest.mark.parametrize("workers", ["default", "0"])
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_sample_on_one_rank_ends_the_job(tmp_path, case, workers):
-    """Read by rank 1 only (its first sample), or found when the split is built: the job ends
-    within 60 s, non-zero, with the error (file, problem) printed once."""
+def test_bad_sample_on_one_rank_ends_the_job(tmp_path, case):
+    """Read by rank 1 only (its first sample; with a data worker, or without for every other case),
+    or found when the split is built: setr-train ends within 60 s with exit status 2 and the
+    error (file, problem) printed once, without a launcher traceback."""
     root = _dataset(tmp_path)
     name, problem = BAD_DATA[case](root, _rank1_first_sample(root))
-    args = ARGS + ["--data-root", root, "--max-iters", "3", "--work-dir", str(tmp_path / "run")]
-    code, out, seconds = _job(args + ([] if workers == "default" else ["--num-workers", "0"]))
-    assert code != 0 and seconds < 60, out[-3000:]
+    workers = ["--num-workers", "0"] if list(BAD_DATA).index(case) % 2 else []
+    args = ARGS + ["--data-root", root, "--max-iters", "3", "--work-dir", str(tmp_path / "run")] + workers
+    code, out, seconds = run_job(setr_train(2) + args)
+    assert code == 2 and seconds < 60, out[-3000:]
     errors = [line for line in out.splitlines() if "error: " in line and name in line]
     assert len(errors) == 1 and problem in errors[0], out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
     if case not in ("missing label", "empty split"):  # found by rank 1 while training
         assert errors[0].startswith("rank 1: error:"), errors
+    assert not os.path.exists(tmp_path / "run" / "config.json")  # failed before it trained: no trace
 
 
 # ------------------------------------------------------------------------------------------------
 # dying ranks and launchers, stop signals (2 gloo ranks with a data worker each, or one process)
 # ------------------------------------------------------------------------------------------------
 
-def _children(parent):
-    """{pid: environment (bytes entries)} of the processes whose parent is `parent`."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != parent:
-                    continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                found[int(pid)] = f.read().split(b"\0")
-        except OSError:
-            continue
-    return found
-
-
-def _rank_pid(launcher, local_rank):
-    """pid of torchrun's child with LOCAL_RANK=local_rank (a rank, not one of its data workers)."""
-    for pid, env in _children(launcher).items():
-        if f"LOCAL_RANK={local_rank}".encode() in env:
-            return pid
-    raise AssertionError(f"no rank {local_rank} under torchrun {launcher}")
-
-
 def test_a_rank_killed_mid_run_ends_the_job_and_resume_is_bitwise(tmp_path):
     root, work = _dataset(tmp_path), str(tmp_path / "run")
-    args = ARGS + ["--data-root", root, "--max-iters", "24", "--ckpt-interval", "2", "--work-dir", work,
+    args = ARGS + ["--data-root", root, "--max-iters", "12", "--ckpt-interval", "2", "--work-dir", work,
                    "--eval.at_end", "false", "--checkpoint.export", "false"]
-    proc, marker = _start(args)
-    _wait_for_iterations(work, proc, 3)
-    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    proc, marker = start(torchrun(2) + args)
+    wait_for_iterations(work, proc, 3)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     killed = time.time()
-    code, out = _finish(proc, marker, timeout=60)
+    code, out = finish(proc, marker, timeout=60)
     assert code != 0 and time.time() - killed < 60, out[-3000:]
-    before = _train_losses(work)
-    assert max(before) < 24, "the run finished before the kill: nothing tested"
+    before = train_losses(work)
+    assert max(before) < 12, "the run finished before the kill: nothing tested"
     saved = ckpt.latest_checkpoint(work)
     if int(saved[-8:]) == max(before):  # killed just after a checkpoint: resume from the one before it,
         shutil.rmtree(saved)  # so that some steps run twice (--resume auto falls back past the pointer)
         saved = ckpt.latest_checkpoint(work)
-    code, out, _ = _job(args + ["--resume", "auto"])
+    code, out, _ = run_job(torchrun(2) + args + ["--resume", "auto"])
     assert code == 0 and f"resumed from {saved}" in out, out[-3000:]
-    with open(os.path.join(work, "metrics.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if r["event"] == "train"]
-    first_run, resumed = records[:len(before)], records[len(before):]
-    assert [r["iter"] for r in resumed] == list(range(int(saved[-8:]) + 1, 25))
+    resumed = train_records(work)[len(before):]
+    assert [r["iter"] for r in resumed] == list(range(int(saved[-8:]) + 1, 13))
     again = {r["iter"]: r["loss"] for r in resumed if r["iter"] in before}
     assert again and all(again[i] == before[i] for i in again), (again, before)  # bitwise
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_launcher_leaves_no_process(tmp_path, how):
+@pytest.mark.parametrize("how, launcher", [(signal.SIGKILL, torchrun), (signal.SIGTERM, setr_train)])
+def test_a_killed_launcher_leaves_no_process(tmp_path, how, launcher):
     """torchrun killed: SIGKILL leaves nobody to stop the ranks (their own sessions): they notice
-    and exit, and their data workers die with them. SIGTERM: the ranks checkpoint and exit 143."""
+    and exit, and their data workers die with them. setr-train sent SIGTERM: the ranks checkpoint
+    and it exits 143, saying nothing more."""
     root, work = _dataset(tmp_path), str(tmp_path / "run")
-    proc, marker = _start(ARGS + ["--data-root", root, "--max-iters", "100000", "--ckpt-interval", "0",
-                                  "--work-dir", work])
-    _wait_for_iterations(work, proc, 2)
-    assert len(_job_pids(marker)) >= 5  # torchrun, 2 ranks, a data worker each
+    proc, marker = start(launcher(2) + ARGS + ["--data-root", root, "--max-iters", "100000", "--ckpt-interval", "0",
+                                               "--work-dir", work])
+    wait_for_iterations(work, proc, 2)
+    assert len(job_pids(marker)) >= 5  # the launcher, 2 ranks, a data worker each
     os.kill(proc.pid, how)
-    code, out = _finish(proc, marker, timeout=60)
+    code, out = finish(proc, marker, timeout=60)
     if how == signal.SIGTERM:
-        stopped = max(_train_losses(work))
-        assert "stopped by SIGTERM" in out and "exitcode  : 143" not in out, out[-3000:]
+        stopped = max(train_losses(work))
+        assert code == 143 and "stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
         assert ckpt.latest_checkpoint(work).endswith(f"iter_{stopped:08d}")
 
 
@@ -309,23 +183,23 @@ def test_stop_signals_checkpoint_and_exit_128_plus_signal(tmp_path, how, status)
     """A plain process with a data worker: Ctrl-C (SIGINT to the whole foreground process group,
     workers included) or SIGTERM: final checkpoint, then exit 130 / 143."""
     root, work = _dataset(tmp_path), str(tmp_path / "run")
-    proc, marker = _start(ARGS + ["--data-root", root, "--max-iters", "100000", "--ckpt-interval", "0",
-                                  "--work-dir", work], nproc=0)
-    _wait_for_iterations(work, proc, 2)
+    proc, marker = start(python_main() + ARGS + ["--data-root", root, "--max-iters", "100000", "--ckpt-interval",
+                                                 "0", "--work-dir", work])
+    wait_for_iterations(work, proc, 2)
     os.killpg(proc.pid, how)  # the process group of the job, as a terminal does
-    code, out = _finish(proc, marker, timeout=60)
+    code, out = finish(proc, marker, timeout=60)
     assert code == status and f"stopped by {how.name}" in out, out[-3000:]
-    assert ckpt.latest_checkpoint(work).endswith(f"iter_{max(_train_losses(work)):08d}")
+    assert ckpt.latest_checkpoint(work).endswith(f"iter_{max(train_losses(work)):08d}")
 
 
 def test_a_data_worker_is_stopped_by_a_plain_kill(tmp_path):
     root, work = _dataset(tmp_path), str(tmp_path / "run")
-    proc, marker = _start(ARGS + ["--data-root", root, "--max-iters", "100000", "--work-dir", work], nproc=0)
-    _wait_for_iterations(work, proc, 2)
-    workers = list(_children(proc.pid))
+    proc, marker = start(python_main() + ARGS + ["--data-root", root, "--max-iters", "100000", "--work-dir", work])
+    wait_for_iterations(work, proc, 2)
+    workers = list(children(proc.pid))
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGTERM)
-    code, out = _finish(proc, marker, timeout=60)
+    code, out = finish(proc, marker, timeout=60)
     # the loader reports the dead worker by pid, or (killed mid-transfer) the broken connection
     died = [line for line in out.splitlines() if "RuntimeError: DataLoader worker" in line]
     assert code == 1, out[-3000:]
@@ -338,17 +212,17 @@ def test_a_rank_stuck_after_another_rank_failed_exits():
     once a rank has reported an error in the launcher's store, the others exit after a grace."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     marker = uuid.uuid4().hex
-    env = dict(_env(marker), TORCHELASTIC_RUN_ID="fault-test", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+    env = dict(job_env(marker), TORCHELASTIC_RUN_ID="fault-test", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                RANK="1")
-    stuck = ("import time; from train.parallelize import watch_job; watch_job(grace=1.0); "
-             "print('up', flush=True); time.sleep(60)")
+    stuck = ("import time; from train import parallelize; parallelize._attempt = 'setr/fault-test/7'; "
+             "parallelize.watch_job(grace=1.0); print('up', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", stuck], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "up"
-    store.add("setr_errors_fault-test_0", 1)  # what a failing rank does before it prints its error
-    start = time.time()
-    code, out = _finish(proc, marker, timeout=30)
-    assert code == 1 and "rank 1: another rank failed: exiting" in out and time.time() - start < 10, out
+    store.add("setr/fault-test/7/errors", 1)  # what a failing rank does before it prints its error
+    begin = time.time()
+    code, out = finish(proc, marker, timeout=30)
+    assert code == 1 and "rank 1: another rank failed: exiting" in out and time.time() - begin < 10, out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,11 +252,35 @@ def test_a_work_dir_holding_a_run_is_never_reused_silently(tmp_path, capsys):
     assert "contradict" in capsys.readouterr().err
     assert _main(tmp_path, "--resume", "auto") == 0  # finished: says so, writes nothing
     assert "already finished (iteration 2 of 2)" in capsys.readouterr().out
+    assert _main(tmp_path, "--resume", "auto", "--num-classes", "5", "--lr", "0.5", "--log-interval", "2") == 2
+    err = capsys.readouterr().err  # another run's config: refused, naming what differs (log_interval may)
+    assert "has another config (model.num_classes 4 there, 5 here; optim.lr 0.02 there, 0.5 here)" in err, err
     assert _snapshot(tmp_path / "run") == files
+    (tmp_path / "run" / "curves.png").write_bytes(b"train.plot's default output")
     assert _main(tmp_path, "--overwrite", "--eval.at_end", "false", iters=1) == 0  # asked: a fresh run
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         assert [r["iter"] for r in map(json.loads, f)] == [1, 1]  # its train and checkpoint events only
     assert [it for it, _ in ckpt.complete_checkpoints(str(tmp_path / "run"))] == [1]
+    assert not (tmp_path / "run" / "curves.png").exists()
+
+
+def test_a_start_that_fails_before_training_leaves_no_trace(tmp_path, capsys, monkeypatch):
+    """--pretrained timm/... offline (found once the model is built) and a bad image read in the
+    first iteration: nothing is written into the work dir, and the same command runs once fixed."""
+    from huggingface_hub import constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert _main(tmp_path, "--pretrained", "timm/vit_tiny_patch16_224.augreg_in21k") == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    ds = FolderSegmentation(str(tmp_path / "data"), "training", NUM_CLASSES)
+    first = ds.names[TrainSamples(ds, 32, seed=0).dataset_index(0)]
+    _break_image(str(tmp_path / "data"), first)
+    assert _main(tmp_path) == 2
+    assert "cannot decode image" in capsys.readouterr().err
+    assert not os.listdir(tmp_path / "run")
+    _write_sample(str(tmp_path / "data"), "training", first, int(first[1:]))
+    assert _main(tmp_path) == 0
 
 
 def test_a_failed_checkpoint_write_keeps_the_earlier_ones(tmp_path, capsys, monkeypatch):
@@ -429,14 +327,14 @@ def test_skip_bad_samples_warns_once_counts_and_resumes_bitwise(tmp_path, capsys
     assert _main(tmp_path, *skip, iters=4) == 0  # 8 positions: 2 epochs of 4 images, the bad one twice
     out = capsys.readouterr().out
     assert out.count(f"bad sample {os.path.join(root, 'images', 'training', name)}: cannot decode image") == 1
-    full = _train_losses(tmp_path / "run")
+    full = train_losses(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         assert [r["bad_samples"] for r in map(json.loads, f) if r["event"] == "train"][-1] == 2
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "iter_00000004")
     os.remove(tmp_path / "run" / "metrics.jsonl")
     (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_00000002")
     assert _main(tmp_path, *skip, "--resume", "auto", iters=4) == 0
-    resumed = _train_losses(tmp_path / "run")
+    resumed = train_losses(tmp_path / "run")
     assert [resumed[i] for i in (3, 4)] == [full[i] for i in (3, 4)]  # bitwise
     other = next(f"t{i}" for i in range(4) if f"t{i}.png" != name)
     _break_image(root, other)  # 2 bad of 4: more than the 1 that a fraction of 0.1 (0.4 files) still allows

@@ -403,9 +403,18 @@ def _preset_names(names):
     return "/".join(names)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Under torchrun every rank parses the command line: usage and errors are printed by the
+    first rank of each node only (every rank still exits with status 2)."""
+
+    def _print_message(self, message, file=None):
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            super()._print_message(message, file)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="train/main.py", description="Train SETR (mmseg's recipe) with FSDP2.",
+    parser = _Parser(
+        prog="train/main.py", description="Train SETR (mmseg's recipe) with FSDP2.", allow_abbrev=False,
         epilog="Defaults come from the preset: --head's ADE20K preset on a GPU, 'demo' without one. "
                "Every field has a --section.field flag too (e.g. --optim.momentum 0.8, "
                "--data.synthetic_size 96,128); see train/config.py.")
@@ -490,6 +499,50 @@ def parse_config(argv=None, cuda_available=None):
     if "work_dir" not in args and cfg.preset != "demo":
         cfg.work_dir = f"work_dirs/setr_{m.head}_{m.backbone}_{cfg.preset}"
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming: what a resumed run may change
+# ----------------------------------------------------------------------------------------------
+
+# where and how fast it runs, how often it logs, evaluates and checkpoints, how long it trains (the
+# poly schedule follows a new max_iters from the resumed iteration on) and what it does with bad
+# samples (a run stopped by one resumes with --data.on_bad_sample skip); a section name covers all
+# of its fields. Every other field defines what is trained and must stay.
+RESUME_MAY_CHANGE = ("preset", "work_dir", "device", "deterministic", "notes", "model.impl", "model.pretrained",
+                     "data.num_workers", "data.on_bad_sample", "data.max_bad_fraction", "schedule.max_iters",
+                     "schedule.micro_batch_size", "parallel.activation_checkpointing", "parallel.compile",
+                     "checkpoint", "eval.interval", "eval.at_end", "eval.max_samples", "metrics", "profiler")
+
+
+def _flat(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def read_saved_config(path):
+    """The dict of a run's config.json."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); it should be the config of the run in its directory") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a config (a JSON object); it should be the config of the run in its directory")
+    return saved
+
+
+def config_differences(saved, cfg):
+    """[(dotted field, value in saved, value in cfg)] for the fields that differ between a saved
+    config (to_dict() as JSON) and cfg, RESUME_MAY_CHANGE left out (and fields only one knows)."""
+    theirs = dict(_flat(saved))
+    ours = dict(_flat(json.loads(json.dumps(cfg.to_dict()))))  # tuples as JSON lists
+    free = {name for name in ours if any(name == f or name.startswith(f + ".") for f in RESUME_MAY_CHANGE)}
+    return [(name, theirs[name], value) for name, value in ours.items()
+            if name in theirs and name not in free and theirs[name] != value]
 
 
 if __name__ == "__main__":  # print the resolved config

@@ -59,29 +59,41 @@ def _json_safe(value):
 
 
 class Logger:
-    def __init__(self, work_dir, rank, max_iters, progress_bar="auto", tensorboard=True):
+    """Rank 0 opens its files (train.log, metrics.jsonl, tensorboard/) at the first event, i.e.
+    once every check passed and the first iteration is done: a start refused or failed before
+    that writes nothing into the work dir. before_files() runs just before (e.g. writes
+    config.json); train.log then begins with the lines logged so far."""
+
+    def __init__(self, work_dir, rank, max_iters, progress_bar="auto", tensorboard=True, before_files=None):
         self.rank = rank
         self.max_iters = max_iters
         ranks = os.environ.get("LOG_RANK", "0")
         self.to_console = str(rank) in [r.strip() for r in ranks.split(",")] or ranks.strip() == "all"
         self.prefix = "" if ranks.strip() == "0" else f"[rank{rank}] "
-        self.writes_files = rank == 0
+        self.files_pending = rank == 0  # rank 0 writes files, from the first event on
         interactive = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
         self.bar = self.to_console and (progress_bar == "on" or (progress_bar == "auto" and interactive))
         self._bar_text = ""
+        self.work_dir, self.tensorboard, self.before_files = work_dir, tensorboard, before_files
         self.jsonl = self.logfile = self.tb = None
-        self.tb_note = None
-        if self.writes_files:
-            os.makedirs(work_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a", buffering=1)
-            self.logfile = open(os.path.join(work_dir, "train.log"), "a", buffering=1)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
+        self.early_lines = []  # logged before the files were opened
 
-                    self.tb = SummaryWriter(os.path.join(work_dir, "tensorboard"))
-                except ImportError:
-                    self.tb_note = "tensorboard is not installed: no event files (pip install tensorboard)"
+    def _open_files(self):
+        self.files_pending = False
+        if self.before_files:
+            self.before_files()
+        os.makedirs(self.work_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(self.work_dir, "metrics.jsonl"), "a", buffering=1)
+        self.logfile = open(os.path.join(self.work_dir, "train.log"), "a", buffering=1)
+        self.logfile.writelines(self.early_lines)
+        self.early_lines = None
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(self.work_dir, "tensorboard"))
+            except ImportError:
+                self.info("tensorboard is not installed: no event files (pip install tensorboard)")
 
     # -- console ---------------------------------------------------------------------------------
     def info(self, msg):
@@ -94,9 +106,11 @@ class Logger:
             if self.bar and self._bar_text:
                 sys.stdout.write(self._bar_text)
             sys.stdout.flush()
+        lines = [f"{stamp} {line}\n" for line in str(msg).splitlines() or [""]]
         if self.logfile:
-            for line in str(msg).splitlines() or [""]:
-                self.logfile.write(f"{stamp} {line}\n")
+            self.logfile.writelines(lines)
+        elif self.files_pending:
+            self.early_lines += lines
 
     def warning(self, msg, every_rank=False):
         """every_rank: also printed (to stderr) by a rank that does not log to the console."""
@@ -122,6 +136,8 @@ class Logger:
     def event(self, kind, iteration, values, tb_scalars=None):
         """Write one metrics.jsonl object {"event": kind, "iter": iteration, **values} and the
         TensorBoard scalars (hierarchical names -> values)."""
+        if self.files_pending:
+            self._open_files()
         if self.jsonl:
             record = {"event": kind, "iter": iteration, **values, "time": round(time.time(), 3)}
             self.jsonl.write(json.dumps(_json_safe(record)) + "\n")

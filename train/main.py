@@ -34,7 +34,7 @@ import traceback  # noqa: E402
 # model load; the functions below import the rest where they need it.
 from setr.data.datasets import DataError  # noqa: E402
 from setr.run_dir import FINAL, CheckpointError, DamagedCheckpoint, read_meta  # noqa: E402
-from train.config import ConfigError, parse_config  # noqa: E402
+from train.config import ConfigError, config_differences, parse_config, read_saved_config  # noqa: E402
 
 EXIT_CODES = {"finished": 0, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal number after a stop
 BAD_INPUT = 2  # bad input or configuration (any rank)
@@ -81,9 +81,31 @@ def finished_iteration(cfg):
     return None
 
 
+def check_same_run(cfg):
+    """--resume into a work dir that holds a run: refused when the run's config.json differs
+    from this config in a field that defines what is trained (train/config.py, RESUME_MAY_CHANGE)."""
+    path = os.path.join(cfg.work_dir, "config.json")
+    if not cfg.checkpoint.resume or not os.path.isfile(path):
+        return
+    differences = config_differences(read_saved_config(path), cfg)
+    if differences:
+        what = "; ".join(f"{name} {theirs!r} there, {ours!r} here" for name, theirs, ours in differences)
+        raise ConfigError(f"--resume {cfg.checkpoint.resume}: the run in {cfg.work_dir} has another config "
+                          f"({what}): resume it with its own settings, or start a new run (another "
+                          f"--work-dir, or --overwrite to delete it)")
+
+
+def start_run_files(cfg):
+    """Rank 0, when the run logs its first event (every check passed on every rank, the first
+    iteration is done): --overwrite deletes the previous run, then config.json is written."""
+    if cfg.checkpoint.overwrite:
+        clear_run(cfg.work_dir)
+    cfg.save(os.path.join(cfg.work_dir, "config.json"))
+
+
 def clear_run(work_dir):
-    """--overwrite: delete what a previous run wrote in work_dir."""
-    for name in RUN_FILES + ("metrics.jsonl", "train.log", "tensorboard", "memory_snapshot"):
+    """--overwrite: delete what a previous run wrote in work_dir (train.plot's default PNG too)."""
+    for name in RUN_FILES + ("metrics.jsonl", "train.log", "tensorboard", "memory_snapshot", "curves.png"):
         path = os.path.join(work_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -112,13 +134,14 @@ def say(rank, text):
 
 def setup(cfg, rank, world_size, device):
     """Checks and data, on every rank; returns (exit code or None to train, data). An error is
-    printed once, by the lowest rank that hit it, and every rank stops."""
+    printed once, by the lowest rank that hit it, and every rank stops. Nothing is written yet."""
     from train.build import build_data
 
     error = finished = data = None
     try:
         cfg.validate(world_size)
         check_work_dir(cfg)
+        check_same_run(cfg)
         finished = finished_iteration(cfg)
         if finished is None:
             data = build_data(cfg)  # before any model work, so that a bad dataset fails fast
@@ -134,8 +157,6 @@ def setup(cfg, rank, world_size, device):
             print(f"the run in {cfg.work_dir} already finished (iteration {finished} of "
                   f"{cfg.schedule.max_iters}): nothing to do", flush=True)
         return 0, None
-    if cfg.checkpoint.overwrite and rank == 0:
-        clear_run(cfg.work_dir)
     return None, data
 
 
@@ -164,7 +185,8 @@ def main(argv=None):
         if code is not None:
             clean = True  # every rank stops here together
             return code
-        log = Logger(cfg.work_dir, rank, cfg.schedule.max_iters, cfg.metrics.progress_bar, cfg.metrics.tensorboard)
+        log = Logger(cfg.work_dir, rank, cfg.schedule.max_iters, cfg.metrics.progress_bar, cfg.metrics.tensorboard,
+                     before_files=lambda: start_run_files(cfg))
         code = EXIT_CODES[train(cfg, data, device, log)]
         clean = True
         return code
@@ -191,7 +213,8 @@ def main(argv=None):
 
 
 def train(cfg, data, device, log):
-    """Build the model, shard it, resume and train; returns Trainer.train()'s status."""
+    """Build the model, shard it, resume and train; returns Trainer.train()'s status. The work dir
+    is written from the first logged iteration on (Logger), when every check has passed."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -202,8 +225,9 @@ def train(cfg, data, device, log):
 
     for note in cfg.notes:
         log.info(note)
-    if log.rank == 0:
-        cfg.save(os.path.join(cfg.work_dir, "config.json"))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+        log.info(f"torchrun restarted the job (restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of "
+                 f"--max-restarts {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} on this node)")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
@@ -213,14 +237,12 @@ def train(cfg, data, device, log):
     trainer = Trainer(cfg, model, eval_model, data, device, log)
     log.info(trainer.describe())
     log.info(f"work dir {os.path.abspath(cfg.work_dir)} (config.json, metrics.jsonl, train.log, checkpoints/)")
-    if log.tb_note:
-        log.info(log.tb_note)
     trainer.resume()
     return trainer.train()
 
 
 def run():
-    """The process entry point (`python train/main.py`, `setr-train`): main(), then exit without
+    """The process entry point (`python train/main.py`, each rank under torchrun): main(), then exit without
     interpreter teardown: nothing is left to do, and a hung peer or worker must not keep us here."""
     exit_code = main()
     sys.stdout.flush()

@@ -31,10 +31,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def init_distributed(device_type):
     """Join the torchrun process group (gloo on CPU, NCCL on GPU), or create a single-process
-    group when started as plain `python train/main.py`. Returns (rank, world_size, local_rank)."""
+    group when started as plain `python train/main.py`. Returns (rank, world_size, local_rank).
+
+    Under torchrun the group meets in a namespace of torchrun's store that belongs to this
+    attempt of the job (see _attempt_name), so that a job restarted by --max-restarts never
+    reads the addresses (gloo) or unique id (NCCL) that the ranks of a failed attempt left there."""
+    global _attempt
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=30)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device_type == "cuda":
             per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
@@ -42,7 +48,14 @@ def init_distributed(device_type):
                 raise ConfigError(f"{per_node} processes per node (--nproc_per_node) but this node has "
                                   f"{gpus} GPU(s): start at most {gpus}, or pass --device cpu")
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=timeout)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, kept across restarts
+            store = _job_store(timeout)
+            _attempt = _attempt_name(store, rank, world_size, timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"{_attempt}/", store), rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        else:  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or not torchrun: rank 0 hosts a new store each attempt
+            _attempt = _job_prefix() + "attempt"
+            dist.init_process_group(backend, timeout=timeout)
     else:
         local_rank = 0
         if device_type == "cuda":
@@ -56,17 +69,61 @@ def destroy_distributed():
         dist.destroy_process_group()
 
 
-def _job_store():
+_attempt = None  # the namespace of this attempt of the job in torchrun's store: "setr/<run id>/<ticket>"
+
+
+def _job_prefix():
+    return f"setr/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+
+
+def _job_store(timeout=datetime.timedelta(seconds=5)):
     """A client of torchrun's key-value store, which outlives the ranks (None outside torchrun)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or "MASTER_ADDR" not in os.environ:
         return None
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=datetime.timedelta(seconds=5))
+                         timeout=timeout)
 
 
-# errors reported by the ranks of this job (and this restart of it)
-ERRORS_KEY = (f"setr_errors_{os.environ.get('TORCHELASTIC_RUN_ID', '')}_"
-              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}")
+def _attempt_name(store, rank, world_size, timeout):
+    """A name for this attempt of the job in torchrun's store, the same on every rank and new at
+    every restart: the namespace of the process group's keys and of the errors ranks report.
+
+    torchrun keeps its store, and every key in it, across the restarts of --max-restarts, and
+    TORCHELASTIC_RESTART_COUNT counts the restarts of one node only (a node restarted because
+    another one failed keeps its count), so neither can name an attempt. What holds: torchrun
+    starts the ranks of an attempt only after every rank of the previous one has ended, so a
+    ticket drawn from one counter of the store (which every node shares) is newer than every
+    ticket drawn before. Rank 0's ticket names the attempt; every other rank reads it under a key
+    made of its own ticket, which no earlier attempt can have written."""
+    prefix = _job_prefix()
+    ticket = store.add(prefix + "tickets", 1)
+    if rank != 0:
+        key = f"{prefix}name_for/{ticket}"
+        store.wait([key], timeout)
+        name = store.get(key).decode()
+        store.add(f"{name}/joined", 1)
+        return name
+    # rank 0: answer every ticket drawn since the previous attempt's rank 0 drew its own (older
+    # ones belong to that attempt or earlier ones: answered, or dead), until every rank joined
+    name, leader = f"{prefix}{ticket}", prefix + "leader"
+    answered = int(store.get(leader)) if store.check([leader]) else 0
+    store.set(leader, str(ticket))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while store.add(f"{name}/joined", 0) < world_size - 1:
+        if time.monotonic() > deadline:
+            raise dist.DistStoreError(f"rank 0: only {store.add(f'{name}/joined', 0)} of the other {world_size - 1} "
+                               f"ranks joined within {timeout}")
+        drawn = store.add(prefix + "tickets", 0)
+        for t in range(answered + 1, drawn + 1):
+            store.set(f"{prefix}name_for/{t}", name)
+        answered = drawn
+        time.sleep(0.05)
+    return name
+
+
+def _errors_key():
+    """Errors reported by the ranks of this attempt of the job (None before it joined)."""
+    return f"{_attempt}/errors" if _attempt else None
 
 
 def first_to_report():
@@ -75,7 +132,7 @@ def first_to_report():
     well without a store to ask (a single process, or the launcher is gone)."""
     try:
         store = _job_store()
-        return store is None or store.add(ERRORS_KEY, 1) == 1
+        return store is None or _errors_key() is None or store.add(_errors_key(), 1) == 1
     except Exception:  # noqa: BLE001 - say it anyway
         return True
 
@@ -103,7 +160,7 @@ def watch_job(grace=10.0):
             if os.getppid() != parent:
                 end(f"the launcher (pid {parent}) is gone")
             try:
-                reported = store.add(ERRORS_KEY, 0)
+                reported = store.add(_errors_key(), 0) if _errors_key() else 0  # once the group is joined
             except Exception:  # noqa: BLE001 - the store is the launcher's: caught above next time
                 reported = 0
             failed_at = failed_at or (time.monotonic() if reported else None)

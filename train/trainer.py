@@ -134,8 +134,13 @@ class Trainer:
         self.skipped_total = meta.get("skipped_total", 0)
         self.bad_samples.restored = meta.get("bad_samples", 0)
         self.last_saved = self.iteration
-        self.log.info(f"resumed from {path} at iteration {self.iteration} (data position "
-                      f"{meta['data_position']}, RNG {'restored' if meta['rng_restored'] else 'not restored: other world size'})")
+        if meta["rng_restored"]:
+            rng = "RNG states restored"
+        else:  # the data stream does not need them: samples are seeded by their position
+            rng = (f"RNG states not restored (the checkpoint has {meta.get('world_size')} ranks' states, this run "
+                   f"{self.world_size}; the data does not depend on them)")
+        self.log.info(f"resumed from {path} at iteration {self.iteration}: model, optimizer, lr schedule and data "
+                      f"position ({meta['data_position']}) restored; {rng}")
 
     def make_loader(self):
         sampler = PositionSampler(self.iteration * self.global_batch, self.rank, self.world_size,
