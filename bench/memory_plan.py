@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.common_utils import get_untyped_storages
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _SavedFSDPMethods
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_state import _register_group_forward_hooks
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
@@ -126,53 +125,69 @@ def train_step(model, optimizer, images, labels, after_forward=None):
     return grad_norm
 
 
-def _register_forward_hooks(state, pre, post):
-    """Forward hooks of an FSDP state as FSDPState.init registers them: on its one module, or as
-    a group (gathered before the first module of the group runs, resharded after the last)."""
-    mods = state._modules
-    if len(mods) == 1:
-        state._pre_forward_hook_handle = mods[0].register_forward_pre_hook(pre, prepend=True, with_kwargs=True)
-        state._post_forward_hook_handle = mods[0].register_forward_hook(post, prepend=False)
-    else:
-        handle = _register_group_forward_hooks(mods, pre, post, state._modules_to_run_forward,
-                                               state._cast_output_dtype)
-        state._pre_forward_hook_handle = state._post_forward_hook_handle = handle
+def fsdp_param_groups(model):
+    """The parameter group of every fully_shard unit of model, each once (a unit of several
+    modules appears on each of them)."""
+    groups = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group is not None:
+            group = module._get_fsdp_state()._fsdp_param_group
+            groups[id(group)] = group
+    return list(groups.values())
 
 
-class GroupedFSDPMemTracker(FSDPMemTracker):
-    """FSDPMemTracker that keeps fully_shard's module groups.
+class FSDPGroupMemTracker(FSDPMemTracker):
+    """FSDPMemTracker instrumented per FSDP parameter group instead of per module.
 
-    The stock tracker re-registers every FSDP module's forward hooks module by module. Training
-    shards the neck, decode head and auxiliary-head list as one group; per-module hooks would
-    reshard it after the decode head and never gather it for the auxiliary heads (which are called
-    one by one, not through their ModuleList). Here each state's hooks are wrapped as registered."""
+    The stock tracker swaps every unit's forward hooks for per-module ones: a unit of several
+    modules (training shards the heads as one) would be resharded after its first module and
+    never gathered for the others, and how fully_shard registers a unit's hooks differs between
+    torch releases. Here fully_shard's own hooks stay. The tracker's phase, which tells
+    all-gather and reduce-scatter buffers, gathered parameters and gradients apart, is set around
+    the parameter group's pre/post forward and backward, which every unit runs (torch 2.11 and
+    2.13 alike). Activations recomputed in the backward count as temporaries."""
 
     def _instrument_fsdp_module(self):
-        states = {}
-        for module in self._root_mod.modules():
-            if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group:
-                states.setdefault(module._get_fsdp_state(), module)
-        for state, module in states.items():
-            state._pre_forward_hook_handle.remove()
-            state._post_forward_hook_handle.remove()
-            group = state._fsdp_param_group
+        self._groups = fsdp_param_groups(self._root_mod)
+        for group in self._groups:
             self._instrument_fsdp_sharded_params_grads(group)
-            _register_forward_hooks(state, self._fsdp_state_pre_forward(module, state._pre_forward),
-                                    self._fsdp_state_post_forward(module, state._post_forward))
-            self._fsdp_mod_to_saved_methods[module] = _SavedFSDPMethods(group.pre_backward, group.post_backward)
-            group.pre_backward = self._fsdp_param_group_pre_backward(module, group.pre_backward)
-            group.post_backward = self._fsdp_param_group_post_backward(module, group.post_backward)
+            group.pre_forward = self._phase(group.pre_forward, _FSDPState.PRE_FW, _FSDPState.FW,
+                                            after=lambda g=group: self._tag_params(g))
+            group.post_forward = self._phase(group.post_forward, _FSDPState.POST_FW, _FSDPState.POST_FW)
+            group.pre_backward = self._phase(group.pre_backward, _FSDPState.PRE_BW, _FSDPState.BW)
+            group.post_backward = self._phase(group.post_backward, _FSDPState.POST_BW, _FSDPState.POST_BW,
+                                              before=lambda g=group: self._tag_grads(g, sharded=False),
+                                              after=lambda g=group: self._tag_grads(g, sharded=True))
         for buffer in self._root_mod.buffers():
             self._update_and_maybe_create_winfos(buffer, _FSDPRefType.BUFFER)
 
+    def _phase(self, method, during, after_state, before=None, after=None):
+        def wrapped(*args, **kwargs):
+            if before:
+                before()
+            self._fsdp_state = during
+            out = method(*args, **kwargs)
+            if after:
+                after()
+            self._fsdp_state = after_state
+            return out
+        return wrapped
+
+    def _tag_params(self, group):
+        for p in group.fsdp_params:
+            self._update_and_maybe_create_winfos(p.unsharded_param, _FSDPRefType.UNSHARDED_PARAM)
+
+    def _tag_grads(self, group, sharded):
+        for p in group.fsdp_params:
+            grad = p.sharded_param.grad if sharded else p._unsharded_param.grad
+            if grad is not None:
+                self._update_and_maybe_create_winfos(
+                    grad, _FSDPRefType.SHARDED_GRAD if sharded else _FSDPRefType.UNSHARDED_GRAD, update_existing=not sharded)
+
     def _deregister_module_and_optimizer_hooks(self):
-        for module, saved in self._fsdp_mod_to_saved_methods.items():
-            state = module._get_fsdp_state()
-            state._pre_forward_hook_handle.remove()
-            state._post_forward_hook_handle.remove()
-            _register_forward_hooks(state, state._pre_forward, state._post_forward)
-            state._fsdp_param_group.pre_backward, state._fsdp_param_group.post_backward = saved
-        self._fsdp_mod_to_saved_methods.clear()
+        for group in self._groups:
+            for name in ("pre_forward", "post_forward", "pre_backward", "post_backward"):
+                del group.__dict__[name]  # the class's methods again
         for handle in self._optimizer_hook_handles or ():
             handle.remove()
         self._optimizer_hook_handles = None
@@ -325,7 +340,7 @@ def plan(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, 
             model.to_empty(device="cpu")  # no data, so no init either
             optimizer = sgd(model, cfg.optim)
             images, labels = random_batch(batch, crop, num_classes)
-            tracker = GroupedFSDPMemTracker(model, optimizer)
+            tracker = FSDPGroupMemTracker(model, optimizer)
             tracker.track_inputs((images, labels))
             with tracker:
                 train_step(model, optimizer, images, labels)  # creates the momentum buffers
