@@ -7,7 +7,6 @@ Every benchmark produces rows (plain dicts) with at least:
 `write_results` adds, for each row of ours, the speed ratio to every peer measured in the same
 run, and writes JSON + markdown (+ a PNG plot when matplotlib is importable).
 """
-import argparse
 import datetime
 import json
 import os
@@ -17,7 +16,8 @@ import time
 
 import torch
 
-from bench import OURS
+from bench import OURS, RESULTS
+from setr.files import write_atomic
 
 
 def on_gpu():
@@ -59,13 +59,6 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False, backend=compile_backend())
 
 
-def interpret_kernels_on_cpu():
-    """Without CUDA, run our Triton kernels through the interpreter (as the tests do) rather than
-    their PyTorch references; TRITON_INTERPRET=0 keeps the references. Call before importing kernels."""
-    if not on_gpu():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
 def kernel_failures(rows):
     """Rows that make a kernel benchmark fail: an error in a row of ours (a peer that cannot run,
     e.g. not installed, is reported but is no failure)."""
@@ -76,25 +69,6 @@ def failure_lines(rows):
     """One line per failed row of ours, for finish()."""
     return [f"{r.get('bench', r['kernel'])}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}"
             for r in kernel_failures(rows)]
-
-
-def add_shape_args(parser):
-    parser.add_argument("--quick", action="store_true", help="a few cases, short timing (always on CPU)")
-    parser.add_argument("--setr-only", action="store_true", help="SETR's training shapes only, no sweeps")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
-
-
-def kernel_bench_main(name, run, columns, plot, description, argv=None):
-    """Command line of one kernel's benchmark script: run(quick, setr_only) -> <out>/<name>.{json,md,png}.
-    Without a GPU the quick cases always (the CPU run is a smoke test). Returns the exit status."""
-    parser = argparse.ArgumentParser(description=description)
-    add_shape_args(parser)
-    args = parser.parse_args(argv)
-    print_cpu_warning()
-    rows = run(quick=args.quick or not on_gpu(), setr_only=args.setr_only)
-    for path in write_results(name, rows, columns, args.out, plot):
-        print("wrote", path)
-    return finish(failure_lines(rows))
 
 
 def environment():
@@ -236,10 +210,10 @@ def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype"), me
     return rows
 
 
-def results_dir(root=None):
-    base = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+def results_dir():
+    """bench/results/<gpu name> (cpu without a GPU)."""
     name = torch.cuda.get_device_name(0) if on_gpu() else "cpu"
-    return os.path.join(base, name.replace(" ", "_").replace("/", "_"))
+    return os.path.join(RESULTS, name.replace(" ", "_").replace("/", "_"))
 
 
 def _fmt(v):
@@ -259,22 +233,22 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
-def write_results(name, rows, columns, outdir=None, plot=None):
-    """Write <outdir>/<name>.json and <name>.md (and <name>.png via plot(rows, path)). Returns paths."""
+def write_results(name, rows, columns, outdir=None, plot=None, not_run=None):
+    """Write <outdir>/<name>.json and <name>.md (and <name>.png via plot(rows, path)); not_run:
+    {provider: why} of the peers left out on this machine. Returns the paths."""
     outdir = outdir or results_dir()
     os.makedirs(outdir, exist_ok=True)
     env = environment()
     rows = add_ratios(rows)
     json_path = os.path.join(outdir, f"{name}.json")
-    from setr.files import write_atomic  # importing setr imports the kernels: not before interpret_kernels_on_cpu()
-
-    write_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=1))
+    write_atomic(json_path, json.dumps({"environment": env, "rows": rows, "not_run": not_run or {}}, indent=1))
     md_path = os.path.join(outdir, f"{name}.md")
     header = [f"# {name}", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), ""]
     if env["gpu"] is None:
         header += [f"**{cpu_warning()}**", ""]
-    with open(md_path, "w") as f:
-        f.write("\n".join(header) + markdown_table(rows, columns + ["speedup_vs"]) + "\n")
+    if not_run:
+        header += [not_run_line(not_run), ""]
+    write_atomic(md_path, "\n".join(header) + markdown_table(rows, columns + ["speedup_vs"]) + "\n")
     paths = [json_path, md_path]
     if plot is not None:
         try:
@@ -287,6 +261,10 @@ def write_results(name, rows, columns, outdir=None, plot=None):
         except ImportError:
             print("matplotlib not installed: no plot written")
     return paths
+
+
+def not_run_line(not_run):
+    return "Not run here: " + "; ".join(f"{p} ({why})" for p, why in sorted(not_run.items())) + "."
 
 
 def save_figure(fig, path, dpi=120):
