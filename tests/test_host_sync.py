@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import parse_config
+from train.step import train_step
 
 SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")
 TRITON = os.sep + os.path.join("site-packages", "triton") + os.sep  # the interpreter lives there
@@ -90,8 +91,8 @@ def test_train_step_syncs_once(tmp_path, single_process_group):
     assert trainer.eval_model.impl == dict.fromkeys(("attention", "layer_norm", "upsample", "loss"), "triton")
     g = torch.Generator().manual_seed(0)
     batch = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 8, (2, 32, 32), generator=g))]
-    trainer.train_step(batch)  # warm-up: index tables and other per-shape caches are built once
+    train_step(trainer.state, batch)  # warm-up: index tables and other per-shape caches are built once
     with HostSyncs() as syncs:
-        out = trainer.train_step(batch)
+        out = train_step(trainer.state, batch)
     assert out["applied"]
     assert len(syncs.calls) == 1, "\n".join(syncs.calls)  # the packed all-reduce result, read once

@@ -17,6 +17,7 @@ import setr
 from train import checkpoint as ckpt
 from train.config import ConfigError, get_preset, parse_config
 from train.optim import PolyLR, param_groups
+from train.step import train_step
 from train.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -347,8 +348,8 @@ def test_step_accumulation_normalizes_by_micro_batches(tmp_path, single_process_
     one = _trainer(tmp_path / "a", [], schedule__batch_size=2)
     two = _trainer(tmp_path / "b", [], schedule__batch_size=4, schedule__micro_batch_size=2)
     assert (one.accum_steps, two.accum_steps) == (1, 2)
-    out1 = one.train_step([(x, y)])
-    out2 = two.train_step([(x, y), (x, y)])  # twice the same micro-batch: the same mean gradient
+    out1 = train_step(one.state, [(x, y)])
+    out2 = train_step(two.state, [(x, y), (x, y)])  # twice the same micro-batch: the same mean gradient
     assert out1["applied"] and out2["applied"]
     assert out2["loss"] == pytest.approx(out1["loss"], rel=1e-6)
     assert out2["grad_norm"] == pytest.approx(out1["grad_norm"], rel=1e-5)
@@ -360,23 +361,23 @@ def test_step_accumulation_normalizes_by_micro_batches(tmp_path, single_process_
 def test_non_finite_loss_skips_the_step(tmp_path, single_process_group, precision):
     lines = []
     trainer = _trainer(tmp_path, lines, schedule__batch_size=2, parallel__precision=precision)
-    assert (trainer.scaler is not None) == (precision == "fp16")
+    assert (trainer.state.scaler is not None) == (precision == "fp16")
     before = [p.full_tensor().clone() for p in trainer.model.parameters()]
     buffers = [b.clone() for b in trainer.model.buffers()]
-    assert len(trainer.bn_buffers) > 0
+    assert len(trainer.state.bn_buffers) > 0
     x, y = _batch(2)
     x[0, 0, 0, 0] = float("nan")
-    out = trainer.train_step([(x, y)])
+    out = train_step(trainer.state, [(x, y)])
     assert not out["applied"] and not math.isfinite(out["loss"])
-    assert trainer.scheduler.last_iter == 1  # the iteration is consumed, the weights are not touched
+    assert trainer.state.scheduler.last_iter == 1  # the iteration is consumed, the weights are not touched
     for b, p in zip(before, trainer.model.parameters()):
         assert torch.equal(b, p.full_tensor())
     for b, now in zip(buffers, trainer.model.buffers()):  # nor the BatchNorm running statistics
         assert torch.equal(b, now)
-    scale = trainer.scaler.get_scale() if trainer.scaler else None
-    assert trainer.train_step([_batch(2, seed=1)])["applied"]  # the next step runs (and the scaler too)
+    scale = trainer.state.scaler.get_scale() if trainer.state.scaler else None
+    assert train_step(trainer.state, [_batch(2, seed=1)])["applied"]  # the next step runs (and the scaler too)
     if scale is not None:
-        assert trainer.scaler.get_scale() == scale  # backed off once by the skipped step, not again
+        assert trainer.state.scaler.get_scale() == scale  # backed off once by the skipped step, not again
 
 
 def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
@@ -384,8 +385,8 @@ def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
     free = _trainer(tmp_path / "free", [], schedule__batch_size=2)
     clipped = _trainer(tmp_path / "clip", [], schedule__batch_size=2, optim__clip_grad=0.01)
     before = torch.cat([p.full_tensor().flatten() for p in free.model.parameters()])
-    norm = free.train_step([batch])["grad_norm"]
-    assert clipped.train_step([batch])["grad_norm"] == pytest.approx(norm)  # reported before clipping
+    norm = train_step(free.state, [batch])["grad_norm"]
+    assert train_step(clipped.state, [batch])["grad_norm"] == pytest.approx(norm)  # reported before clipping
     assert norm > 0.01
     d_free = torch.cat([p.full_tensor().flatten() for p in free.model.parameters()]) - before
     d_clip = torch.cat([p.full_tensor().flatten() for p in clipped.model.parameters()]) - before
@@ -395,7 +396,7 @@ def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
 
 def test_checkpoint_of_another_head_or_corrupt_is_refused(tmp_path, single_process_group):
     trainer = _trainer(tmp_path / "run", [], schedule__batch_size=2)
-    trainer.train_step([_batch(2)])
+    train_step(trainer.state, [_batch(2)])
     trainer.iteration = 1
     trainer.save_checkpoint()
     path = ckpt.iteration_dir(str(tmp_path / "run"), 1)
@@ -413,7 +414,7 @@ def test_checkpoint_of_another_head_or_corrupt_is_refused(tmp_path, single_proce
                                                                        other.model.parameters()))
     same = _trainer(tmp_path / "same", [], schedule__batch_size=2, checkpoint__resume=path)
     same.resume()
-    assert same.iteration == 1 and same.scheduler.last_iter == 1
+    assert same.iteration == 1 and same.state.scheduler.last_iter == 1
     for p, q in zip(trainer.model.parameters(), same.model.parameters()):
         assert torch.equal(p.full_tensor(), q.full_tensor())
     with open(os.path.join(path, "__0_0.distcp"), "r+b") as f:  # damage the shard file
@@ -559,7 +560,7 @@ def test_activation_checkpointing_and_compile_give_the_same_step(tmp_path, singl
                      parallel__compile=True)
     names = [n for n, _ in fancy.model.named_parameters()]
     assert any("_checkpoint_wrapped_module" in n for n in names) and any("_orig_mod" in n for n in names)
-    a, b = plain.train_step([(x, y)]), fancy.train_step([(x, y)])
+    a, b = train_step(plain.state, [(x, y)]), train_step(fancy.state, [(x, y)])
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     fancy.sync_eval_model()  # state-dict names come out clean (no wrapper prefixes)
