@@ -11,29 +11,14 @@ alone on the decoded sample. mmseg's own pipeline (mmseg 1.x `LoadImageFromFile`
 is importable, otherwise reported as not installed. Results: bench/results/<device>/bench_data.{json,md}.
 """
 import argparse
-import json
 import os
 import sys
 import time
 
-import cv2
-import numpy as np
-import torch
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import environment, markdown_table, results_dir  # noqa: E402
-from setr.data import ADE20K, TrainSamples  # noqa: E402
-from setr.data import transforms as T  # noqa: E402
-from setr.files import write_atomic  # noqa: E402
-
-try:  # mmseg 1.x's own transforms, timed side by side where installed
-    from mmcv.transforms import LoadImageFromFile
-    from mmseg.datasets.transforms import (LoadAnnotations, PhotoMetricDistortion, RandomCrop, RandomFlip,
-                                           RandomResize)
-    MMSEG_MISSING = None
-except ImportError as e:
-    MMSEG_MISSING = str(e)
+from bench import UsageError, run_script  # noqa: E402
 
 SHARED_ADE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                           "data", "ade20k_sceneparsing_samples")
@@ -52,35 +37,46 @@ def _rate(fn, n):
 
 
 def ours_rows(dataset, n, crop):
+    import numpy as np
+
+    from setr.data import TrainSamples
+    from setr.data import transforms as T
+
     samples = TrainSamples(dataset, crop, seed=0)
-    rows = []
-    sps, ms = _rate(lambda i: samples[i], n)
-    rows.append(dict(kernel="train pipeline", provider=PROVIDER, shape=f"{crop}x{crop}", samples_per_s=sps, ms=ms, n=n))
     image, label, _ = dataset[0]
     steps = {
+        "train pipeline": lambda i: samples[i],
         "read files": lambda i: dataset[i % len(dataset)],
         "random rescale": lambda i: T.random_rescale(image, label, np.random.default_rng(i)),
         "photometric distortion": lambda i: T.photometric_distortion(image[:crop, :crop], np.random.default_rng(i)),
         "normalize + pad": lambda i: T.normalize_pad(image[:crop, :crop], label[:crop, :crop], (crop, crop)),
     }
+    rows = []
     for name, fn in steps.items():
         sps, ms = _rate(fn, n)
-        rows.append(dict(kernel=name, provider=PROVIDER, shape=f"{image.shape[0]}x{image.shape[1]}",
-                         samples_per_s=sps, ms=ms, n=n))
+        shape = f"{crop}x{crop}" if name == "train pipeline" else f"{image.shape[0]}x{image.shape[1]}"
+        rows.append(dict(kernel=name, provider=PROVIDER, shape=shape, samples_per_s=sps, ms=ms, n=n))
     return rows
 
 
 def mmseg_rows(dataset, n, crop):
     """mmseg 1.x's ADE20K train pipeline on the same files (when mmseg is importable)."""
+    import numpy as np
+    import torch
+
+    from setr.data import transforms as T
+
     base = dict(kernel="train pipeline", provider="mmseg", shape=f"{crop}x{crop}", n=n)
-    if MMSEG_MISSING:
-        return [dict(base, error=f"mmseg not installed ({MMSEG_MISSING})")]
+    try:
+        from mmcv.transforms import LoadImageFromFile
+        from mmseg.datasets.transforms import (LoadAnnotations, PhotoMetricDistortion, RandomCrop, RandomFlip,
+                                               RandomResize)
+    except ImportError as e:
+        return [dict(base, error=f"mmseg not installed ({e})")]
     pipeline = [LoadImageFromFile(), LoadAnnotations(reduce_zero_label=True),
                 RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
-                RandomCrop(crop_size=(crop, crop), cat_max_ratio=0.75), RandomFlip(prob=0.5),
-                PhotoMetricDistortion()]
-    mean = torch.tensor(T.MEAN).view(3, 1, 1)
-    std = torch.tensor(T.STD).view(3, 1, 1)
+                RandomCrop(crop_size=(crop, crop), cat_max_ratio=0.75), RandomFlip(prob=0.5), PhotoMetricDistortion()]
+    mean, std = torch.tensor(T.MEAN).view(3, 1, 1), torch.tensor(T.STD).view(3, 1, 1)
 
     def one(i):
         k = i % len(dataset)
@@ -95,19 +91,6 @@ def mmseg_rows(dataset, n, crop):
     return [dict(base, samples_per_s=sps, ms=ms)]
 
 
-def write(rows, outdir):
-    """<outdir>/bench_data.{json,md} (no CPU caveat: the data pipeline runs on the CPU for real)."""
-    os.makedirs(outdir, exist_ok=True)
-    env = environment()
-    paths = [os.path.join(outdir, "bench_data.json"), os.path.join(outdir, "bench_data.md")]
-    texts = [json.dumps({"environment": env, "rows": rows}, indent=1),
-             "# bench_data: training samples per second, one worker, one thread\n\nEnvironment: "
-             + ", ".join(f"{k}={v}" for k, v in env.items()) + "\n\n" + markdown_table(rows, COLUMNS) + "\n"]
-    for path, text in zip(paths, texts):
-        write_atomic(path, text)
-    return paths
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=SHARED_ADE, help="ADEChallengeData2016 folder (default: the shared samples)")
@@ -116,20 +99,28 @@ def main(argv=None):
     p.add_argument("--crop", type=int, default=512, help="crop size (default 512)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
     args = p.parse_args(argv)
+    import cv2
+    import torch
+
+    from bench import common
+    from setr.data import ADE20K, DataError
+
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    dataset = ADE20K(args.data_root, args.split)
+    try:
+        dataset = ADE20K(args.data_root, args.split)
+    except (DataError, OSError) as e:
+        raise UsageError(f"--data-root {args.data_root} --split {args.split}: {e}") from None
     rows = ours_rows(dataset, args.n, args.crop) + mmseg_rows(dataset, args.n, args.crop)
     for r in rows:
         rate = f"{r['samples_per_s']:8.1f} samples/s  {r['ms']:7.2f} ms" if "samples_per_s" in r else r["error"]
         print(f"{r['provider']:>6} {r['kernel']:<24} {rate}")
-    for path in write(rows, args.out or results_dir()):
-        print("wrote", path)
+    # the data pipeline runs on the CPU for real: its timings stand without a GPU
+    print("wrote " + ", ".join(common.write_results("bench_data", rows, COLUMNS, args.out, cpu_timings_mean_nothing=False)))
     failed = [f"{r['kernel']}: {r['error']}" for r in rows if r.get("error") and r["provider"] == PROVIDER]
-    for what in failed:
-        print(f"FAILED: {what}")
+    print("".join(f"FAILED: {what}\n" for what in failed), end="")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -7,16 +7,14 @@ Every benchmark produces rows (plain dicts) with at least:
 `write_results` adds, for each row of ours, the speed ratio to every peer measured in the same
 run, and writes JSON + markdown (+ a PNG plot when matplotlib is importable).
 """
-import datetime
 import json
 import os
-import platform
-import subprocess
 import time
 
 import torch
 
 from bench import OURS, RESULTS
+from bench import environment as bench_environment
 from setr.files import write_atomic
 
 
@@ -59,6 +57,36 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False, backend=compile_backend())
 
 
+def largest_batch(fits, start=1, cap=64):
+    """Largest batch b in [1, cap] with fits(b) True (fits must be monotone), 0 when not even 1
+    fits. Probes start, then start +- 1, 3, 7, ... until the answer is bracketed, then bisects:
+    a good start (a prediction) costs two calls, a poor one about a bisection of [1, cap]."""
+    start, step = max(1, min(start, cap)), 1
+    if fits(start):
+        lo, hi = start, cap + 1
+        while lo < cap:
+            b = min(start + step, cap)
+            if not fits(b):
+                hi = b
+                break
+            lo, step = b, 2 * step + 1
+    else:
+        lo, hi = 0, start
+        while hi > 1:
+            b = max(start - step, 1)
+            if fits(b):
+                lo = b
+                break
+            hi, step = b, 2 * step + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def kernel_failures(rows):
     """Rows that make a kernel benchmark fail: an error in a row of ours (a peer that cannot run,
     e.g. not installed, is reported but is no failure)."""
@@ -72,47 +100,14 @@ def failure_lines(rows):
 
 
 def environment():
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "git_commit": _git_commit(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    """bench.environment() with the GPU as torch sees it (None when it runs on the CPU) and its CUDA."""
+    env = bench_environment()
     if on_gpu():
         props = torch.cuda.get_device_properties(0)
-        env["gpu"] = props.name
-        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        env["cuda"] = torch.version.cuda
-        env["driver"] = _nvidia_driver()
+        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
-        env["gpu"] = None
-        env["note"] = cpu_warning()
+        env.update(gpu=None, gpu_memory_gb=None, driver=None, note=cpu_warning())
     return env
-
-
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _nvidia_driver():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
 
 
 def bench(fn, quick=False):
@@ -233,48 +228,26 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
-def write_results(name, rows, columns, outdir=None, plot=None, not_run=None):
-    """Write <outdir>/<name>.json and <name>.md (and <name>.png via plot(rows, path)); not_run:
-    {provider: why} of the peers left out on this machine. Returns the paths."""
+def write_results(name, rows, columns, outdir=None, not_run=None, cpu_timings_mean_nothing=True):
+    """Write <outdir>/<name>.json and <name>.md; not_run: {provider: why} of the peers left out on
+    this machine. Returns the paths."""
     outdir = outdir or results_dir()
     os.makedirs(outdir, exist_ok=True)
     env = environment()
+    if not cpu_timings_mean_nothing:
+        env.pop("note", None)
     rows = add_ratios(rows)
     json_path = os.path.join(outdir, f"{name}.json")
     write_atomic(json_path, json.dumps({"environment": env, "rows": rows, "not_run": not_run or {}}, indent=1))
     md_path = os.path.join(outdir, f"{name}.md")
     header = [f"# {name}", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), ""]
-    if env["gpu"] is None:
-        header += [f"**{cpu_warning()}**", ""]
+    if "note" in env:
+        header += [f"**{env['note']}**", ""]
     if not_run:
         header += [not_run_line(not_run), ""]
     write_atomic(md_path, "\n".join(header) + markdown_table(rows, columns + ["speedup_vs"]) + "\n")
-    paths = [json_path, md_path]
-    if plot is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            png = os.path.join(outdir, f"{name}.png")
-            plot(rows, png)
-            paths.append(png)
-        except ImportError:
-            print("matplotlib not installed: no plot written")
-    return paths
+    return [json_path, md_path]
 
 
 def not_run_line(not_run):
     return "Not run here: " + "; ".join(f"{p} ({why})" for p, why in sorted(not_run.items())) + "."
-
-
-def save_figure(fig, path, dpi=120):
-    """Save and close a matplotlib figure; a CPU run's figure says on the picture that its
-    timings mean nothing."""
-    import matplotlib.pyplot as plt
-
-    if not on_gpu():
-        fig.text(0.5, 0.5, "CPU RUN: timings and memory mean nothing", ha="center", va="center",
-                 rotation=20, fontsize=20, color="red", alpha=0.35, weight="bold")
-        fig.text(0.01, 0.005, cpu_warning(), fontsize=7, color="red", va="bottom")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)

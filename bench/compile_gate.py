@@ -35,13 +35,28 @@ import sys
 import tempfile
 import time
 
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--all", action="store_true", help="compile every launch and write the table; default: check that "
+                   "the committed table is current and recompile a subset, comparing the numbers")
+    p.add_argument("--reuse", action="store_true", help="with --all: keep the rows of the existing table whose "
+                   "key (kernel source, specialization, options, Triton version) is unchanged")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")
+    p.add_argument("--out", default=RESULTS, help="table directory (default: bench/results/compile)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer before torch and triton are imported (below)
 # compile, never interpret; a private cache (removed at exit) so that ptxas runs and logs every kernel
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="setr_compile_gate_")
 atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
-
-if __package__ in (None, ""):  # run as `python bench/compile_gate.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -59,7 +74,6 @@ ln = importlib.import_module("kernels.layer_norm")
 up = importlib.import_module("kernels.upsample")
 uce = importlib.import_module("kernels.upsample_cross_entropy")
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile")
 # capability, SMs of the flagship part (the LayerNorm backward grid), largest opt-in shared memory
 # per block, shared memory per SM (Triton skips a config whose shared memory exceeds the block limit)
 TARGETS = {
@@ -364,14 +378,7 @@ def check_against(rows, committed_path, workers):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--all", action="store_true", help="compile every launch and write the table; default: check that "
-                   "the committed table is current and recompile a subset, comparing the numbers")
-    p.add_argument("--reuse", action="store_true", help="with --all: keep the rows of the existing table whose "
-                   "key (kernel source, specialization, options, Triton version) is unchanged")
-    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")
-    p.add_argument("--out", default=RESULTS, help="table directory (default: bench/results/compile)")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     t0 = time.perf_counter()
     rows = [r for arch in TARGETS for r in jobs(arch, all_cases())]
     if args.all:

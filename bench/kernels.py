@@ -1,4 +1,4 @@
-"""Every kernel microbenchmark in one run: one JSON + markdown table + PNG plot.
+"""Every kernel microbenchmark in one run: one JSON + markdown table (+ a PNG plot on a GPU).
 
     python bench/kernels.py              # all kernels, SETR's shapes and sweeps, on the GPU
     python bench/kernels.py --setr-only  # SETR's training shapes only (bench/gpu_check.py runs this)
@@ -23,8 +23,8 @@ import os
 import sys
 import traceback
 
-if __package__ in (None, ""):  # run as `python bench/kernels.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from bench import OURS, run_script
 
@@ -69,9 +69,10 @@ def run_bench(name, quick, setr_only=False):
 
 def plot(rows, path):
     """One panel per (kernel, mode): bars of ours' speedup over each peer, per shape and dtype."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    from bench.common import save_figure
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     groups = {}
     for r in rows:
@@ -97,7 +98,9 @@ def plot(rows, path):
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def run_once():
@@ -144,13 +147,17 @@ def main(argv=None):
     common.print_cpu_warning()
     quick = args.quick or not common.on_gpu()
     rows, not_run = [], {}
-    for i, name in enumerate(args.only):
+    for name in args.only:
         print(f"[{name}] ...", flush=True)
         new, skipped = run_bench(name, quick, args.setr_only)
         rows += new
         not_run.update(skipped)
-        last = i == len(args.only) - 1
-        paths = common.write_results("kernels", rows, COLUMNS, args.out, plot=plot if last else None, not_run=not_run)
+        paths = common.write_results("kernels", rows, COLUMNS, args.out, not_run=not_run)
+    if common.on_gpu():  # a CPU run's timings mean nothing: no picture of them
+        try:
+            paths.append(plot(rows, os.path.join(os.path.dirname(paths[0]), "kernels.png")))
+        except ImportError:
+            print("matplotlib not installed: no plot written")
     print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
     if not_run:
         print(common.not_run_line(not_run))

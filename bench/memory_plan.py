@@ -1,13 +1,13 @@
 """Peak training memory of a SETR config at its real shapes, planned without a GPU.
 
-The model is built on the meta device and parallelized with the training code's own
-`train.parallelize.parallelize` (SyncBN, activation checkpointing, FSDP2 with the mixed-precision
-policy) over a fake process group of any world size. Under FakeTensorMode (tensors with shapes,
-dtypes and storages but no data) two training steps run as `Trainer.train_step` runs them, and
-torch.distributed._tools' FSDPMemTracker counts every tensor they allocate: sharded and
-gathered parameters, gradients, SGD momentum, activations, backward temporaries and the
-all-gather / reduce-scatter buffers. The first step creates the optimizer state; the second
-is the one reported.
+The model is built on the meta device and parallelized by training's own code
+(bench/step.py: `train.build.build_model`, `train.parallelize.parallelize`: the recompute policy,
+FSDP2 with the mixed-precision policy) over a fake process group of any world size. Under
+FakeTensorMode (tensors with shapes, dtypes and storages but no data) training's own step,
+`train.step.train_step`, runs twice, and torch.distributed._tools' FSDPMemTracker counts every
+tensor it allocates: sharded and gathered parameters, gradients, SGD momentum, activations,
+backward temporaries and the all-gather / reduce-scatter buffers. The first step creates the
+optimizer state; the second is the one reported.
 
 Fake tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot create
 even for fake tensors); `kernels.utils.plan_as_cuda` sends them down the GPU path of our
@@ -15,11 +15,14 @@ kernels, so impl="triton" is planned through the custom ops' fake (shape-only) v
 the GPU runs it, and not through the CPU references. A Recorder (a dispatch mode inside the
 tracker) attributes what it counts to the model's parts. What the plan cannot see: the CUDA
 context, cuBLAS / cuDNN / Triton workspaces and allocator fragmentation (the caller adds an
-allowance for them), and torch.compile (refused).
+allowance for them), and torch.compile (refused). `measure` runs the same two steps for real.
+
+Private PyTorch internals used (tests/test_memory_plan.py runs on torch 2.11 and 2.13): the
+tracker's instrumentation methods and FSDP2's parameter group (its pre/post forward/backward,
+its parameters' sharded and unsharded tensors), as FSDPMemTracker itself uses them.
 """
 import bisect
 import contextlib
-import copy
 import re
 
 import torch
@@ -33,13 +36,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-import setr
+from bench import UsageError
+from bench.step import build_parallel, random_batch, run_config
 from kernels.utils import plan_as_cuda
-from train.config import IMPLS, get_preset
-from train.parallelize import parallelize
-from train.optim import sgd
+from setr.layers import IMPLS
+from train.step import build_step_state, train_step
 
-GIB = 2 ** 30
 # FSDPMemTracker's categories -> ours
 CATEGORIES = {
     "Sharded Param": "params", "Buffer": "params", "Unsharded Param": "gathered params",
@@ -52,17 +54,8 @@ CATEGORY_ORDER = ["params", "gathered params", "grads", "optimizer state", "inpu
 MODULES = ["inputs cast", "patch embed", "blocks", "neck", "decode head", "aux heads", "loss", "step"]
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A config the planner cannot trace faithfully; the message says why."""
-
-
-def run_config(head, precision, ac):
-    """The training config of this head's recipe with the given precision and AC."""
-    cfg = get_preset(head)
-    cfg.parallel.precision = precision
-    cfg.parallel.activation_checkpointing = ac
-    cfg.parallel.compile = False
-    return cfg
 
 
 @contextlib.contextmanager
@@ -78,51 +71,6 @@ def fake_process_group(world_size):
         yield
     finally:
         dist.destroy_process_group()
-
-
-def build_parallel_model(cfg, impl, crop, device, backbone="vit_large", num_classes=150, aux=True):
-    """SETR parallelized as training does, on `device` ("meta" when planning: no storage at all)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    model = setr.build_setr(cfg.model.head, backbone, num_classes, img_size=crop, impl=impl, aux=aux,
-                            device=device)
-    device = torch.device(device)
-    if device.type == "meta" and cfg.parallel.sync_bn:
-        # GPUs run torch.nn.SyncBatchNorm, which keeps for backward what BatchNorm2d keeps (its
-        # collectives add only (C,)-sized tensors) but refuses meta tensors: plan it as BatchNorm2d
-        cfg = copy.deepcopy(cfg)
-        cfg.parallel.sync_bn = False
-    mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (dist.get_world_size(),))
-    model = parallelize(model, cfg, mesh)
-    return model.train()
-
-
-def train_step(model, optimizer, images, labels, after_forward=None):
-    """Trainer.train_step's tensor work for one micro-batch, in its order, without the host reads
-    of the loss and grad norm (scalars): forward, backward, global grad norm, the all-reduce of
-    the loss terms, SGD step, zero_grad. BatchNorm statistics are saved as the trainer saves them.
-    fp16's grad scaler is left out (it scales a scalar loss and unscales the gradients in place)."""
-    optimizer.zero_grad(set_to_none=True)
-    bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                  for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    bn_state = [b.clone() for b in bn_buffers]  # noqa: F841 - held for the step, as the trainer does
-    losses = model(images, labels)
-    loss = sum(losses.values())
-    if after_forward is not None:
-        after_forward()
-    loss.backward()
-    terms = [v.detach().float() for v in losses.values()]
-    del loss, losses
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
-    local = torch.stack(terms)
-    packed = torch.cat([local, (~torch.isfinite(local)).any().float()[None], torch.zeros_like(local[:1])])
-    dist.all_reduce(packed)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
 
 
 def fsdp_param_groups(model):
@@ -307,78 +255,77 @@ class Recorder(TorchDispatchMode):
         return out
 
 
-def check_plannable(impl, compile_):
+def check_config(impl, batch, world_size, crop, compile_=False):
     if compile_:
         raise PlanError("--compile on cannot be planned: FakeTensorMode and FSDPMemTracker follow eager ops, "
                         "and torch.compile fuses ops and frees tensors where they cannot see it (plan with "
                         "--compile off: the compiled step should not need more)")
     if impl not in IMPLS:
         raise PlanError(f"impl {impl!r} cannot be planned; expected one of {IMPLS}")
+    if batch < 1 or world_size < 1 or crop < 16 or crop % 16:
+        raise PlanError(f"batch and world size must be >= 1 and the crop a multiple of 16, got batch {batch}, "
+                        f"world size {world_size}, crop {crop}")
 
 
-def random_batch(batch, crop, num_classes, device="cpu"):
-    """images (B, 3, crop, crop) float32 and labels (B, crop, crop) int64, as the data loader gives them."""
-    images = torch.randn(batch, 3, crop, crop, device=device)
-    labels = torch.randint(0, num_classes, (batch, crop, crop), device=device)
-    return images, labels
-
-
-def plan(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, compile_=False,
+def plan(head, impl, batch, recompute, world_size=1, precision="bf16", crop=512, compile_=False,
          backbone="vit_large", num_classes=150, aux=True):
     """Plan one config (batch is per rank). Returns bytes: the second step's peak and its breakdown
     by category, what is alive at the end of the forward, and per module what its forward keeps
     for the backward ("saved"), its own forward / backward peak and its largest tensor."""
-    check_plannable(impl, compile_)
-    if batch < 1 or world_size < 1 or crop < 16 or crop % 16:
-        raise PlanError(f"batch and world size must be >= 1 and the crop a multiple of 16, got batch {batch}, "
-                        f"world size {world_size}, crop {crop}")
-    cfg = run_config(head, precision, ac)
+    check_config(impl, batch, world_size, crop, compile_)
+    cfg = run_config(head, impl, recompute, precision, False, backbone, crop, num_classes, aux)
     with fake_process_group(world_size):
-        model = build_parallel_model(cfg, impl, crop, "meta", backbone, num_classes, aux)
+        model = build_parallel(cfg, "meta")
         # allow_non_fake_inputs: the meta parameters become fake tensors in to_empty
         with FakeTensorMode(allow_non_fake_inputs=True), plan_as_cuda():
             model.to_empty(device="cpu")  # no data, so no init either
-            optimizer = sgd(model, cfg.optim)
-            images, labels = random_batch(batch, crop, num_classes)
-            tracker = FSDPGroupMemTracker(model, optimizer)
-            tracker.track_inputs((images, labels))
+            state = build_step_state(cfg, model, "cpu")
+            batches = [random_batch(batch, crop, num_classes, "cpu")]
+            tracker = FSDPGroupMemTracker(model, state.optimizer)
+            tracker.track_inputs(batches[0])
             with tracker:
-                train_step(model, optimizer, images, labels)  # creates the momentum buffers
+                train_step(state, batches, sync=False)  # creates the momentum buffers
                 tracker.reset_mod_stats()
-                with Recorder(tracker) as rec:
-                    train_step(model, optimizer, images, labels, after_forward=rec.mark_forward_end)
+                rec = Recorder(tracker)
+                hook = model.register_forward_hook(lambda *_: rec.mark_forward_end())
+                with rec:
+                    train_step(state, batches, sync=False)
+                hook.remove()
     saved = sum(m["saved"] for name, m in rec.modules.items() if name != "step")
     return dict(peak=rec.peak, peak_at=rec.peak_at, peak_by_category=rec.peak_snapshot,
                 forward_end=rec.forward_end, saved_activations=saved, modules=rec.modules)
 
 
-def measure(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, compile_=False,
-            backbone="vit_large", num_classes=150, aux=True, device=None):
+def measure(head, impl, batch, recompute, world_size=1, precision="bf16", crop=512, compile_=False,
+            backbone="vit_large", num_classes=150, aux=True, device=None, snapshot=None):
     """The same two steps for real on `device` (default: CUDA when there is one), in a process
     group of `world_size` (one process, or torchrun with that many ranks). Returns the second
-    step's torch.cuda.max_memory_allocated (None on CPU, where this only checks the code path)."""
+    step's torch.cuda.max_memory_allocated (None on CPU, where this only checks the code path) and
+    grad norm; snapshot: a path for the second step's memory_viz snapshot (CUDA only)."""
     from train.parallelize import destroy_distributed, init_distributed
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = run_config(head, precision, ac)
-    cfg.parallel.compile = compile_
+    cuda = device.type == "cuda"
     _, world, local_rank = init_distributed(device.type)
     try:
         if world != world_size:
             raise PlanError(f"measuring world size {world_size} needs that many ranks (torchrun "
                             f"--nproc_per_node={world_size}); this process group has {world}")
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-        torch.manual_seed(0)
-        model = build_parallel_model(cfg, impl, crop, device, backbone, num_classes, aux)
-        optimizer = sgd(model, cfg.optim)
-        images, labels = random_batch(batch, crop, num_classes, device)
-        train_step(model, optimizer, images, labels)
-        if device.type == "cuda":
+        device = torch.device("cuda", local_rank) if cuda else device
+        cfg = run_config(head, impl, recompute, precision, compile_, backbone, crop, num_classes, aux)
+        state = build_step_state(cfg, build_parallel(cfg, device), device)
+        batches = [random_batch(batch, crop, num_classes, device)]
+        train_step(state, batches)
+        if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        grad_norm = train_step(model, optimizer, images, labels)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return dict(measured_peak=peak, grad_norm=float(grad_norm))
+            if snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=100000, stacks="python")
+        out = train_step(state, batches)
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        if cuda and snapshot:
+            torch.cuda.memory._dump_snapshot(snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
+        return dict(measured_peak=peak, grad_norm=out["grad_norm"])
     finally:
         destroy_distributed()
