@@ -87,11 +87,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --- the launches, as the launchers make them ---------------------------------------------------
 
+# SETR's crops and classes: ADE20K 512x512 (150), Cityscapes 768x768 (19), Pascal Context 480x480 (59)
+CROPS = ((512, 150), (768, 19), (480, 59))
+TOKENS = [(crop // 16) ** 2 + 1 for crop, _ in CROPS]  # with the class token: 1025, 2305, 901
+
+
 def attention_cases():
-    """(name, dtype, launcher call): ViT-L's attention (B=8, H=16, N=1025 with the class token and
-    1024 without, D=64), plus head dims 32 and 128, float32 for the table."""
-    cases = [(dt, 64, n) for dt in ("bf16", "fp16") for n in (1025, 1024)]
-    cases += [(dt, d, 1025) for d in (32, 128) for dt in ("bf16", "fp16")] + [("fp32", 64, 1025)]
+    """(name, dtype, launcher call): ViT-L's attention (B=8, H=16, D=64) at every crop's token count
+    and at 1024 (no class token), plus head dims 32 and 128, float32 for the table. The autotune
+    key buckets token counts; the kernels specialize on them only by divisibility by 16, so the
+    token counts of all crops share compiles."""
+    cases = [(dt, 64, n) for dt in ("bf16", "fp16") for n in TOKENS + [1024]]
+    cases += [(dt, d, TOKENS[0]) for d in (32, 128) for dt in ("bf16", "fp16")] + [("fp32", 64, TOKENS[0])]
     for dt, d, n in cases:
         def run(dt=dt, d=d, n=n):
             qkv = torch.empty(BATCH, n, 3 * HEADS * d, dtype=DTYPES[dt])
@@ -101,26 +108,34 @@ def attention_cases():
 
 
 def layer_norm_cases():
-    """The ViT's LayerNorms (8200 tokens x 1024, plain and with the residual add), widths 1500 and 8192."""
-    for dt, width in (("bf16", 1024), ("fp32", 1024), ("bf16", 1500), ("bf16", 8192)):
-        def run(dt=dt, width=width):
-            x = torch.empty(BATCH * 1025, width, dtype=DTYPES[dt])
+    """The ViT's LayerNorms (B x tokens rows x 1024, plain and with the residual add) at every crop,
+    widths 1500 and 8192."""
+    cases = [("bf16", m, 1024) for m in TOKENS] + [("fp32", TOKENS[0], 1024), ("bf16", TOKENS[0], 1500),
+                                                     ("bf16", TOKENS[0], 8192)]
+    for dt, tokens, width in cases:
+        def run(dt=dt, tokens=tokens, width=width):
+            x = torch.empty(BATCH * tokens, width, dtype=DTYPES[dt])
             w, b = torch.empty(width), torch.empty(width)
             for residual in (None, torch.empty_like(x)):
                 *_, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-6, residual=residual)
                 ln.layer_norm_bwd(torch.empty_like(x), x, w, mean, rstd, dh=residual)
-        yield f"layer_norm M={BATCH * 1025} C={width}", dt, run
+        yield f"layer_norm M={BATCH * tokens} C={width}", dt, run
 
 
-# (channels, in, out): PUP decode x2 steps, Naive/PUP aux and MLA x4 (256 channels), Naive and MLA
-# decode logits x4 before the fused loss, inference logits to the image size
-UPSAMPLE_SHAPES = ((256, 32, 64), (256, 64, 128), (256, 128, 256), (256, 32, 128), (150, 32, 128), (150, 128, 512))
-LOSS_SHAPES = ((150, 128, 512), (150, 256, 512), (150, 32, 512))  # Naive/PUP aux/MLA, PUP decode, MLA aux
+def resize_shapes(crop, classes):
+    """(channels, in, out) of the heads' bilinear resizes at this crop (features at crop / 16): PUP
+    decode x2 steps, Naive/PUP aux and MLA x4 (256 channels), Naive and MLA decode logits x4 before
+    the fused loss, inference logits to the image size; and the fused loss's (classes, logits side,
+    label side) of Naive/PUP aux/MLA, PUP decode, MLA aux."""
+    f = crop // 16
+    return (((256, f, 2 * f), (256, 2 * f, 4 * f), (256, 4 * f, 8 * f), (256, f, 4 * f), (classes, f, 4 * f),
+             (classes, 4 * f, crop)), ((classes, 4 * f, crop), (classes, 8 * f, crop), (classes, f, crop)))
 
 
 def upsample_cases():
-    for dt in ("bf16", "fp32"):
-        for c, n_in, n_out in UPSAMPLE_SHAPES:
+    for (crop, classes), dt in [(c, "bf16") for c in CROPS] + [(CROPS[0], "fp32")]:
+        upsamples, losses = resize_shapes(crop, classes)
+        for c, n_in, n_out in upsamples:
             for layout in ("nchw", "channels_last"):
                 def run(dt=dt, c=c, n_in=n_in, n_out=n_out, layout=layout):
                     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -128,7 +143,7 @@ def upsample_cases():
                     y = up.upsample_bilinear_fwd(x, n_out, n_out, False)
                     up.upsample_bilinear_bwd(y, n_in, n_in, False, layout == "channels_last")
                 yield f"upsample B={BATCH} C={c} {n_in}->{n_out} {layout}", dt, run
-        for c, n_in, n_out in LOSS_SHAPES:
+        for c, n_in, n_out in losses:
             def run(dt=dt, c=c, n_in=n_in, n_out=n_out):
                 logits = torch.empty(BATCH, c, n_in, n_in, dtype=DTYPES[dt])
                 labels = torch.empty(BATCH, n_out, n_out, dtype=torch.int64)
