@@ -236,7 +236,6 @@ def write_results(name, rows, columns, outdir=None, not_run=None, cpu_timings_me
     env = environment()
     if not cpu_timings_mean_nothing:
         env.pop("note", None)
-    rows = add_ratios(rows)
     json_path = os.path.join(outdir, f"{name}.json")
     write_atomic(json_path, json.dumps({"environment": env, "rows": rows, "not_run": not_run or {}}, indent=1))
     md_path = os.path.join(outdir, f"{name}.md")

@@ -152,6 +152,7 @@ def main(argv=None):
         new, skipped = run_bench(name, quick, args.setr_only)
         rows += new
         not_run.update(skipped)
+        common.add_ratios(rows)
         paths = common.write_results("kernels", rows, COLUMNS, args.out, not_run=not_run)
     if common.on_gpu():  # a CPU run's timings mean nothing: no picture of them
         try:

@@ -32,10 +32,7 @@ import sys
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import GIB, RESULTS, UsageError, readme_tables, run_script
-
 RECIPE_BATCH = 16
-ESTIMATE = os.path.join(RESULTS, "estimate")  # the committed plans the README quotes
 # What the plan (tensors only) does not see, for --max-batch: a fixed part for the CUDA context,
 # cuBLAS / cuDNN / Triton workspaces and NCCL buffers, and the caching allocator's fragmentation
 # (reserved but not allocated) as a share of the planned peak.
@@ -73,6 +70,19 @@ def parse_args(argv=None):
     return args
 
 
+if __name__ == "__main__":
+    parse_args()  # --help and a flag's mistake answer before torch is imported (below)
+
+import torch  # noqa: E402
+
+from bench import GIB, RESULTS, UsageError, common, readme_tables, run_script  # noqa: E402
+from bench.memory_plan import PlanError, check_config, measure, plan  # noqa: E402
+from setr.files import write_atomic  # noqa: E402
+from setr.layers import IMPLS  # noqa: E402
+from setr.model import HEADS  # noqa: E402
+from train.config import RECOMPUTE, ParallelConfig  # noqa: E402
+
+
 def choose(flag, value, names):
     """The names a flag value stands for ('all': every one); a UsageError for an unknown one."""
     if value == "all":
@@ -83,10 +93,6 @@ def choose(flag, value, names):
 
 
 def configs_from_args(args):
-    from setr.layers import IMPLS
-    from setr.model import HEADS
-    from train.config import RECOMPUTE, ParallelConfig
-
     policies = choose("recompute", args.recompute or ParallelConfig().recompute, RECOMPUTE)
     return [dict(head=h, impl=i, recompute=r, batch=args.batch, world_size=args.world_size, precision=args.precision,
                  crop=args.crop, backbone=args.backbone, num_classes=args.num_classes)
@@ -105,8 +111,6 @@ def summary_line(row):
 
 def plan_row(config):
     """One planned config as a results row: the config, the plan in bytes and the GiB summary."""
-    from bench.memory_plan import PlanError, plan
-
     try:
         result = plan(**config)
     except PlanError:
@@ -125,8 +129,6 @@ def max_batch(config, gpu_memory):
     """Largest batch per GPU whose plan fits (0 if batch 1 does not) and its row. Memory is nearly
     affine in the batch: the line through the plans of batch 1 and 8 predicts the answer, which
     common.largest_batch then confirms with the plans around it."""
-    from bench.common import largest_batch
-
     rows = {}
 
     def row(b):
@@ -137,7 +139,7 @@ def max_batch(config, gpu_memory):
     per_image = (row(8)["peak_gib"] - row(1)["peak_gib"]) / 7
     budget = (gpu_memory - ALLOWANCE_GIB) / (1 + FRAGMENTATION)  # the planned peak that fits
     guess = max(1, int(1 + (budget - row(1)["peak_gib"]) / max(per_image, 1e-9)))
-    b = largest_batch(lambda b: fits(row(b), gpu_memory), start=guess, cap=max(64, 2 * guess))
+    b = common.largest_batch(lambda b: fits(row(b), gpu_memory), start=guess, cap=max(64, 2 * guess))
     return b, row(max(b, 1))
 
 
@@ -149,8 +151,6 @@ def breakdown_line(row):
 
 
 def write_row(row, outdir, env):
-    from setr.files import write_atomic
-
     write_atomic(os.path.join(outdir, config_name(row) + ".json"),
                  json.dumps({"environment": env, "row": row}, indent=1) + "\n")
 
@@ -166,10 +166,6 @@ def fresh_dir():
 
 def measure_line(row, snapshot_dir=None):
     """The real step's max_memory_allocated beside the plan (added to the row)."""
-    import torch
-
-    from bench.memory_plan import PlanError, measure
-
     config = {k: row[k] for k in ("head", "impl", "recompute", "batch", "world_size", "precision", "crop",
                                   "backbone", "num_classes")}
     what = f"measured {row['head']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world {row['world_size']}"
@@ -190,23 +186,14 @@ def measure_line(row, snapshot_dir=None):
             f"(planned / measured {row['peak_gib'] * GIB / peak:.3f}){shot}")
 
 
-def environment():
-    from bench import common
-
-    env = common.environment()
-    env.pop("note", None)  # the CPU-timing caveat: a plan times nothing
-    return env
-
-
 def main(argv=None):
     args = parse_args(argv)
-    from bench.memory_plan import check_config  # torch: after the arguments, so that --help answers at once
-
     check_config("eager", args.batch, args.world_size, args.crop, args.compile == "on")
     if args.readme_table:
-        configs, out = readme_tables.table_configs(), args.out or ESTIMATE
+        configs, out = readme_tables.table_configs(), args.out or readme_tables.ESTIMATE
     else:
         configs, out = configs_from_args(args), args.out or fresh_dir()
+    os.makedirs(out, exist_ok=True)
     rows, notes = [], []
     for config in configs:
         print(f"planning {config_name(config)}{' (largest batch)' if args.max_batch else ''} ...", flush=True)
@@ -223,8 +210,8 @@ def main(argv=None):
         notes += [measure_line(row, out if args.snapshot else None) for row in rows]
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun (measuring on W GPUs): rank 0 reports
         return 0
-    os.makedirs(out, exist_ok=True)
-    env = environment()
+    env = common.environment()
+    env.pop("note", None)  # the CPU-timing caveat: a plan times nothing
     for row in rows:
         write_row(row, out, env)
         print(breakdown_line(row))

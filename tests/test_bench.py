@@ -257,7 +257,7 @@ def test_every_script_answers_help_at_once():
     ("train_step", ["--recompute", "sometimes"], "--recompute 'sometimes': expected one of none"),
     ("train_step", ["--crop", "100"], "--crop 100 is not a multiple of the patch size 16"),
     ("readme_tables", ["--results", "/nonexistent/results"], "--results /nonexistent/results: no such folder"),
-    ("bench_data", ["--data-root", "/nonexistent/ade"], "/nonexistent/ade"),
+    ("bench_data", ["--data-root", "/nonexistent/ade"], "--data-root /nonexistent/ade --split validation: "),
 ])
 def test_a_mistake_is_one_line_and_exit_status_2(script, argv, message, capsys):
     module = __import__(f"bench.{script}", fromlist=["main"])
