@@ -31,7 +31,6 @@ TRAIN_SHAPES = ((8, 1025), (16, 1025), (8, 2305))  # (B, N): 512x512 crops (ADE2
 SWEEP_BATCH = 4
 SWEEP_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 PEERS = ("eager", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "torch.compile", "xformers")
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mb", "error"]
 
 
 def sdpa_provider(backend_name):

@@ -10,6 +10,7 @@ setr.layers.layer_norm / add_layer_norm; "apex" is FusedLayerNorm's fused_layer_
 Run through bench/kernels.py (`--only layer_norm`).
 """
 import importlib.util
+import math
 
 import torch
 
@@ -22,7 +23,6 @@ SETR_SHAPES = [(8, 1025, 1024), (16, 1025, 1024)]
 SWEEP_ROWS = 8200
 SWEEP_WIDTHS = [256, 512, 768, 1000, 1024, 1280, 1500, 2048, 4096, 8192]
 PROVIDERS = (OURS, "eager", "apex", "torch.compile")
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
 
 
 def unavailable():
@@ -59,13 +59,8 @@ def make_fn(kernel, provider):
 
 def traffic_bytes(kernel, mode, shape, dtype):
     """Bytes each input read once and each output written once (params in the activation dtype)."""
-    c = shape[-1]
-    rows = 1
-    for s in shape[:-1]:
-        rows *= s
-    act = rows * c * torch.tensor([], dtype=dtype).element_size()
-    par = c * torch.tensor([], dtype=dtype).element_size()
-    stats = 2 * rows * 4
+    rows, c, size = math.prod(shape[:-1]), shape[-1], dtype.itemsize
+    act, par, stats = rows * c * size, c * size, 2 * rows * 4
     if kernel == "layer_norm":
         fwd = 2 * act + 2 * par                    # x, w, b -> y
         bwd = 3 * act + 3 * par + stats            # dy, x, w, mean, rstd -> dx, dw, db

@@ -32,7 +32,6 @@ NUM_CLASSES = 150
 CHANNELS = 256
 IGNORE_INDEX = 255
 PROVIDERS = (OURS, "eager", "torch.compile")
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
 
 
 def unavailable():

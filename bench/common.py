@@ -1,11 +1,9 @@
-"""Timing, environment capture and result writing shared by every benchmark script.
+"""Timing, ratios, the environment and result files, shared by the benchmark scripts.
 
-Every benchmark produces rows (plain dicts) with at least:
-    kernel, mode ("fwd" | "bwd" | "fwd+bwd" | ...), provider, shape, dtype, ms (median),
-    ms_p20, ms_p80, and where it applies gbps / tflops / peak_mem_mb, or "error" when the
-    provider could not run (a peer that is not installed is reported, never skipped silently).
-`write_results` adds, for each row of ours, the speed ratio to every peer measured in the same
-run, and writes JSON + markdown (+ a PNG plot when matplotlib is importable).
+A benchmark's rows are plain dicts with at least kernel, mode ("fwd" | "bwd" | "fwd+bwd" |
+"train" | ...), provider, shape, dtype, ms (median), ms_p20, ms_p80 and where it applies gbps /
+tflops / peak_mem_mb, or "error" when the provider failed. `add_ratios` gives each row of ours
+its speed ratio to every peer measured in the same run; `write_results` writes JSON + markdown.
 """
 import json
 import os
@@ -40,8 +38,7 @@ def print_cpu_warning():
 def finish(failed):
     """End of a benchmark run: the CPU banner again, what failed; exit status 1 if anything did."""
     print_cpu_warning()
-    for what in failed:
-        print(f"FAILED: {what}")
+    print("".join(f"FAILED: {what}\n" for what in failed), end="")
     return 1 if failed else 0
 
 
@@ -190,19 +187,14 @@ def error_rows(base, exc):
     return [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
 
 
-def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype"), metric="ms", field="speedup_vs"):
-    """For each row whose provider is in `ours`: row[field] = {peer: peer[metric] / row[metric]} over
-    every other row with the same `keys` (a time ratio is a speedup, a memory ratio a saving)."""
+def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype")):
+    """Each row whose provider is in `ours` gets speedup_vs = {peer: peer ms / its ms} over every
+    other row with the same `keys`."""
     key = lambda r: tuple(str(r.get(k)) for k in keys)
-    groups = {}
     for r in rows:
-        groups.setdefault(key(r), []).append(r)
-    for r in rows:
-        if r["provider"] not in ours or not r.get(metric):
-            continue
-        r[field] = {p["provider"]: round(p[metric] / r[metric], 3)
-                    for p in groups[key(r)] if p is not r and p.get(metric)}
-    return rows
+        if r["provider"] in ours and r.get("ms"):
+            r["speedup_vs"] = {p["provider"]: round(p["ms"] / r["ms"], 3) for p in rows
+                               if p is not r and p.get("ms") and key(p) == key(r)}
 
 
 def results_dir():

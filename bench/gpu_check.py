@@ -6,30 +6,27 @@ and the benchmarks, each under its own time limit, in at most 8 minutes on one H
     python bench/gpu_check.py --dry-run             # every part in smoke mode on the CPU (CI)
 
 Parts, most valuable first (PARTS below; a run cut short loses the last ones):
-  train_run_triton, train_run_eager
-                 the training command itself, `torchrun --nproc_per_node=1 train/main.py --preset pup`
-                 on synthetic 512x512 images (ViT-L, batch 16, 20 iterations, no evaluation); img/s,
-                 MFU, max allocated memory and data wait from its own metrics.jsonl (the records
-                 after the first, which holds compiling and autotuning) go to train_run.json
-  pytest_gpu     `pytest -m gpu` at real sizes (JUnit XML beside the log)
-  train_step     bench/train_step.py: training's step on one rank, PUP ViT-L 512x512 batch 8 bf16,
-                 eager / sdpa / triton, then each with training's torch.compile per block
-  sanitizer      compute-sanitizer memcheck, then racecheck, over `bench/kernels.py --once` (each
-                 kernel forward and backward at small odd shapes); when compute-sanitizer is not
-                 found the kernels run bare and the report says so
-  kernels        bench/kernels.py --setr-only: SETR's shapes, ours vs every peer that runs here
-  memory         bench/memory.py --measure: PUP impl=triton batch 16 planned and measured
-  readme_tables  bench/readme_tables.py over this run's results
+  train_run_triton, train_run_eager: the training command itself, `torchrun --nproc_per_node=1
+      train/main.py --preset pup` on synthetic 512x512 images (ViT-L, batch 16, 20 iterations, no
+      evaluation); img/s, MFU, max allocated memory and data wait from its metrics.jsonl (the
+      records after the first, which holds compiling and autotuning) go to train_run.json
+  pytest_gpu: `pytest -m gpu` at real sizes (JUnit XML beside the log)
+  train_step: bench/train_step.py, training's step on one rank, PUP ViT-L 512x512 batch 8 bf16,
+      eager / sdpa / triton, then each with training's torch.compile per block
+  sanitizer: compute-sanitizer memcheck, then racecheck, over `bench/kernels.py --once` (every
+      kernel forward and backward at small odd shapes); without compute-sanitizer the kernels run
+      bare and the report says it is missing
+  kernels: bench/kernels.py --setr-only; memory: bench/memory.py --measure, PUP impl=triton
+      batch 16 planned and measured; readme_tables: the README tables of this run
 
-Each part is a subprocess in its own process group, killed with its whole group at its limit; a
-part that fails or runs out of time is recorded and the next one runs; the exit status is 1 if
-any part did not pass. Triton's disk cache and autotuning choices are shared by all parts: what
-one part compiled or tuned (the training runs tune SETR's shapes) the next reuses. Written to
---out (default bench/results/<gpu>/): gpu_check.{json,md} (environment; per part its command,
-limit, wall time, status, exit code and last lines of output) after every part, the logs in
-gpu_check_logs/, and each part's files. A full run first moves an earlier run's files in --out to
-previous/<its date>/ (--only adds to them). --dry-run runs two parts at a time (on the CPU they
-share nothing but cores; a part that reads the files of earlier ones waits for them).
+Each part is a subprocess in its own process group, killed whole at its limit; a part that fails
+or runs out of time is recorded and the next one runs; the exit status is 1 if one did not pass.
+The parts share Triton's disk cache and autotuning choices: what one compiled or tuned (the
+training runs tune SETR's shapes) the next reuses. Written to --out (default bench/results/<gpu>/):
+gpu_check.{json,md} (environment; per part its command, limit, wall time, status, exit code and
+last lines of output) after every part, the logs in gpu_check_logs/ and each part's files. A full
+run first moves an earlier run's files to previous/<date>/ (--only adds to them). --dry-run runs
+two parts at a time (on the CPU they share only cores; a part reading earlier ones' files waits).
 This process imports no torch.
 """
 import argparse
@@ -39,7 +36,6 @@ import datetime
 import glob
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -73,24 +69,24 @@ MEMORY = ["{python}", "bench/memory.py", "--head", "pup", "--impl", "triton", "-
 ONCE = ["{python}", "bench/kernels.py", "--once"]
 PYTEST = ["{python}", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
 
-# name, limit (s) on the GPU, GPU command, smoke command, smoke environment, waits for the parts before it
+# name, limit (s) on the GPU, GPU command, smoke command
 PARTS = [
-    ("train_run_triton", 70, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE, {"OMP_NUM_THREADS": "1"}, False),
-    ("train_run_eager", 75, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE, {"OMP_NUM_THREADS": "1"}, False),
+    ("train_run_triton", 70, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
+    ("train_run_eager", 75, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
     ("pytest_gpu", 60, PYTEST + ["-rfE", "--junitxml={out}/pytest_gpu.xml", "tests"],
-     PYTEST + ["--collect-only", "tests/test_bench.py"], {}, False),  # CPU: one file's collection
+     PYTEST + ["--collect-only", "tests/test_bench.py"]),  # CPU: one file's collection
     # CPU: inductor would take minutes there, so the smoke run leaves torch.compile out
     ("train_step", 115, STEP + ["--batch", "8", "--steps", "6", "--warmup", "2", "--compile", "both"],
-     STEP + ["--quick", "--impl", "eager", "triton"], {}, False),
-    ("sanitizer", 55, ["{sanitizer}"], ONCE, {}, False),
+     STEP + ["--quick", "--impl", "eager", "triton"]),
+    ("sanitizer", 55, ["{sanitizer}"], ONCE),
     ("kernels", 40, ["{python}", "bench/kernels.py", "--setr-only", "--out", "{out}"],
-     ["{python}", "bench/kernels.py", "--quick", "--out", "{out}"], {}, False),
+     ["{python}", "bench/kernels.py", "--quick", "--out", "{out}"]),
     ("memory", 25, MEMORY + ["--measure", "--batch", "16"],  # CPU: the measured step is tests/test_memory_plan.py's
-     MEMORY + ["--batch", "2", "--backbone", "vit_tiny", "--crop", "32", "--num-classes", "8"], {}, False),
+     MEMORY + ["--batch", "2", "--backbone", "vit_tiny", "--crop", "32", "--num-classes", "8"]),
     ("readme_tables", 5, ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"],
-     ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md", "--allow-cpu"],
-     {}, True),
+     ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md", "--allow-cpu"]),
 ]
+WAITS = ("readme_tables",)  # reads the other parts' files: in --dry-run it starts once they all ended
 PART_NAMES = [p[0] for p in PARTS]
 
 
@@ -112,9 +108,9 @@ def sanitizer_command(tool):
 
 
 def part_commands(dry_run, out, only=None, scale=1.0):
-    """[(name, limit_s, cmd, env, waits, note)] of the parts to run, in order."""
+    """[(name, limit_s, cmd, note)] of the parts to run, in order."""
     chosen = []
-    for name, limit_s, gpu_args, smoke_args, smoke_env, waits in PARTS:
+    for name, limit_s, gpu_args, smoke_args in PARTS:
         if only and name not in only:
             continue
         args, note = (smoke_args if dry_run else gpu_args), None
@@ -125,15 +121,17 @@ def part_commands(dry_run, out, only=None, scale=1.0):
         fill = dict(python=sys.executable, torchrun=f"{sys.executable} -m torch.distributed.run", out=out,
                     impl=name.rsplit("_", 1)[-1])
         cmd = [w for a in args for w in (a.format(**fill).split() if a == "{torchrun}" else [a.format(**fill)])]
-        chosen.append((name, SMOKE_LIMIT_S if dry_run else limit_s * scale, cmd, smoke_env if dry_run else {},
-                       waits, note))
+        chosen.append((name, SMOKE_LIMIT_S if dry_run else limit_s * scale, cmd, note))
     return chosen
 
 
-def part_env(extra):
+def part_env(side_by_side):
     """The parts' environment: this repo first on the path, unbuffered output, the autotuner's choices
-    logged and kept on disk (a later part reuses them instead of timing every config again)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_PRINT_AUTOTUNING="1", TRITON_CACHE_AUTOTUNING="1", **extra)
+    logged and kept on disk (a later part reuses them instead of timing every config again), and one
+    CPU thread each when parts run side by side (more would only spin against each other)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_PRINT_AUTOTUNING="1", TRITON_CACHE_AUTOTUNING="1")
+    if side_by_side:
+        env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -159,15 +157,15 @@ def _own_group_dies_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_part(name, cmd, limit_s, log_path, env=None, note=None):
+def run_part(name, cmd, limit_s, log_path, note=None, side_by_side=False):
     """Run cmd in its own process group with output to log_path; its whole group is killed at
     limit_s, once it exits (workers it left behind) and when this run is stopped. Returns the
     part's record."""
-    t0, cpu0 = time.monotonic(), _children_cpu_s()
+    t0 = time.monotonic()
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(env or {}),
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(side_by_side),
                                 preexec_fn=_own_group_dies_with_parent)
         RUNNING.add(proc)
         try:
@@ -184,36 +182,29 @@ def run_part(name, cmd, limit_s, log_path, env=None, note=None):
     summary = [note] if note else []
     summary += [line for line in tail if line.startswith(("estimate ", "measured ", "- PASS", "- MISS", "Not run here"))]
     return dict(name=name, command=" ".join(cmd), limit_s=limit_s, wall_s=round(time.monotonic() - t0, 1),
-                cpu_s=round(_children_cpu_s() - cpu0, 1), status=status, returncode=rc,
-                log=os.path.relpath(log_path, REPO), tail=tail, summary=summary)
-
-
-def _children_cpu_s():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def training_run_row(name, work_dir):
-    """The run's metrics.jsonl, summed up: the mean img/s, MFU, max allocated memory and data wait
-    of its train records after the first (compiling, autotuning), and its config."""
-    try:
-        with open(os.path.join(work_dir, "metrics.jsonl")) as f:
-            records = [r for r in map(json.loads, f) if r.get("event") == "train"]
-        with open(os.path.join(work_dir, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        return dict(name=name, error=f"no metrics: {e}")
-    steady = records[1:] or records
-    mean = lambda k: (sum(r[k] for r in steady) / len(steady)) if steady and None not in [r[k] for r in steady] else None
-    return dict(name=name, impl=cfg["model"]["impl"], recompute=cfg["parallel"].get("recompute"),
-                batch=cfg["schedule"]["batch_size"], crop=cfg["data"]["crop_size"], iters=records[-1]["iter"] if records else 0,
-                img_per_s=mean("img_per_s"), mfu=mean("mfu"), data_wait=mean("data_wait"),
-                max_mem_gib=max((r["max_mem_gib"] for r in steady), default=None), work_dir=work_dir)
+                status=status, returncode=rc, log=os.path.relpath(log_path, REPO), tail=tail, summary=summary)
 
 
 def add_training_run(out, env, record):
-    """Add the run's row to out/train_run.json (the README's training-run table) and its record."""
-    row = training_run_row(record["name"], os.path.join(out, "train_run", record["name"].rsplit("_", 1)[-1]))
+    """A training run's metrics.jsonl summed up (the mean img/s, MFU and data wait, and the max
+    allocated memory, of its train records after the first, which holds compiling and autotuning)
+    as a row of out/train_run.json, and a line of its record."""
+    work_dir = os.path.join(out, "train_run", record["name"].rsplit("_", 1)[-1])
+    row = dict(name=record["name"], work_dir=work_dir)
+    try:
+        with open(os.path.join(work_dir, "metrics.jsonl")) as f:
+            steady = [r for r in map(json.loads, f) if r.get("event") == "train"][1:]
+        with open(os.path.join(work_dir, "config.json")) as f:
+            cfg = json.load(f)
+        mean = lambda k: None if not steady or None in [r[k] for r in steady] else sum(r[k] for r in steady) / len(steady)
+        row.update(impl=cfg["model"]["impl"], recompute=cfg["parallel"].get("recompute"),
+                   batch=cfg["schedule"]["batch_size"], iters=steady[-1]["iter"], img_per_s=mean("img_per_s"),
+                   mfu=mean("mfu"), data_wait=mean("data_wait"), max_mem_gib=max(r["max_mem_gib"] for r in steady))
+        mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        record["summary"].append(f"{row['impl']}: {row['img_per_s']:.1f} img/s, MFU {mfu}, max allocated "
+                                 f"{row['max_mem_gib']:.2f} GiB, data wait {100 * row['data_wait']:.0f}%")
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        row["error"] = f"no metrics: {type(e).__name__}: {e}"
     path = os.path.join(out, "train_run.json")
     try:
         with open(path) as f:
@@ -221,10 +212,6 @@ def add_training_run(out, env, record):
     except (OSError, ValueError, KeyError):
         rows = []
     _write(path, json.dumps({"environment": env, "rows": rows + [row]}, indent=1))
-    if "error" not in row:
-        mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        record["summary"].append(f"{row['impl']}: {row['img_per_s']:.1f} img/s, MFU {mfu}, max allocated "
-                                 f"{row['max_mem_gib']:.2f} GiB, data wait {100 * row['data_wait']:.0f}%")
 
 
 def _write(path, text):
@@ -234,17 +221,11 @@ def _write(path, text):
 
 
 def move_earlier_run(out):
-    """Move the files of an earlier run in out to out/previous/<date>/; returns that folder (or None)."""
+    """Move the files of an earlier run in out to out/previous/<now>/; returns that folder (or None)."""
     files = [f for f in os.listdir(out) if f != "previous"]
     if not files:
         return None
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    try:
-        with open(os.path.join(out, "gpu_check.json")) as f:
-            stamp = json.load(f)["environment"]["date"].replace(":", "").replace("-", "")[:15]
-    except (OSError, ValueError, KeyError):
-        pass
-    dest = os.path.join(out, "previous", stamp)
+    dest = os.path.join(out, "previous", datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S"))
     while os.path.exists(dest):
         dest += "_"
     os.makedirs(dest)
@@ -258,9 +239,9 @@ def write_report(out, env, records, dry_run):
     data = dict(environment=env, dry_run=dry_run, total_limit_s=TOTAL_LIMIT_S, parts=records)
     lines = ["# gpu_check" + (" (dry run: smoke mode, timings mean nothing)" if dry_run else ""), "",
              "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), "",
-             "| part | status | wall s | CPU s | limit s | exit code | log |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['status']} | {r['wall_s']} | {r.get('cpu_s') or '-'} | {r['limit_s']} | "
-              f"{r['returncode']} | `{r['log']}` |" for r in records]
+             "| part | status | wall s | limit s | exit code | log |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['status']} | {r['wall_s']} | {r['limit_s']} | {r['returncode']} | `{r['log']}` |"
+              for r in records]
     for r in records:
         lines += ["", f"## {r['name']}: {r['status']}", "", f"`{r['command']}`", ""]
         lines += [f"- {line}" for line in r["summary"]] + ["", "```"] + r["tail"] + ["```"]
@@ -278,8 +259,8 @@ def earlier_records(out):
 
 
 def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), jobs=1):
-    """Run the parts in order, `jobs` at a time (a part marked `waits` starts once every part
-    before it ended); a part's limit is cut to what is left of total_limit_s. Returns this run's
+    """Run the parts in order, `jobs` at a time (a part in WAITS starts once every part before it
+    ended); a part's limit is cut to what is left of total_limit_s. Returns this run's
     records; the report also keeps `earlier` records of the parts not rerun, in PARTS order."""
     logs = os.path.join(out, "gpu_check_logs")
     os.makedirs(logs, exist_ok=True)
@@ -288,8 +269,6 @@ def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), j
     order = lambda r: PART_NAMES.index(r["name"]) if r["name"] in PART_NAMES else len(PART_NAMES)
 
     def finished(name, record):
-        if jobs > 1:  # the CPU time of children that ran side by side cannot be told apart
-            record["cpu_s"] = None
         records[name] = record
         if name.startswith("train_run_") and name in PART_NAMES:
             add_training_run(out, env, record)
@@ -299,9 +278,9 @@ def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), j
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         try:
-            for name, limit_s, cmd, extra_env, waits, note in parts:
-                if waits or len(running) >= jobs:
-                    concurrent.futures.wait(running, return_when="ALL_COMPLETED" if waits else "FIRST_COMPLETED")
+            for name, limit_s, cmd, note in parts:
+                if name in WAITS or len(running) >= jobs:
+                    concurrent.futures.wait(running, return_when="ALL_COMPLETED" if name in WAITS else "FIRST_COMPLETED")
                 for future in [f for f in running if f.done()]:
                     finished(running.pop(future), future.result())
                 left = total_limit_s - (time.monotonic() - start) - KILL_GRACE_S
@@ -312,7 +291,7 @@ def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), j
                     continue
                 print(f"[gpu_check] {name} (limit {min(limit_s, left):.0f} s) ...", flush=True)
                 running[pool.submit(run_part, name, cmd, min(limit_s, left), os.path.join(logs, f"{name}.log"),
-                                    extra_env, note)] = name
+                                    note, jobs > 1)] = name
             for future in concurrent.futures.as_completed(list(running)):
                 finished(running.pop(future), future.result())
         except BaseException:  # stopped (SIGTERM, Ctrl-C): the running parts go with it
