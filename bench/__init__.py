@@ -15,6 +15,11 @@ GIB = 2 ** 30
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def gpu_results_dir(gpu):
+    """bench/results/<gpu name> (bench/results/cpu for None)."""
+    return os.path.join(RESULTS, (gpu or "cpu").replace(" ", "_").replace("/", "_"))
+
+
 class UsageError(ValueError):
     """A user's mistake (a flag value, a missing or foreign file); the message names it and what
     was expected."""

@@ -25,17 +25,8 @@ PROVIDER = "setr"  # our data pipeline (bench.OURS names our kernels)
 COLUMNS = ["kernel", "provider", "shape", "samples_per_s", "ms", "n"]
 
 
-def _rate(fn, n):
-    """(samples/s, ms per sample) of fn(i) for i in range(n), after one warm-up call."""
-    fn(0)
-    start = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    seconds = time.perf_counter() - start
-    return n / seconds, 1000 * seconds / n
-
-
 def ours_rows(dataset, n, crop):
+    """Per step: samples/s and ms per sample over n samples after a warm-up call."""
     import numpy as np
 
     from setr.data import TrainSamples
@@ -52,9 +43,13 @@ def ours_rows(dataset, n, crop):
     }
     rows = []
     for name, fn in steps.items():
-        sps, ms = _rate(fn, n)
+        fn(0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        ms = (time.perf_counter() - t0) * 1e3 / n
         shape = f"{crop}x{crop}" if name == "train pipeline" else f"{image.shape[0]}x{image.shape[1]}"
-        rows.append(dict(kernel=name, provider=PROVIDER, shape=shape, samples_per_s=sps, ms=ms, n=n))
+        rows.append(dict(kernel=name, provider=PROVIDER, shape=shape, samples_per_s=1e3 / ms, ms=ms, n=n))
     return rows
 
 

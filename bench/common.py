@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bench import OURS, RESULTS
+from bench import OURS, gpu_results_dir
 from bench import environment as bench_environment
 from setr.files import write_atomic
 
@@ -24,15 +24,13 @@ def default_device():
     return torch.device("cuda" if on_gpu() else "cpu")
 
 
-def cpu_warning():
-    return "no CUDA device: these timings come from the CPU (Triton interpreter / reference) and mean nothing"
+CPU_WARNING = "no CUDA device: these timings come from the CPU (Triton interpreter / reference) and mean nothing"
 
 
 def print_cpu_warning():
     if not on_gpu():
-        bar = "!" * 100
-        print(f"{bar}\n!! WARNING: {cpu_warning()}.\n!! This is a smoke test of the harness "
-              f"(tiny config); run on a GPU for real numbers.\n{bar}", flush=True)
+        print(f"!! WARNING: {CPU_WARNING}.\n!! A smoke test of the harness (tiny config): run on a GPU for real "
+              "numbers.", flush=True)
 
 
 def finish(failed):
@@ -54,36 +52,6 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False, backend=compile_backend())
 
 
-def largest_batch(fits, start=1, cap=64):
-    """Largest batch b in [1, cap] with fits(b) True (fits must be monotone), 0 when not even 1
-    fits. Probes start, then start +- 1, 3, 7, ... until the answer is bracketed, then bisects:
-    a good start (a prediction) costs two calls, a poor one about a bisection of [1, cap]."""
-    start, step = max(1, min(start, cap)), 1
-    if fits(start):
-        lo, hi = start, cap + 1
-        while lo < cap:
-            b = min(start + step, cap)
-            if not fits(b):
-                hi = b
-                break
-            lo, step = b, 2 * step + 1
-    else:
-        lo, hi = 0, start
-        while hi > 1:
-            b = max(start - step, 1)
-            if fits(b):
-                lo = b
-                break
-            hi, step = b, 2 * step + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def kernel_failures(rows):
     """Rows that make a kernel benchmark fail: an error in a row of ours (a peer that cannot run,
     e.g. not installed, is reported but is no failure)."""
@@ -103,7 +71,7 @@ def environment():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
-        env.update(gpu=None, gpu_memory_gb=None, driver=None, note=cpu_warning())
+        env.update(gpu=None, gpu_memory_gb=None, driver=None, note=CPU_WARNING)
     return env
 
 
@@ -199,8 +167,7 @@ def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype")):
 
 def results_dir():
     """bench/results/<gpu name> (cpu without a GPU)."""
-    name = torch.cuda.get_device_name(0) if on_gpu() else "cpu"
-    return os.path.join(RESULTS, name.replace(" ", "_").replace("/", "_"))
+    return gpu_results_dir(torch.cuda.get_device_name(0) if on_gpu() else None)
 
 
 def _fmt(v):

@@ -45,7 +45,7 @@ import time
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import RESULTS, environment
+from bench import environment, gpu_results_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included
@@ -330,7 +330,7 @@ def main(argv=None):
         return 2
     if args.dry_run:
         env["gpu"] = None  # the parts run on the CPU whatever this machine has
-    out = os.path.abspath(args.out or os.path.join(RESULTS, (env["gpu"] or "cpu").replace(" ", "_").replace("/", "_")))
+    out = os.path.abspath(args.out or gpu_results_dir(env["gpu"]))
     os.makedirs(out, exist_ok=True)
     moved = None if args.only else move_earlier_run(out)
     parts = part_commands(args.dry_run, out, args.only, args.scale)

@@ -8,14 +8,12 @@
                                          # (what gpu_check runs under compute-sanitizer)
 
 Runs `run(quick, setr_only)` of bench/bench_layer_norm.py, bench_attention.py and bench_upsample.py,
-concatenates their rows (bench/common.py's schema: kernel, mode, provider, shape, dtype, ms,
-gbps / tflops, peak_mem_mb, error), adds to each row of ours its speedup over every peer measured
-in the same run, and writes <out>/kernels.{json,md,png} (default bench/results/<gpu>/) with the
-environment (GPU, driver, torch, triton, commit, date), after each kernel script (a run stopped
-part-way keeps what it measured). A kernel script that is missing or raises becomes an error row;
-the run goes on and exits 1 at the end, as it does when a row of ours has an error. Peers that
-cannot run on this machine (not installed, a CUDA-only backend on CPU) are left out and listed
-once, in the output and the results.
+gives each row of ours its speedup over every peer measured in the same run, and writes
+<out>/kernels.{json,md,png} (default bench/results/<gpu>/) with the environment after each kernel
+script (a run stopped part-way keeps what it measured). A kernel script that raises becomes an
+error row and the run goes on; it exits 1 at the end, as when a row of ours has an error. Peers
+that cannot run on this machine (not installed, a CUDA-only backend on CPU) are left out and
+listed once, in the output and the results.
 """
 import argparse
 import importlib
@@ -46,20 +44,13 @@ def parse_args(argv=None):
 
 def run_bench(name, quick, setr_only=False):
     """(rows, not_run) of bench/bench_<name>.py, each row tagged with bench=name; an error row if it fails."""
-    module_name = f"bench.bench_{name}"
     try:
-        module = importlib.import_module(module_name)
-        rows = module.run(quick=quick, setr_only=setr_only)
-        if not rows:
-            raise RuntimeError("run() returned no rows")
+        module = importlib.import_module(f"bench.bench_{name}")
+        return [dict(r, bench=name) for r in module.run(quick=quick, setr_only=setr_only)], module.unavailable()
     except Exception as e:  # noqa: BLE001 - reported as a row, the other kernels still run
-        missing_module = isinstance(e, ModuleNotFoundError) and e.name == module_name
-        reason = f"bench/bench_{name}.py not found" if missing_module else f"{type(e).__name__}: {e}"
-        if not missing_module:
-            traceback.print_exc()
-        return [dict(bench=name, kernel=name, mode="-", provider=OURS, shape="-", dtype="-",
-                     ms=None, error=f"benchmark failed: {reason}")], {}
-    return [dict(r, bench=name) for r in rows], module.unavailable()
+        traceback.print_exc()
+        return [dict(bench=name, kernel=name, mode="-", provider=OURS, shape="-", dtype="-", ms=None,
+                     error=f"benchmark failed: {type(e).__name__}: {e}")], {}
 
 
 def plot(rows, path):

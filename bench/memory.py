@@ -127,8 +127,8 @@ def fits(row, gpu_memory):
 
 def max_batch(config, gpu_memory):
     """Largest batch per GPU whose plan fits (0 if batch 1 does not) and its row. Memory is nearly
-    affine in the batch: the line through the plans of batch 1 and 8 predicts the answer, which
-    common.largest_batch then confirms with the plans around it."""
+    affine in the batch: the line through the plans of batch 1 and 8 predicts the answer, and the
+    plans around the prediction confirm it."""
     rows = {}
 
     def row(b):
@@ -138,8 +138,11 @@ def max_batch(config, gpu_memory):
 
     per_image = (row(8)["peak_gib"] - row(1)["peak_gib"]) / 7
     budget = (gpu_memory - ALLOWANCE_GIB) / (1 + FRAGMENTATION)  # the planned peak that fits
-    guess = max(1, int(1 + (budget - row(1)["peak_gib"]) / max(per_image, 1e-9)))
-    b = common.largest_batch(lambda b: fits(row(b), gpu_memory), start=guess, cap=max(64, 2 * guess))
+    b = max(1, int(1 + (budget - row(1)["peak_gib"]) / max(per_image, 1e-9)))
+    while b > 0 and not fits(row(b), gpu_memory):
+        b -= 1
+    while fits(row(b + 1), gpu_memory):
+        b += 1
     return b, row(max(b, 1))
 
 

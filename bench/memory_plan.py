@@ -1,25 +1,20 @@
 """Peak training memory of a SETR config at its real shapes, planned without a GPU.
 
-The model is built on the meta device and parallelized by training's own code
-(bench/step.py: `train.build.build_model`, `train.parallelize.parallelize`: the recompute policy,
-FSDP2 with the mixed-precision policy) over a fake process group of any world size. Under
-FakeTensorMode (tensors with shapes, dtypes and storages but no data) training's own step,
-`train.step.train_step`, runs twice, and torch.distributed._tools' FSDPMemTracker counts every
-tensor it allocates: sharded and gathered parameters, gradients, SGD momentum, activations,
-backward temporaries and the all-gather / reduce-scatter buffers. The first step creates the
-optimizer state; the second is the one reported.
+The model is built on the meta device and parallelized by training's own code (bench/step.py)
+over a fake process group of any world size. Under FakeTensorMode (tensors with shapes, dtypes
+and storages but no data) training's step, `train.step.train_step`, runs twice, and
+torch.distributed._tools' FSDPMemTracker counts every tensor it allocates: sharded and gathered
+parameters, gradients, SGD momentum, activations, backward temporaries, all-gather /
+reduce-scatter buffers. The first step creates the optimizer state; the second is reported. Fake
+tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot make even for
+fake tensors); `kernels.utils.plan_as_cuda` sends them down our kernels' GPU path, so
+impl="triton" is planned through the custom ops' fake (shape-only) versions, as the GPU runs it.
+A Recorder (a dispatch mode inside the tracker) attributes the bytes to the model's parts. Not
+seen: the CUDA context, workspaces and allocator fragmentation (the caller adds an allowance),
+and torch.compile (refused). `measure` runs the same two steps for real.
 
-Fake tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot create
-even for fake tensors); `kernels.utils.plan_as_cuda` sends them down the GPU path of our
-kernels, so impl="triton" is planned through the custom ops' fake (shape-only) versions, as
-the GPU runs it, and not through the CPU references. A Recorder (a dispatch mode inside the
-tracker) attributes what it counts to the model's parts. What the plan cannot see: the CUDA
-context, cuBLAS / cuDNN / Triton workspaces and allocator fragmentation (the caller adds an
-allowance for them), and torch.compile (refused). `measure` runs the same two steps for real.
-
-Private PyTorch internals used (tests/test_memory_plan.py runs on torch 2.11 and 2.13): the
-tracker's instrumentation methods and FSDP2's parameter group (its pre/post forward/backward,
-its parameters' sharded and unsharded tensors), as FSDPMemTracker itself uses them.
+Private PyTorch internals (tests/test_memory_plan.py runs on torch 2.11 and 2.13): the tracker's
+instrumentation methods and FSDP2's parameter groups, as FSDPMemTracker itself uses them.
 """
 import bisect
 import contextlib
@@ -49,8 +44,6 @@ CATEGORIES = {
     "Activation": "activations", "Temp": "temporaries", "All Gather": "all-gather/reduce-scatter",
     "Reduce Scatter": "all-gather/reduce-scatter", "Inputs": "inputs",
 }
-CATEGORY_ORDER = ["params", "gathered params", "grads", "optimizer state", "inputs", "activations",
-                  "temporaries", "all-gather/reduce-scatter"]
 MODULES = ["inputs cast", "patch embed", "blocks", "neck", "decode head", "aux heads", "loss", "step"]
 
 
@@ -76,12 +69,8 @@ def fake_process_group(world_size):
 def fsdp_param_groups(model):
     """The parameter group of every fully_shard unit of model, each once (a unit of several
     modules appears on each of them)."""
-    groups = {}
-    for module in model.modules():
-        if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group is not None:
-            group = module._get_fsdp_state()._fsdp_param_group
-            groups[id(group)] = group
-    return list(groups.values())
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+    return list({id(g): g for g in groups if g is not None}.values())
 
 
 class FSDPGroupMemTracker(FSDPMemTracker):
@@ -177,7 +166,7 @@ class Recorder(TorchDispatchMode):
         self.forward_end_seq, self.last_backward_group = None, "step"
 
     def current(self):
-        out = dict.fromkeys(CATEGORY_ORDER, 0)
+        out = dict.fromkeys(CATEGORIES.values(), 0)
         for dev_snap in self.tracker.get_tracker_snapshot().values():
             for k, v in dev_snap.items():
                 if k != "Total":

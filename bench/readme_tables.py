@@ -118,13 +118,12 @@ def run_table(results_dir, allow_cpu=False):
     lines = ["| run | impl | recompute | batch | iterations | img/s | MFU | max allocated (GiB) | data wait |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['name']} | {r.get('impl')} | {r.get('recompute')} | {r.get('batch')} | {r.get('iters')} | "
-                     f"{num(r.get('img_per_s'), 1)} | {num(r.get('mfu') and 100 * r['mfu'], 1)}% | "
-                     f"{num(r.get('max_mem_gib'))} | {num(r.get('data_wait') and 100 * r['data_wait'], 0)}% |"
-                     if "error" not in r else f"| {r['name']} | error: {r['error']} |||||||")
-    return lines + ["", "img/s, MFU, memory and data wait: the mean of the run's last metrics.jsonl records "
-                        "(after the first, which holds the compile and autotuning).", "",
-                    source_line(path, data["environment"])]
+        pct = lambda k, digits: num(r[k] and 100 * r[k], digits) + "%"
+        lines.append(f"| {r['name']} | error: {r['error']} |||||||" if "error" in r else
+                     f"| {r['name']} | {r['impl']} | {r['recompute']} | {r['batch']} | {r['iters']} | "
+                     f"{num(r['img_per_s'], 1)} | {pct('mfu', 1)} | {num(r['max_mem_gib'])} | {pct('data_wait', 0)} |")
+    return lines + ["", "The means of the run's metrics.jsonl records after the first (which holds compiling and "
+                        "autotuning).", "", source_line(path, data["environment"])]
 
 
 def step_table(results_dir, allow_cpu=False):
@@ -134,20 +133,17 @@ def step_table(results_dir, allow_cpu=False):
     sources = []
     for head in HEAD_NAMES:
         path = os.path.join(results_dir, f"train_step_{head}.json")
-        if not os.path.exists(path):
-            continue
-        data = load(path, allow_cpu)
-        sources.append(source_line(path, data["environment"]))
-        fps = {r["provider"]: r.get("fps") for r in data["rows"] if r["mode"] == "inference"}
-        for r in data["rows"]:
-            if r["mode"] != "train":
-                continue
-            name = f"{HEAD_NAMES[head]} {BACKBONE_NAMES.get(r.get('backbone'), r.get('backbone'))}"
-            cells = ([f"error: {r['error']}"] + [""] * 5 if "error" in r else
-                     [num(r.get("images_per_s"), 1), num(r.get("mfu") and 100 * r["mfu"], 1) + "%",
-                      num(r.get("peak_mem_gib")), num(r.get("mem_per_image_gib")), num(fps.get(r["provider"]), 1)])
-            lines.append(f"| {name} | {r['impl']} | {r['recompute']} | {'on' if r.get('compile') else 'off'} | "
-                         f"{r['batch']} | " + " | ".join(cells) + " |")
+        if os.path.exists(path):
+            data = load(path, allow_cpu)
+            sources.append(source_line(path, data["environment"]))
+            fps = {r["provider"]: r.get("fps") for r in data["rows"] if r["mode"] == "inference"}
+            for r in (r for r in data["rows"] if r["mode"] == "train"):
+                cells = ([f"error: {r['error']}"] + [""] * 5 if "error" in r else
+                         [num(r["images_per_s"], 1), num(r["mfu"] and 100 * r["mfu"], 1) + "%", num(r["peak_mem_gib"]),
+                          num(r.get("mem_per_image_gib")), num(fps.get(r["provider"]), 1)])
+                lines.append(f"| {HEAD_NAMES[head]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} | {r['impl']} | "
+                             f"{r['recompute']} | {'on' if r['compile'] else 'off'} | {r['batch']} | "
+                             + " | ".join(cells) + " |")
     if not sources:
         return [f"No train-step results (`train_step_<head>.json`) in `{results_dir}`."]
     return lines + ["", "One step of `train.step.train_step` on the model as training builds it (FSDP2 on one rank, "
@@ -163,14 +159,14 @@ def kernel_table(results_dir, allow_cpu=False):
     lines = ["| kernel | mode | shape | dtype | ours ms | ours TFLOP/s | ours GB/s | speedup of ours vs peers |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        if r.get("provider") == OURS and r.get("ms") is not None:
+        if r["provider"] == OURS and r.get("ms") is not None:
             speedups = ", ".join(f"{p} {x:.2f}x" for p, x in (r.get("speedup_vs") or {}).items()) or "-"
             lines.append(f"| {r['kernel']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['ms']:.4g} | "
                          f"{num(r.get('tflops'), 1)} | {num(r.get('gbps'), 0)} | {speedups} |")
-    failed = sorted({f"{r['provider']} ({r['error'][:80]})" for r in data["rows"] if r.get("error")})
-    not_run = [f"{p} ({why})" for p, why in sorted(data.get("not_run", {}).items())]
-    notes = [""] + (["Not measured in this run: " + "; ".join(not_run + failed) + "."] if not_run + failed else [])
-    return lines + notes + ["", source_line(path, data["environment"])]
+    missing = [f"{p} ({why})" for p, why in sorted(data.get("not_run", {}).items())]
+    missing += sorted({f"{r['provider']} ({r['error'][:80]})" for r in data["rows"] if r.get("error")})
+    return lines + ([""] + ["Not measured in this run: " + "; ".join(missing) + "."] if missing else []) + \
+        ["", source_line(path, data["environment"])]
 
 
 def gpu_results_dirs(root=RESULTS):
