@@ -26,12 +26,11 @@ class UsageError(ValueError):
 
 
 def run_script(main, argv=None):
-    """main(argv) as a script's exit status: a UsageError is one line on stderr and status 2."""
-    try:
-        return main(argv)
-    except UsageError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        return 2
+    """main(argv) as a script's exit status, by setr.cli's policy: a UsageError is one line on
+    stderr and status 2, anything else a bug (its traceback, status 1)."""
+    from setr.cli import run
+
+    return run(os.path.basename(sys.argv[0]), lambda: main(argv), (UsageError,))
 
 
 def environment():

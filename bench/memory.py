@@ -3,25 +3,25 @@
     python bench/memory.py --head pup --batch 16                    # plan ViT-L/16 512x512 bf16, impl triton, 1 GPU
     python bench/memory.py --head pup --impl all --recompute all    # every impl under every recompute policy
     python bench/memory.py --head mla --impl all --world-size 8     # 2 images per GPU (16 / 8)
-    python bench/memory.py --head pup --crop 768 --num-classes 19 --batch 8   # Cityscapes crops
+    python bench/memory.py --preset pup_cityscapes --world-size 8   # any training preset: 768x768, 19 classes
     python bench/memory.py --head pup --impl all --max-batch --gpu-memory 80  # largest batch per GPU
     python bench/memory.py --head pup --measure --snapshot          # GPU: the same step for real too
     python bench/memory.py --readme-table                           # re-plan the README's table
 
-Planning (bench/memory_plan.py, about 10-40 s per ViT-L config on two CPU cores) runs
-`train.step.train_step` on the model as `train.parallelize.parallelize` builds it, under
-FakeTensorMode over a fake process group of --world-size ranks, and reports the second step's
-peak per GPU and per image, by category and by module. --measure runs the same two steps for
-real (one process: world size 1; torchrun with --world-size ranks otherwise) and prints
-torch.cuda.max_memory_allocated beside the plan (on CPU it only checks the code path);
---snapshot also writes the measured step's memory_viz snapshot. GiB = 2^30 bytes; --batch is per
-GPU, default the recipe's global batch (16) over the GPUs; --recompute defaults to training's.
-
-Results: <config>.json per config (the peak by category and by module, what each module keeps
-for the backward, its largest tensor), in --out: by default a new folder bench/results/memory/<date>/. --readme-table plans the
-README table's configs (bench/readme_tables.py TABLE) into bench/results/estimate/, replacing the
-committed plan files, and prints the table. The last lines printed are one summary per config:
-    estimate <head> <impl> recompute=<policy> batch <B> world <W>: peak <X.XX> GiB, <Y.YY> GiB per image
+Planning (bench/memory_plan.py, a few seconds per ViT-L config on two CPU cores) runs
+`train.step.train_step` on the model of a training preset (--head's ADE20K one by default) as
+`train.parallelize.parallelize` builds it, under FakeTensorMode over a fake process group of
+--world-size ranks, and reports the second step's peak per GPU and per image, by category and by
+module. --measure runs the same two steps for real (one process: world size 1; torchrun with
+--world-size ranks otherwise) and prints torch.cuda.max_memory_allocated beside the plan (on CPU
+it only checks the code path); --snapshot also writes that step's memory_viz snapshot. GiB =
+2^30 bytes; --batch is per GPU, by default the preset's global batch over the GPUs; --recompute
+defaults to training's. Results: <config>.json per config (the peak by category and by module,
+what each module keeps for the backward, its largest tensor) in --out, by default a new folder
+bench/results/memory/<date>/; --readme-table plans the README table's configs
+(bench/readme_tables.py TABLE) into bench/results/estimate/, replacing the committed plans, and
+prints the table. The last lines printed are one summary per config:
+    estimate <preset> <impl> recompute=<policy> batch <B> world <W>: peak <X.XX> GiB, <Y.YY> GiB per image
 """
 import argparse
 import datetime
@@ -32,7 +32,8 @@ import sys
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RECIPE_BATCH = 16
+from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE  # noqa: E402
+
 # What the plan (tensors only) does not see, for --max-batch: a fixed part for the CUDA context,
 # cuBLAS / cuDNN / Triton workspaces and NCCL buffers, and the caching allocator's fragmentation
 # (reserved but not allocated) as a share of the planned peak.
@@ -42,16 +43,17 @@ FRAGMENTATION = 0.10
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--head", default="pup", help="naive | pup | mla | all (default pup)")
-    p.add_argument("--impl", default="triton", help="eager | sdpa | triton | all (default triton)")
+    p.add_argument("--head", default="pup", choices=HEADS + ("all",), help="its ADE20K preset (default pup)")
+    p.add_argument("--preset", default=None, help="a training preset instead (train/config.py), e.g. pup_cityscapes")
+    p.add_argument("--impl", default="triton", choices=IMPLS + ("all",))
     p.add_argument("--recompute", default=None,
                    help="none | selective | full | all (default: training's, train/config.py)")
-    p.add_argument("--batch", type=int, default=None, help="images per GPU (default: 16 / world size)")
+    p.add_argument("--batch", type=int, default=None, help="images per GPU (default: the preset's batch / world size)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs (FSDP ranks)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--crop", type=int, default=512, help="square training crop (768: Cityscapes, 480: Pascal Context)")
-    p.add_argument("--num-classes", type=int, default=150, help="150 ADE20K, 19 Cityscapes, 59 Pascal Context")
-    p.add_argument("--backbone", default="vit_large", choices=("vit_large", "vit_base", "vit_tiny"))
+    p.add_argument("--crop", type=int, default=None, help="square training crop (default: the preset's)")
+    p.add_argument("--num-classes", type=int, default=None, help="(default: the preset's)")
+    p.add_argument("--backbone", default="vit_large", choices=BACKBONES)
     p.add_argument("--compile", default="off", choices=("off", "on"), help="on is refused: it cannot be planned")
     p.add_argument("--max-batch", action="store_true", help="find the largest batch per GPU that fits --gpu-memory")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for --max-batch (default 80)")
@@ -61,12 +63,11 @@ def parse_args(argv=None):
                    help="plan the README table's configs into bench/results/estimate/ (replacing them), print the table")
     p.add_argument("--out", default=None, help="results folder (default: a new bench/results/memory/<date>/)")
     args = p.parse_args(argv)
-    if args.world_size < 1 or args.crop < 16 or args.crop % 16 or args.num_classes < 2:
-        p.error(f"--world-size must be >= 1, --crop a multiple of 16, --num-classes >= 2; got "
-                f"{args.world_size}, {args.crop}, {args.num_classes}")
-    args.batch = args.batch or max(1, RECIPE_BATCH // args.world_size)
-    if args.batch < 1 or args.gpu_memory <= 0:
-        p.error(f"--batch must be >= 1 and --gpu-memory > 0, got {args.batch}, {args.gpu_memory}")
+    for name, least in (("world_size", 1), ("batch", 1), ("crop", PATCH_SIZE), ("num_classes", 2)):
+        if (getattr(args, name) or least) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if (args.crop or 0) % PATCH_SIZE or args.gpu_memory <= 0:
+        p.error(f"--crop must be a multiple of {PATCH_SIZE} and --gpu-memory > 0, got {args.crop}, {args.gpu_memory}")
     return args
 
 
@@ -77,10 +78,9 @@ import torch  # noqa: E402
 
 from bench import GIB, RESULTS, UsageError, common, readme_tables, run_script  # noqa: E402
 from bench.memory_plan import PlanError, check_config, measure, plan  # noqa: E402
+from setr.data.catalog import NAMED_DATASETS  # noqa: E402
 from setr.files import write_atomic  # noqa: E402
-from setr.layers import IMPLS  # noqa: E402
-from setr.model import HEADS  # noqa: E402
-from train.config import RECOMPUTE, ParallelConfig  # noqa: E402
+from train.config import PRESETS, RECOMPUTE, ParallelConfig, get_preset  # noqa: E402
 
 
 def choose(flag, value, names):
@@ -92,27 +92,39 @@ def choose(flag, value, names):
     return [value]
 
 
+def make_config(preset, impl, recompute, world_size=1, batch=None, precision="bf16", crop=None, num_classes=None,
+           backbone="vit_large"):
+    """One config to plan, its preset's crop, classes and batch (over the GPUs) filled in."""
+    cfg = get_preset(preset)
+    return dict(preset=preset, head=cfg.model.head, dataset=NAMED_DATASETS[cfg.data.dataset].title, impl=impl,
+                recompute=recompute, world_size=world_size, batch=batch or max(1, cfg.schedule.batch_size // world_size),
+                precision=precision, crop=crop or cfg.data.crop_size[0], backbone=backbone,
+                num_classes=num_classes or cfg.model.num_classes)
+
+
 def configs_from_args(args):
+    presets = [args.preset] if args.preset else choose("head", args.head, HEADS)
+    if args.preset not in (None, *PRESETS):
+        raise UsageError(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
     policies = choose("recompute", args.recompute or ParallelConfig().recompute, RECOMPUTE)
-    return [dict(head=h, impl=i, recompute=r, batch=args.batch, world_size=args.world_size, precision=args.precision,
-                 crop=args.crop, backbone=args.backbone, num_classes=args.num_classes)
-            for h in choose("head", args.head, HEADS) for r in policies for i in choose("impl", args.impl, IMPLS)]
+    return [make_config(p, i, r, args.world_size, args.batch, args.precision, args.crop, args.num_classes, args.backbone)
+            for p in presets for r in policies for i in choose("impl", args.impl, IMPLS)]
 
 
 def config_name(c):
-    return (f"{c['head']}_{c['backbone']}_{c['crop']}_{c['impl']}_{c['precision']}_recompute-{c['recompute']}"
+    return (f"{c['preset']}_{c['backbone']}_{c['crop']}_{c['impl']}_{c['precision']}_recompute-{c['recompute']}"
             f"_b{c['batch']}_w{c['world_size']}")
 
 
 def summary_line(row):
-    return (f"estimate {row['head']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world "
+    return (f"estimate {row['preset']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world "
             f"{row['world_size']}: peak {row['peak_gib']:.2f} GiB, {row['per_image_gib']:.2f} GiB per image")
 
 
 def plan_row(config):
     """One planned config as a results row: the config, the plan in bytes and the GiB summary."""
     try:
-        result = plan(**config)
+        result = plan(**{k: v for k, v in config.items() if k not in ("head", "dataset")})
     except PlanError:
         raise
     except Exception as e:  # a config the planner cannot trace is refused, never approximated
@@ -169,9 +181,9 @@ def fresh_dir():
 
 def measure_line(row, snapshot_dir=None):
     """The real step's max_memory_allocated beside the plan (added to the row)."""
-    config = {k: row[k] for k in ("head", "impl", "recompute", "batch", "world_size", "precision", "crop",
+    config = {k: row[k] for k in ("preset", "impl", "recompute", "batch", "world_size", "precision", "crop",
                                   "backbone", "num_classes")}
-    what = f"measured {row['head']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world {row['world_size']}"
+    what = f"measured {row['preset']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world {row['world_size']}"
     snapshot = os.path.join(snapshot_dir, config_name(row) + "_snapshot.pickle") if snapshot_dir else None
     try:
         peak = measure(**config, snapshot=snapshot)["measured_peak"]
@@ -191,9 +203,9 @@ def measure_line(row, snapshot_dir=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_config("eager", args.batch, args.world_size, args.crop, args.compile == "on")
+    check_config("eager", 1, args.world_size, args.crop or PATCH_SIZE, args.compile == "on")
     if args.readme_table:
-        configs, out = readme_tables.table_configs(), args.out or readme_tables.ESTIMATE
+        configs, out = [make_config(**c) for c in readme_tables.table_configs()], args.out or readme_tables.ESTIMATE
     else:
         configs, out = configs_from_args(args), args.out or fresh_dir()
     os.makedirs(out, exist_ok=True)
@@ -202,7 +214,7 @@ def main(argv=None):
         print(f"planning {config_name(config)}{' (largest batch)' if args.max_batch else ''} ...", flush=True)
         if args.max_batch:
             b, row = max_batch(config, args.gpu_memory)
-            notes.append(f"max batch {config['head']} {config['impl']} recompute={config['recompute']} world "
+            notes.append(f"max batch {config['preset']} {config['impl']} recompute={config['recompute']} world "
                          f"{config['world_size']}: {f'{b} per GPU fits' if b else 'not even batch 1 fits'} "
                          f"{args.gpu_memory:g} GiB (planned peak x {1 + FRAGMENTATION:g} fragmentation + "
                          f"{ALLOWANCE_GIB} GiB CUDA context and workspaces)")

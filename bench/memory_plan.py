@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from bench import UsageError
 from bench.step import build_parallel, random_batch, run_config
 from kernels.utils import plan_as_cuda
-from setr.layers import IMPLS
+from setr.constants import IMPLS, PATCH_SIZE
 from train.step import build_step_state, train_step
 
 # FSDPMemTracker's categories -> ours
@@ -251,18 +251,20 @@ def check_config(impl, batch, world_size, crop, compile_=False):
                         "--compile off: the compiled step should not need more)")
     if impl not in IMPLS:
         raise PlanError(f"impl {impl!r} cannot be planned; expected one of {IMPLS}")
-    if batch < 1 or world_size < 1 or crop < 16 or crop % 16:
-        raise PlanError(f"batch and world size must be >= 1 and the crop a multiple of 16, got batch {batch}, "
-                        f"world size {world_size}, crop {crop}")
+    if batch < 1 or world_size < 1 or crop < PATCH_SIZE or crop % PATCH_SIZE:
+        raise PlanError(f"batch and world size must be >= 1 and the crop a multiple of {PATCH_SIZE}, got batch "
+                        f"{batch}, world size {world_size}, crop {crop}")
 
 
-def plan(head, impl, batch, recompute, world_size=1, precision="bf16", crop=512, compile_=False,
-         backbone="vit_large", num_classes=150, aux=True):
-    """Plan one config (batch is per rank). Returns bytes: the second step's peak and its breakdown
-    by category, what is alive at the end of the forward, and per module what its forward keeps
-    for the backward ("saved"), its own forward / backward peak and its largest tensor."""
+def plan(preset, impl, batch, recompute, world_size=1, precision="bf16", crop=None, compile_=False,
+         backbone="vit_large", num_classes=None, aux=True):
+    """Plan one config of a training preset (batch is per rank; crop and classes the preset's unless
+    given). Returns bytes: the second step's peak and its breakdown by category, what is alive at
+    the end of the forward, and per module what its forward keeps for the backward ("saved"), its
+    own forward / backward peak and its largest tensor."""
+    cfg = run_config(preset, impl, recompute, precision, False, backbone, crop, num_classes, aux)
+    crop, num_classes = cfg.data.crop_size[0], cfg.model.num_classes
     check_config(impl, batch, world_size, crop, compile_)
-    cfg = run_config(head, impl, recompute, precision, False, backbone, crop, num_classes, aux)
     with fake_process_group(world_size):
         model = build_parallel(cfg, "meta")
         # allow_non_fake_inputs: the meta parameters become fake tensors in to_empty
@@ -285,8 +287,8 @@ def plan(head, impl, batch, recompute, world_size=1, precision="bf16", crop=512,
                 forward_end=rec.forward_end, saved_activations=saved, modules=rec.modules)
 
 
-def measure(head, impl, batch, recompute, world_size=1, precision="bf16", crop=512, compile_=False,
-            backbone="vit_large", num_classes=150, aux=True, device=None, snapshot=None):
+def measure(preset, impl, batch, recompute, world_size=1, precision="bf16", crop=None, compile_=False,
+            backbone="vit_large", num_classes=None, aux=True, device=None, snapshot=None):
     """The same two steps for real on `device` (default: CUDA when there is one), in a process
     group of `world_size` (one process, or torchrun with that many ranks). Returns the second
     step's torch.cuda.max_memory_allocated (None on CPU, where this only checks the code path) and
@@ -301,9 +303,9 @@ def measure(head, impl, batch, recompute, world_size=1, precision="bf16", crop=5
             raise PlanError(f"measuring world size {world_size} needs that many ranks (torchrun "
                             f"--nproc_per_node={world_size}); this process group has {world}")
         device = torch.device("cuda", local_rank) if cuda else device
-        cfg = run_config(head, impl, recompute, precision, compile_, backbone, crop, num_classes, aux)
+        cfg = run_config(preset, impl, recompute, precision, compile_, backbone, crop, num_classes, aux)
         state = build_step_state(cfg, build_parallel(cfg, device), device)
-        batches = [random_batch(batch, crop, num_classes, device)]
+        batches = [random_batch(batch, cfg.data.crop_size[0], cfg.model.num_classes, device)]
         train_step(state, batches)
         if cuda:
             torch.cuda.synchronize(device)

@@ -7,7 +7,7 @@ Planned memory: every plan in bench/results/estimate/ (bench/memory.py --readme-
 them), one row per dataset, model, layout and recompute policy, one column per impl, beside
 mmseg's published Mem. GPU tables, from one GPU's folder (the only one in bench/results unless
 --results names it): the training run (train_run.json, gpu_check's runs of train/main.py), the
-train step per head (train_step_<head>.json) and the kernels (kernels.json). Each table names
+train step per preset (train_step_<preset>.json) and the kernels (kernels.json). Each table names
 the files and the GPU, torch, triton, commit and date they came from. Results of a CPU run are
 refused (their timings mean nothing) unless --allow-cpu, which is for tests.
 """
@@ -29,51 +29,51 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ESTIMATE = os.path.join(RESULTS, "estimate")
 NOT_GPU_FOLDERS = ("cpu", "compile", "estimate", "memory")  # plans, compile table, CPU smoke runs
 
-# The planned table: (crop, classes, head, global batch, GPU counts, every recompute policy or
-# training's default only) of mmseg's recipes, and mmseg's published Mem (GB; fp32, 8 GPUs).
-DATASETS = {512: "ADE20K", 768: "Cityscapes", 480: "Pascal Context"}
-TABLE = [(512, 150, "naive", 16, (8,), True), (512, 150, "pup", 16, (1, 8), True), (512, 150, "mla", 16, (8,), True),
-         (512, 150, "mla", 8, (8,), True), (768, 19, "naive", 8, (8,), True), (768, 19, "pup", 8, (8,), True),
-         (768, 19, "mla", 8, (8,), True), (480, 59, "pup", 16, (8,), False)]
-MMSEG_MEM_GB = {(512, "naive", 16): 18.40, (512, "pup", 16): 19.54, (512, "mla", 16): 17.30, (512, "mla", 8): 10.96,
-                (768, "naive", 8): 24.06, (768, "pup", 8): 27.96, (768, "mla", 8): 24.10}
+# The planned table: (training preset, GPU counts, every recompute policy or training's default
+# only), and mmseg's published Mem (GB; fp32, 8 GPUs x batch / 8) of those recipes.
+TABLE = [("naive", (8,), True), ("pup", (1, 8), True), ("mla", (8,), True), ("mla_b8", (8,), True),
+         ("naive_cityscapes", (8,), True), ("pup_cityscapes", (8,), True), ("mla_cityscapes", (8,), True),
+         ("pup_pascal_context", (8,), False)]
+MMSEG_MEM_GB = {"naive": 18.40, "pup": 19.54, "mla": 17.30, "mla_b8": 10.96, "naive_cityscapes": 24.06,
+                "pup_cityscapes": 27.96, "mla_cityscapes": 24.10}
 
 
 def table_configs():
-    """The planned table's configs (bench/memory.py --readme-table plans them)."""
+    """The planned table's configs: dict(preset, impl, recompute, world_size) (bench/memory.py
+    --readme-table fills in the rest from the preset and plans them)."""
     from train.config import RECOMPUTE, ParallelConfig
 
-    return [dict(head=head, impl=impl, recompute=policy, batch=batch // world, world_size=world, precision="bf16",
-                 crop=crop, backbone="vit_large", num_classes=classes)
-            for crop, classes, head, batch, worlds, every in TABLE for world in worlds
+    return [dict(preset=preset, impl=impl, recompute=policy, world_size=world)
+            for preset, worlds, every in TABLE for world in worlds
             for policy in (RECOMPUTE if every else (ParallelConfig().recompute,)) for impl in IMPL_ORDER]
 
 
 def planned_table(estimate_dir=ESTIMATE):
     """The README's planned-memory table from every plan file in estimate_dir: a row per dataset,
-    model, layout and recompute policy (the policies of a layout by planned memory, most first)."""
+    model, layout and recompute policy (a layout's policies by planned memory, most first)."""
     rows, envs = {}, []
     for path in glob.glob(os.path.join(estimate_dir, "*.json")):
         with open(path) as f:
             data = json.load(f)
         r = data["row"]
         envs.append(data["environment"])
-        cells = rows.setdefault((r["crop"], r["head"], r["batch"] * r["world_size"], r["world_size"], r["recompute"]), {})
-        cells[r["impl"]] = r
+        key = (r["dataset"], r["crop"], r["head"], r["preset"], r["batch"] * r["world_size"], r["world_size"],
+               r["recompute"])
+        rows.setdefault(key, {})[r["impl"]] = r
     if not rows:
         return f"No plans in {estimate_dir}: run `python bench/memory.py --readme-table`.\n"
-    crops, heads = list(DATASETS), list(HEAD_NAMES)
-    order = lambda k: (crops.index(k[0]) if k[0] in crops else len(crops), k[0], heads.index(k[1]), -k[2], k[3],
+    presets, heads = [t[0] for t in TABLE], list(HEAD_NAMES)
+    order = lambda k: (presets.index(k[3]) if k[3] in presets else len(presets), heads.index(k[2]), k[5],
                        -max(r["peak_gib"] for r in rows[k].values()))
     lines = ["| dataset, crop | model | global batch | GPUs x images | recompute | eager | sdpa | triton | "
              "mmseg Mem (GB), theirs |", "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(rows, key=order):
-        crop, head, batch, world, policy = key
-        mmseg = MMSEG_MEM_GB.get((crop, head, batch))
+        dataset, crop, head, preset, batch, world, policy = key
+        mmseg = MMSEG_MEM_GB.get(preset)
         cells = [f"{rows[key][i]['peak_gib']:.2f} ({rows[key][i]['per_image_gib']:.2f})" if i in rows[key] else "-"
                  for i in IMPL_ORDER]
-        lines.append(f"| {DATASETS.get(crop, 'synthetic')} {crop}x{crop} | {HEAD_NAMES[head]} | {batch} | {world} x "
-                     f"{batch // world} | {policy} | " + " | ".join(cells)
+        lines.append(f"| {dataset} {crop}x{crop} | {HEAD_NAMES[head]} | {batch} | {world} x {batch // world} | "
+                     f"{policy} | " + " | ".join(cells)
                      + f" | {f'{mmseg:.2f} (fp32, 8 x {batch // 8})' if mmseg and world == 8 else ''} |")
     commits = sorted({(e.get("git_commit") or "unknown")[:10] for e in envs})
     torches = sorted({e.get("torch") for e in envs})
@@ -127,25 +127,23 @@ def run_table(results_dir, allow_cpu=False):
 
 
 def step_table(results_dir, allow_cpu=False):
-    """Per head: each variant's train step (impl, recompute, compile) and its inference fps."""
-    lines = ["| model | impl | recompute | compile | batch | img/s | MFU | peak (GiB) | per image (GiB) | "
+    """Per preset: each variant's train step (impl, recompute, compile) and its inference fps."""
+    lines = ["| model (preset) | impl | recompute | compile | batch | img/s | MFU | peak (GiB) | per image (GiB) | "
              "inference fps |", "|---|---|---|---|---|---|---|---|---|---|"]
     sources = []
-    for head in HEAD_NAMES:
-        path = os.path.join(results_dir, f"train_step_{head}.json")
-        if os.path.exists(path):
-            data = load(path, allow_cpu)
-            sources.append(source_line(path, data["environment"]))
-            fps = {r["provider"]: r.get("fps") for r in data["rows"] if r["mode"] == "inference"}
-            for r in (r for r in data["rows"] if r["mode"] == "train"):
-                cells = ([f"error: {r['error']}"] + [""] * 5 if "error" in r else
-                         [num(r["images_per_s"], 1), num(r["mfu"] and 100 * r["mfu"], 1) + "%", num(r["peak_mem_gib"]),
-                          num(r.get("mem_per_image_gib")), num(fps.get(r["provider"]), 1)])
-                lines.append(f"| {HEAD_NAMES[head]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} | {r['impl']} | "
-                             f"{r['recompute']} | {'on' if r['compile'] else 'off'} | {r['batch']} | "
-                             + " | ".join(cells) + " |")
+    for path in sorted(glob.glob(os.path.join(results_dir, "train_step_*.json"))):
+        data = load(path, allow_cpu)
+        sources.append(source_line(path, data["environment"]))
+        fps = {(r["provider"], r["recompute"]): r.get("fps") for r in data["rows"] if r["mode"] == "inference"}
+        for r in (r for r in data["rows"] if r["mode"] == "train"):
+            cells = ([f"error: {r['error']}"] + [""] * 5 if "error" in r else
+                     [num(r["images_per_s"], 1), num(r["mfu"] and 100 * r["mfu"], 1) + "%", num(r["peak_mem_gib"]),
+                      num(r.get("mem_per_image_gib")), num(fps.get((r["provider"], r["recompute"])), 1)])
+            lines.append(f"| {HEAD_NAMES[r['head']]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} ({r['preset']}) "
+                         f"| {r['impl']} | {r['recompute']} | {'on' if r['compile'] else 'off'} | {r['batch']} | "
+                         + " | ".join(cells) + " |")
     if not sources:
-        return [f"No train-step results (`train_step_<head>.json`) in `{results_dir}`."]
+        return [f"No train-step results (`train_step_<preset>.json`) in `{results_dir}`."]
     return lines + ["", "One step of `train.step.train_step` on the model as training builds it (FSDP2 on one rank, "
                         "bf16 mixed precision, SyncBN), fixed random batch; inference: eval mode, whole image, "
                         "batch 1, bf16 autocast.", ""] + sources

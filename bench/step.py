@@ -1,6 +1,6 @@
 """The training step as every benchmark runs it: training's own config, model and step.
 
-    cfg = run_config("pup", impl="triton", recompute="selective")
+    cfg = run_config("pup", impl="triton", recompute="selective")   # a training preset, changed
     model = build_parallel(cfg, "cuda")        # built and parallelized as train/main.py does it
     state = train.step.build_step_state(cfg, model, "cuda")
     train.step.train_step(state, [random_batch(16, 512, 150, "cuda")])
@@ -19,13 +19,16 @@ from train.config import get_preset
 from train.parallelize import parallelize
 
 
-def run_config(head, impl, recompute, precision="bf16", compile_=False, backbone="vit_large", crop=512,
-               num_classes=150, aux=True):
-    """The training config of this head's ADE20K recipe with these settings changed."""
-    cfg = get_preset(head)
-    cfg.model.impl, cfg.model.backbone, cfg.model.num_classes, cfg.model.aux = impl, backbone, num_classes, aux
+def run_config(preset, impl, recompute, precision="bf16", compile_=False, backbone="vit_large", crop=None,
+               num_classes=None, aux=True):
+    """The training config of a preset (train/config.py: "pup" is SETR-PUP's ADE20K recipe,
+    "pup_cityscapes" its Cityscapes one, ...) with these settings changed (crop and classes: the
+    preset's unless given)."""
+    cfg = get_preset(preset)
+    cfg.model.impl, cfg.model.backbone, cfg.model.aux = impl, backbone, aux
+    cfg.model.num_classes = num_classes or cfg.model.num_classes
     cfg.parallel.recompute, cfg.parallel.precision, cfg.parallel.compile = recompute, precision, compile_
-    cfg.data.crop_size = (crop, crop)
+    cfg.data.crop_size = (crop, crop) if crop else tuple(cfg.data.crop_size)
     return cfg
 
 

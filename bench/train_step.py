@@ -15,7 +15,7 @@ analytic FLOPs (3 x forward_flops against the GPU's dense peak; ours classifies 
 upsample and is credited ~7% fewer FLOPs for naive/PUP: its MFU is conservative), first and last
 loss, peak allocated memory and per image, and the inference speed of the plain eval model
 (whole image, batch 1, autocast; --no-inference skips it). Ratios compare impls under the same
-recompute policy. Results: <out>/train_step_<head>.{json,md} (default bench/results/<gpu>/),
+recompute policy. Results: <out>/train_step_<preset>.{json,md} (default bench/results/<gpu>/),
 rewritten after each variant, with PASS/MISS lines for the goals. The training command itself,
 data loading included, is bench/gpu_check.py's first part. Without a GPU this runs the tiny
 config (vit_tiny, 32x32, 8 classes, fp32, one step): its timings and MFU mean nothing.
@@ -29,21 +29,23 @@ import time
 
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("eager", "sdpa", "triton")
+
+from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--head", default="pup", choices=("naive", "pup", "mla", "all"))
+    p.add_argument("--head", default="pup", choices=HEADS + ("all",), help="its ADE20K preset (default pup)")
+    p.add_argument("--preset", default=None, help="a training preset instead (train/config.py), e.g. pup_cityscapes")
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--recompute", nargs="+", default=None,
                    help="none | selective | full | all (default: training's, train/config.py)")
     p.add_argument("--compile", default="off", choices=("off", "on", "both"),
                    help="training's torch.compile of each block (parallel.compile)")
-    p.add_argument("--backbone", default=None, help="vit_large (GPU default) | vit_base | vit_tiny (CPU default)")
-    p.add_argument("--crop", type=int, default=None, help="square crop; 512 on GPU, 32 on CPU")
+    p.add_argument("--backbone", default=None, choices=BACKBONES, help="vit_large on GPU, vit_tiny on CPU")
+    p.add_argument("--crop", type=int, default=None, help="square crop; the preset's on GPU, 32 on CPU")
     p.add_argument("--batch", type=int, default=None, help="images per step; 8 on GPU, 1 on CPU")
-    p.add_argument("--num-classes", type=int, default=None, help="150 (ADE20K) on GPU, 8 on CPU")
+    p.add_argument("--num-classes", type=int, default=None, help="the preset's on GPU, 8 on CPU")
     p.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"), help="bf16 on GPU, fp32 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (median); 20 on GPU, 1 on CPU")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU, 0 on CPU")
@@ -65,10 +67,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from bench import GIB, OURS, UsageError, common, run_script, step  # noqa: E402
-from setr.layers import PATCH_SIZE  # noqa: E402
-from setr.model import HEADS  # noqa: E402
 from train.build import build_model  # noqa: E402
-from train.config import RECOMPUTE, ParallelConfig  # noqa: E402
+from train.config import PRESETS, RECOMPUTE, ParallelConfig  # noqa: E402
 from train.flops import model_flops_utilization, peak_flops  # noqa: E402
 from train.parallelize import DTYPES, destroy_distributed, init_distributed  # noqa: E402
 from train.step import build_step_state  # noqa: E402
@@ -82,7 +82,7 @@ GOAL_MEM_PER_IMAGE_GIB = 2.4  # mmseg's 19.54 GB for 2 images, / 4 (GB = 2^30 by
 GOAL_BATCH = 16
 GOAL_GPU_GIB = 80
 TINY = dict(backbone="vit_tiny", crop=32, batch=1, num_classes=8, steps=1, warmup=0, precision="fp32")
-FULL = dict(backbone="vit_large", crop=512, batch=8, num_classes=150, steps=20, warmup=5, precision="bf16")
+FULL = dict(backbone="vit_large", crop=None, batch=8, num_classes=None, steps=20, warmup=5, precision="bf16")
 COLUMNS = ["mode", "provider", "recompute", "shape", "dtype", "ms", "images_per_s", "fps", "tflops", "mfu",
            "peak_mem_gib", "mem_per_image_gib", "first_loss", "loss", "error"]
 
@@ -92,8 +92,10 @@ def resolve_config(args, on_gpu):
     the variants [(impl, recompute, compile)]."""
     cfg = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in (TINY if args.quick or not on_gpu
                                                                                else FULL).items()}
-    if cfg["crop"] % PATCH_SIZE:
+    if (cfg["crop"] or 0) % PATCH_SIZE:
         raise UsageError(f"--crop {cfg['crop']} is not a multiple of the patch size {PATCH_SIZE}")
+    if args.preset not in (None, *PRESETS):
+        raise UsageError(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
     policies = args.recompute or [ParallelConfig().recompute]
     policies = list(RECOMPUTE) if policies == ["all"] else policies
     for r in policies:
@@ -104,27 +106,28 @@ def resolve_config(args, on_gpu):
     return cfg
 
 
-def run_variant(head, impl, recompute, compile_, cfg, device, inference):
+def run_variant(preset, impl, recompute, compile_, cfg, device, inference):
     """Train-step and inference rows of one variant (rows carry "error" when it failed)."""
-    base = dict(kernel=f"setr_{head}_{cfg['backbone']}", head=head, backbone=cfg["backbone"], impl=impl,
-                recompute=recompute, compile=compile_, provider=impl + ("+compile" if compile_ else ""),
-                dtype=cfg["precision"])
-    rows = [dict(base, mode="train", shape=f"{cfg['batch']}x3x{cfg['crop']}x{cfg['crop']}", batch=cfg["batch"])]
-    if inference and not compile_:  # the plain eval model, as evaluation and setr.predict run it: once per impl
-        rows.append(dict(base, mode="inference", shape=f"1x3x{cfg['crop']}x{cfg['crop']}", batch=1))
-    run = step.run_config(head, impl, recompute, cfg["precision"], compile_, cfg["backbone"], cfg["crop"],
+    run = step.run_config(preset, impl, recompute, cfg["precision"], compile_, cfg["backbone"], cfg["crop"],
                           cfg["num_classes"])
+    crop, classes = run.data.crop_size[0], run.model.num_classes
+    base = dict(kernel=f"setr_{preset}_{cfg['backbone']}", preset=preset, head=run.model.head, backbone=cfg["backbone"],
+                impl=impl, recompute=recompute, compile=compile_, provider=impl + ("+compile" if compile_ else ""),
+                dtype=cfg["precision"])
+    rows = [dict(base, mode="train", shape=f"{cfg['batch']}x3x{crop}x{crop}", batch=cfg["batch"])]
+    if inference and not compile_:  # the plain eval model, as evaluation and setr.predict run it: once per impl
+        rows.append(dict(base, mode="inference", shape=f"1x3x{crop}x{crop}", batch=1))
     try:
         torch.manual_seed(0)  # the same weights for every variant: their first losses must agree
         state = build_step_state(run, step.build_parallel(run, device), device)
-        batches = [step.random_batch(cfg["batch"], cfg["crop"], cfg["num_classes"], device)]
+        batches = [step.random_batch(cfg["batch"], crop, classes, device)]
         losses = []
         if measure(rows[0], lambda: losses.append(train.step.train_step(state, batches)["loss"]), cfg, device):
-            add_training_figures(rows[0], 3 * state.model.forward_flops(cfg["crop"], cfg["crop"]), losses, cfg, device)
+            add_training_figures(rows[0], 3 * state.model.forward_flops(crop, crop), losses, cfg, device)
         del state, batches
         if len(rows) > 1:
             model = build_model(run, device, log=None).eval()
-            image = step.random_batch(1, cfg["crop"], cfg["num_classes"], device)[0]
+            image = step.random_batch(1, crop, classes, device)[0]
             low = DTYPES[cfg["precision"]] if cfg["precision"] != "fp32" else None
 
             def forward():
@@ -186,7 +189,7 @@ def add_training_figures(row, flops_per_image, losses, cfg, device):
         row["mem_per_image_gib"] = row["peak_mem_gib"] / cfg["batch"]
 
 
-def goal_lines(head, rows, on_gpu, gpu_gib=None):
+def goal_lines(preset, rows, on_gpu, gpu_gib=None):
     """One PASS / MISS / n/a line per goal, from this run's train rows under the first recompute
     policy measured (ours against each peer under that same policy)."""
     if not on_gpu:
@@ -208,8 +211,8 @@ def goal_lines(head, rows, on_gpu, gpu_gib=None):
         lines.append(f"- n/a: MFU >= {GOAL_MFU:.0%} (impl=triton missing, or no peak FLOP/s known for this GPU)")
     else:
         lines.append(f"- {verdict(ours['mfu'] >= GOAL_MFU)}: impl=triton MFU {ours['mfu']:.1%} (goal >= {GOAL_MFU:.0%})")
-    if head != "pup":
-        return lines + ["- n/a: the memory goals are set for PUP"]
+    if preset != "pup":
+        return lines + ["- n/a: the memory goals are set for PUP on ADE20K"]
     if ours is None or ours.get("mem_per_image_gib") is None:
         lines.append(f"- n/a: per-image peak memory <= {GOAL_MEM_PER_IMAGE_GIB} GB (impl=triton missing)")
     else:
@@ -238,22 +241,22 @@ def main(argv=None):
         if args.memory_limit_gb:
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb / gpu_gib), device)
             gpu_gib = min(gpu_gib, args.memory_limit_gb)
-    print(f"train step: {cfg['backbone']} {cfg['crop']}x{cfg['crop']} batch {cfg['batch']} {cfg['precision']}, "
-          f"{cfg['steps']} steps after {cfg['warmup']}, FSDP2 on one {device.type} rank")
+    print(f"train step: {cfg['backbone']} batch {cfg['batch']} {cfg['precision']}, {cfg['steps']} steps after "
+          f"{cfg['warmup']}, FSDP2 on one {device.type} rank")
     init_distributed(device.type)  # the one-rank process group training runs in
     failed = []
     try:
-        for head in HEADS if args.head == "all" else (args.head,):
+        for preset in [args.preset] if args.preset else HEADS if args.head == "all" else [args.head]:
             rows = []
             for impl, recompute, compile_ in cfg["variants"]:
-                print(f"[{head}] {impl}{'+compile' if compile_ else ''} recompute={recompute} ...", flush=True)
-                rows += run_variant(head, impl, recompute, compile_, cfg, device, not args.no_inference)
+                print(f"[{preset}] {impl}{'+compile' if compile_ else ''} recompute={recompute} ...", flush=True)
+                rows += run_variant(preset, impl, recompute, compile_, cfg, device, not args.no_inference)
                 common.add_ratios(rows, ours=(OURS, OURS + "+compile"), keys=("mode", "recompute"))
-                paths = common.write_results(f"train_step_{head}", rows, COLUMNS, args.out)
-                goals = goal_lines(head, rows, device.type == "cuda", gpu_gib)
+                paths = common.write_results(f"train_step_{preset}", rows, COLUMNS, args.out)
+                goals = goal_lines(preset, rows, device.type == "cuda", gpu_gib)
                 with open(paths[1], "a") as f:
                     f.write("\n## Goals\n\n" + "\n".join(goals) + "\n")
-            failed += [f"{head}/{r['provider']}/{r['recompute']}/{r['mode']}" for r in rows
+            failed += [f"{preset}/{r['provider']}/{r['recompute']}/{r['mode']}" for r in rows
                        if "error" in r and not r["error"].startswith("OOM")]
             print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]) + "\n" + "\n".join(goals))
             print("wrote " + ", ".join(paths))

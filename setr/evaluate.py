@@ -1,17 +1,25 @@
 """Evaluate a SETR checkpoint on a segmentation split: mIoU, mAcc, aAcc, per-class IoU / Acc, speed.
 
     python -m setr.evaluate --checkpoint CKPT --dataset ade20k --data-root ADEChallengeData2016
+        (or --dataset cityscapes|pascal_context|pascal_context59|folder: setr.data.catalog)
         [--split validation] [--mode slide|whole] [--aug] [--crop-size 512] [--stride 341]
         [--out DIR] [--save-predictions]
+    python -m setr.evaluate --checkpoint work_dirs/demo     # a training run, on the data it used
     torchrun --nproc_per_node=8 -m setr.evaluate ...      # images split across ranks
 
-CKPT: our export, an mmseg SETR checkpoint, or a training run (see setr.predict.build_model).
+CKPT: our export, an mmseg SETR checkpoint, or a training run (see setr.predict.build_model). Given
+a training run (its directory, model_final.pth or a checkpoint in it), --dataset, --data-root and
+the synthetic data's size, count and seed default to the run's own (its config.json), so the demo
+run evaluates on the validation split it was evaluated on while training.
 The metrics are computed by setr.inference.evaluate, the evaluation the training loop runs, on
 mmseg's test pipeline (keep-ratio rescale into the test scale, slide or whole inference, logits
 resized to the original size). Under torchrun each rank evaluates every world_size-th image and the
 per-class counts are summed, so any number of ranks gives the same numbers. On a GPU the model
 runs under bf16 autocast (--precision fp32 turns it off). Writes <out>/metrics.json and, with
 --save-predictions, <out>/<image name>_label.png as setr.predict writes them.
+
+Exit status: 0 done, 2 bad arguments, checkpoint or dataset (also a bad file met during the
+evaluation), 1 a failure while running.
 """
 
 import argparse
@@ -21,22 +29,28 @@ import math
 import os
 import sys
 
-import torch
-import torch.distributed as dist
-
-from setr.data import DataError, EvalSamples, build_dataset
-from setr.data.ade20k import ADE20K_CLASSES
+# torch-free imports only: the arguments are parsed, and --help answered, before torch loads; the
+# functions below import the rest where they need it.
+from setr import cli
+from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
+from setr.data.datasets import DATASETS, DataError, LabelValueError, build_dataset
 from setr.files import write_atomic
-from setr.inference import evaluate
-from setr.predict import PredictError, add_model_args, build_model, pipeline_settings, save_label
+from setr.predict import (PredictError, add_model_args, build_model, make_output_dir, pipeline_settings,
+                          resolve_device, save_label)
+from setr.run_dir import CheckpointError, run_config
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m setr.evaluate", description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--dataset", choices=("ade20k", "folder"), default="ade20k",
-                   help="ade20k (default): the ADEChallengeData2016 folder; folder: images/<split> + annotations/<split>")
-    p.add_argument("--data-root", required=True, help="dataset folder")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: the training run's when --checkpoint is one, else ade20k. ade20k: the "
+                        "ADEChallengeData2016 folder; cityscapes: the folder holding leftImg8bit/ and gtFine/; "
+                        "pascal_context (60 classes) / pascal_context59: VOCdevkit/VOC2010; folder: "
+                        "images/<split> + annotations/<split>; synthetic: the built-in data. A named dataset "
+                        "sets the test defaults (setr.data.catalog)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: the training run's; synthetic needs none)")
     p.add_argument("--split", default="validation", help="split folder name (default validation)")
     p.add_argument("--ignore-index", type=int, default=None,
                    help="folder datasets: label value ignored (default: the checkpoint's, else 255)")
@@ -54,6 +68,9 @@ def parse_args(argv=None):
 
 def _distributed():
     """(rank, world_size, device) under torchrun (process group initialized), else (0, 1, None)."""
+    import torch
+    import torch.distributed as dist
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, None
@@ -66,17 +83,40 @@ def _distributed():
     return dist.get_rank(), world_size, device
 
 
-def _dataset(args, info, ignore_index):
-    """The test split (EvalSamples at the test scale set later) and its checks against the model."""
-    if args.dataset == "ade20k" and (info["num_classes"] != len(ADE20K_CLASSES) or ignore_index != 255):
-        raise PredictError(f"ADE20K has {len(ADE20K_CLASSES)} classes and ignore_index 255; the checkpoint has "
-                           f"{info['num_classes']} classes, ignore_index {ignore_index}")
+def dataset_settings(args, run):
+    """(name, build_dataset keyword arguments) of the split to evaluate: the flags, else the training
+    run's data (run: its config.json as a dict, or None), else ADE20K."""
+    data = (run or {}).get("data", {})
+    name = args.dataset or data.get("dataset") or "ade20k"
+    from_run = name == data.get("dataset")
+    root = args.data_root or (data.get("root") if from_run else None) or None
+    if name == "synthetic" and args.data_root:
+        raise PredictError(f"--data-root {args.data_root} is not used by --dataset synthetic (the built-in data)")
+    if name != "synthetic" and not root:
+        raise PredictError(f"--dataset {name} needs --data-root (the dataset folder)"
+                           + ("; --dataset synthetic evaluates on the built-in data" if run is None else ""))
+    kwargs = dict(root=root, split=args.split,
+                  reduce_zero_label=args.reduce_zero_label or (from_run and data.get("reduce_zero_label")) or None)
+    if name == "synthetic" and from_run:  # the run's own scenes: size, count and seed
+        training = args.split in ("train", "training")
+        kwargs.update(synthetic_size=tuple(data["synthetic_size"]), seed=run["seed"],
+                      synthetic_samples=data["synthetic_train_samples" if training else "synthetic_val_samples"])
+    return name, kwargs
+
+
+def _dataset(args, info, ignore_index, name, kwargs):
+    """The raw split to evaluate (name, kwargs: dataset_settings), checked against the model."""
+    named = NAMED_DATASETS.get(name)
+    if named and (info["num_classes"] != named.num_classes or ignore_index != IGNORE_INDEX):
+        raise PredictError(f"{named.title} has {named.num_classes} classes and ignore_index {IGNORE_INDEX}; the "
+                           f"checkpoint has {info['num_classes']} classes, ignore_index {ignore_index}")
     try:
-        return build_dataset(args.dataset, args.data_root, args.split, num_classes=info["num_classes"],
-                             ignore_index=ignore_index, reduce_zero_label=args.reduce_zero_label or None,
-                             class_names=info["class_names"] if args.dataset == "folder" else None)
+        dataset = build_dataset(name, num_classes=info["num_classes"], ignore_index=ignore_index,
+                                class_names=info["class_names"] if name == "folder" else None, **kwargs)
     except (DataError, ValueError) as e:
-        raise PredictError(f"--data-root {args.data_root} --split {args.split}: {e}") from None
+        where = f"--data-root {kwargs['root']} " if kwargs["root"] else ""
+        raise PredictError(f"--dataset {name} {where}--split {args.split}: {e}") from None
+    return dataset
 
 
 def _nan_to_none(value):
@@ -97,31 +137,47 @@ def write_metrics(path, result, settings):
 
 def _run(args, rank, world_size, device):
     """Load, evaluate, report; returns the result dict (rank 0 writes the files)."""
+    import torch
+    import torch.distributed as dist
+
+    from setr.data import EvalSamples
+    from setr.inference import evaluate
+
     out = args.out or f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]}"
     metrics_path = os.path.join(out, "metrics.json")
     if os.path.exists(metrics_path) and not args.overwrite:  # before any loading
         raise PredictError(f"{metrics_path} exists (another evaluation's); pass --overwrite or another --out")
-    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl)
+    run = run_config(args.checkpoint)
+    dataset_name, data_kwargs = dataset_settings(args, run)
+    make_output_dir(out)
+    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl,
+                              dataset_name)
     ignore_index = args.ignore_index if args.ignore_index is not None else model.ignore_index
     mode, scale, crop, stride = pipeline_settings(args, info)
-    samples = EvalSamples(_dataset(args, info, ignore_index), scale=scale)
-    os.makedirs(out, exist_ok=True)
+    data_root, dataset = data_kwargs["root"], _dataset(args, info, ignore_index, dataset_name, data_kwargs)
+    samples = EvalSamples(dataset, scale=scale, aug_short_min=info["test"].aug_short_min if info["test"] else 0)
     save = None
     if args.save_predictions:
         def save(name, pred):
             save_label(pred.numpy(), info["palette"], os.path.join(out, f"{name}_label.png"))
     autocast = torch.bfloat16 if torch.device(device).type == "cuda" and args.precision == "bf16" else None
-    result = evaluate(model, samples, info["num_classes"], ignore_index, mode=mode, crop_size=(crop, crop),
-                      stride=(stride, stride), class_names=info["class_names"] or samples.class_names,
-                      rank=rank, world_size=world_size, max_samples=args.max_samples, aug=args.aug,
-                      num_workers=args.num_workers, autocast_dtype=autocast, on_prediction=save)
+    try:
+        result = evaluate(model, samples, info["num_classes"], ignore_index, mode=mode, crop_size=(crop, crop),
+                          stride=(stride, stride), class_names=info["class_names"] or samples.class_names,
+                          rank=rank, world_size=world_size, max_samples=args.max_samples, aug=args.aug,
+                          num_workers=args.num_workers, autocast_dtype=autocast, on_prediction=save)
+    except LabelValueError as e:
+        raise PredictError(f"{e}: the checkpoint {args.checkpoint} predicts {info['num_classes']} classes "
+                           f"(ignore_index {ignore_index}); evaluate it on the data it was trained on") from None
+    except DataError as e:
+        raise PredictError(str(e)) from None
     if world_size > 1:  # the evaluation took as long as its slowest rank
         seconds = torch.tensor([result["seconds"]], dtype=torch.float64, device=device)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         result["seconds"] = float(seconds)
     result["images_per_s"] = result["num_images"] / max(result["seconds"], 1e-9)
     if rank == 0:
-        settings = dict(checkpoint=args.checkpoint, dataset=args.dataset, data_root=args.data_root,
+        settings = dict(checkpoint=args.checkpoint, dataset=dataset_name, data_root=data_root,
                         split=args.split, mode=mode, aug=args.aug, scale=list(scale), crop_size=crop,
                         stride=stride, impl=args.impl, precision="bf16" if autocast else "fp32",
                         world_size=world_size)
@@ -135,18 +191,19 @@ def _run(args, rank, world_size, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    return cli.run("setr.evaluate", lambda: _evaluate(args), (PredictError, CheckpointError))
+
+
+def _evaluate(args):
+    """One process of the evaluation (of several under torchrun); returns the exit code."""
     rank, world_size, device = _distributed()
-    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise PredictError(f"--device {device}: CUDA is not available")
-        _run(args, rank, world_size, device)
+        _run(args, rank, world_size, device or resolve_device(args.device))
         return 0
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if world_size > 1:
+            import torch.distributed as dist
+
             dist.destroy_process_group()
 
 

@@ -1,6 +1,23 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never a part."""
+"""Files: atomic writes (a reader, or a crash, sees the old file or the new one, never a part), output
+folders checked before work starts, and telling a local weights file from a Hugging Face hub name.
+Imports nothing heavy: the command lines use it before torch is loaded."""
 import contextlib
 import os
+import tempfile
+
+HUB_PREFIX = "hf-hub:"
+
+
+def is_hub_id(name):
+    """True for `hf-hub:<org>/<model>`, and for `timm/<model>` unless that is a local path."""
+    name = os.fspath(name)
+    return name.startswith(HUB_PREFIX) or (name.startswith("timm/") and not os.path.exists(name))
+
+
+def make_writable_dir(path):
+    """Create folder `path` (and its parents) and prove that a file can be written in it; OSError if not."""
+    os.makedirs(path, exist_ok=True)
+    tempfile.TemporaryFile(dir=path).close()
 
 
 def write_atomic(path, data):

@@ -74,7 +74,7 @@ class SETRUPHead(nn.Module):
     """LN -> num_convs x [ConvModule(k) -> Upsample(up_scale)] -> conv_seg (1x1).
 
     Naive decode: 1 conv 1x1, up x4. PUP decode: 4 conv 3x3, up x2 each.
-    Naive/PUP auxiliary heads: 2 convs (1x1 / 3x3), up x4 each.
+    Naive/PUP auxiliary heads: 2 convs (1x1 / 3x3; 1 conv in the Naive Cityscapes config), up x4 each.
     """
 
     def __init__(self, in_channels, channels, num_classes, num_convs, up_scale, kernel_size,

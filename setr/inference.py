@@ -107,17 +107,31 @@ def inference(model, image, num_classes, out_size, mode="slide", crop_size=(512,
     return logits.softmax(dim=1)
 
 
+def aug_size(height, width, scale, ratio, short_min=0):
+    """(h, w) of an image in the multi-scale pass of `ratio`.
+
+    mmseg 0.x MultiScaleFlipAug (under which mmseg's published ms+flip numbers were measured):
+    keep-ratio rescale into (int(scale[0] ratio), int(scale[1] ratio)). short_min > 0: the SETR
+    repository's Resize(setr_multi_scale=True, crop_size=short_min) instead: the short side
+    becomes max(the short edge of that target, short_min), computed as that code computes it.
+    """
+    target = (int(scale[0] * ratio), int(scale[1] * ratio))
+    if short_min:
+        short = max(min(target), short_min)
+        target = (short * height / width, short) if height > width else (short, short * width / height)
+    return rescale_size(height, width, target)
+
+
 @torch.no_grad()
 def aug_inference(model, image, num_classes, out_size=None, scale=(2048, 512),
                   ratios=MS_RATIOS, flip=True, mode="slide", crop_size=(512, 512),
-                  stride=(341, 341), window_batch=4):
+                  stride=(341, 341), window_batch=4, short_min=0):
     """Multi-scale + flip test (mmseg 0.x --aug-test): mean of softmax probabilities.
 
-    image: the original uint8 (H, W, 3) RGB array. For each ratio r the image is rescaled
-    keep-ratio into (int(scale[0] r), int(scale[1] r)) (the 0.x MultiScaleFlipAug rule under
-    which the published ms+flip numbers were measured), normalized, inferred (and again
-    flipped, with the probabilities flipped back), and the probabilities at out_size (default
-    (H, W)) are averaged. Returns (1, C, H, W).
+    image: the original uint8 (H, W, 3) RGB array. For each ratio r the image is rescaled to
+    aug_size(H, W, scale, r, short_min), normalized, inferred (and again flipped, with the
+    probabilities flipped back), and the probabilities at out_size (default (H, W)) are
+    averaged. Returns (1, C, H, W).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -126,8 +140,7 @@ def aug_inference(model, image, num_classes, out_size=None, scale=(2048, 512),
     out_size = image.shape[:2] if out_size is None else tuple(out_size)
     total, passes = None, 0
     for r in ratios:
-        size = rescale_size(image.shape[0], image.shape[1],
-                            (int(scale[0] * r), int(scale[1] * r)))
+        size = aug_size(image.shape[0], image.shape[1], scale, r, short_min)
         x = normalize(resize_image(image, size))[None]
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
@@ -190,7 +203,7 @@ def evaluate(model, eval_dataset, num_classes, ignore_index=255, mode="slide",
                 if aug:
                     probs = aug_inference(model, image, num_classes, label.shape,
                                           scale=getattr(eval_dataset, "scale", (2048, 512)),
-                                          mode=mode,
+                                          short_min=getattr(eval_dataset, "aug_short_min", 0), mode=mode,
                                           crop_size=crop_size, stride=stride,
                                           window_batch=window_batch)
                 else:

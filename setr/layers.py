@@ -25,11 +25,10 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.attention import merge_heads, split_heads
+from setr.constants import IMPLS
 
-IMPLS = ("eager", "sdpa", "triton")
 OP_IMPLS = {"attention": IMPLS, "layer_norm": ("eager", "triton"),
             "upsample": ("eager", "triton"), "loss": ("eager", "triton")}
-PATCH_SIZE = 16  # ViT patch side: crops, slide windows and img_size are multiples of it
 
 
 def resolve_impl(impl):

@@ -8,16 +8,14 @@ import torch.nn as nn
 
 from setr import layers
 from setr.heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUPHead
-from setr.vit import VIT_CONFIGS, build_vit
-
-HEADS = ("naive", "pup", "mla")
-BACKBONES = tuple(VIT_CONFIGS)  # vit_large, vit_base, vit_tiny
+from setr.constants import BACKBONES, HEADS, VIT_CONFIGS
+from setr.vit import build_vit
 AUX_WEIGHT = 0.4
 
 
 class SETR(nn.Module):
     def __init__(self, head="pup", backbone="vit_large", num_classes=150, img_size=512, impl="eager",
-                 aux=True, patch_bias=True, ignore_index=255, device=None, dtype=None):
+                 aux=True, patch_bias=True, ignore_index=255, aux_num_convs=2, device=None, dtype=None):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
@@ -25,13 +23,15 @@ class SETR(nn.Module):
             raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if aux_num_convs not in (1, 2):
+            raise ValueError(f"aux_num_convs must be 1 or 2 (mmseg's SETR configs), got {aux_num_convs}")
         self.impl = layers.resolve_impl(impl)
         self.head = head
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.config = dict(head=head, backbone=backbone, num_classes=num_classes,
                            img_size=img_size if isinstance(img_size, int) else list(img_size),
-                           patch_bias=patch_bias, ignore_index=ignore_index)
+                           patch_bias=patch_bias, ignore_index=ignore_index, aux_num_convs=aux_num_convs)
         dd = dict(device=device, dtype=dtype)
         cfg = VIT_CONFIGS[backbone]
         width, channels = cfg["embed_dims"], cfg["head_channels"]
@@ -49,7 +49,7 @@ class SETR(nn.Module):
             num_convs, up_scale, kernel = (1, 4, 1) if head == "naive" else (4, 2, 3)
             self.decode_head = SETRUPHead(width, channels, num_classes, num_convs, up_scale, kernel,
                                           in_index=3, **head_kw)
-            aux_heads = [SETRUPHead(width, channels, num_classes, num_convs=2, up_scale=4,
+            aux_heads = [SETRUPHead(width, channels, num_classes, num_convs=aux_num_convs, up_scale=4,
                                     kernel_size=1 if head == "naive" else 3, in_index=i, **head_kw)
                          for i in range(3)] if aux else []
         self.auxiliary_head = nn.ModuleList(aux_heads)
@@ -104,10 +104,13 @@ class SETR(nn.Module):
 
 
 def build_setr(head, backbone="vit_large", num_classes=150, img_size=512, impl="eager", aux=True,
-               patch_bias=True, ignore_index=255, device=None, dtype=None):
+               patch_bias=True, ignore_index=255, aux_num_convs=2, device=None, dtype=None):
     """Build SETR-Naive / PUP / MLA as mmseg's ADE20K configs do.
 
-    head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.layers.IMPLS or a per-op
-    dict (the table in setr.layers says what runs).
+    head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.constants.IMPLS or a per-op
+    dict (the table in setr.layers says what runs). aux_num_convs: conv stages of the Naive / PUP
+    auxiliary heads, 2 in every config but mmseg's Naive Cityscapes one (1: it keeps the base
+    model's auxiliary heads). img_size: the pos-embed grid (768 for the Cityscapes checkpoints).
     """
-    return SETR(head, backbone, num_classes, img_size, impl, aux, patch_bias, ignore_index, device, dtype)
+    return SETR(head, backbone, num_classes, img_size, impl, aux, patch_bias, ignore_index, aux_num_convs,
+                device, dtype)

@@ -9,8 +9,13 @@ both at the original image size. Checkpoints: our single-file export (head, back
 and names read from its meta) or a plain mmseg SETR checkpoint (head, backbone and number of
 classes inferred from its keys unless given), or what training writes: a run directory, a
 checkpoints/iter_* directory or checkpoints/latest (the sharded checkpoint is consolidated).
-Test pipeline and inference as mmseg's ADE20K config: keep-ratio rescale into (2048, 512),
-sliding 512 windows at stride 341, or --aug for multi-scale (0.5-1.75) + flip.
+Test pipeline and inference as the config of the checkpoint's dataset (--dataset, else the named
+dataset with the checkpoint's number of classes; setr.data.catalog): for ADE20K keep-ratio rescale
+into (2048, 512), sliding 512 windows at stride 341, or --aug for multi-scale (0.5-1.75) + flip.
+Images are read as mmseg reads them (setr.data.read_image). A model trained on the built-in
+synthetic data (the demo preset) knows only synthetic scenes, and the command says so.
+
+Exit status: 0 all written, 1 some images failed, 2 bad arguments or checkpoint.
 """
 
 import argparse
@@ -18,19 +23,20 @@ import os
 import sys
 
 import numpy as np
-import torch
 from PIL import Image
 
+# torch-free imports only (setr imports its model lazily): the arguments are parsed, and --help
+# answered, before torch loads; the functions below import the rest where they need it.
 import setr
-from setr.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE
+from setr import cli
+from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE, VIT_CONFIGS
+from setr.data.catalog import NAMED_DATASETS, dataset_with_classes
 from setr.data.datasets import DataError, random_palette, read_image
-from setr.data.transforms import check_crop_size, eval_transform
-from setr.inference import MS_RATIOS, aug_inference, inference
-from setr.layers import IMPLS, PATCH_SIZE
-from setr.model import BACKBONES, HEADS
+from setr.files import make_writable_dir
 from setr.run_dir import model_source, read_sharded_model
-from setr.vit import VIT_CONFIGS
-from setr.weights import read_checkpoint, read_checkpoint_meta
+
+SYNTHETIC_NOTE = ("was trained on the built-in synthetic data (the demo preset): it knows only synthetic "
+                  "scenes (textured shapes), so its labels for real photos mean nothing")
 
 
 class PredictError(Exception):
@@ -41,6 +47,8 @@ def _load_checkpoint(path):
     """(checkpoint dict, our export's meta or {}, state dict) of what `path` names: a checkpoint
     file, or a training run's directory, checkpoints/iter_* or checkpoints/latest (its sharded
     checkpoint consolidated here)."""
+    from setr.weights import read_checkpoint, read_checkpoint_meta
+
     try:
         source = model_source(path)
         obj = read_sharded_model(source) if os.path.isdir(source) else source
@@ -59,13 +67,13 @@ def _infer_from_keys(state):
         head = "pup"
     elif "decode_head.up_convs.0.0.conv.weight" in state:
         head = "naive"
-    w = state.get("backbone.patch_embed.projection.weight")
-    dims = int(w.shape[0]) if isinstance(w, torch.Tensor) else None
+    w = state.get("backbone.patch_embed.projection.weight")  # every value is a tensor (read_checkpoint)
+    dims = int(w.shape[0]) if w is not None else None
     w = state.get("decode_head.conv_seg.weight")
-    num_classes = int(w.shape[0]) if isinstance(w, torch.Tensor) else None
+    num_classes = int(w.shape[0]) if w is not None else None
     pos = state.get("backbone.pos_embed")
     img_size = None
-    if isinstance(pos, torch.Tensor) and pos.dim() == 3:
+    if pos is not None and pos.dim() == 3:
         side = int(round((pos.shape[1] - 1) ** 0.5))
         if side * side == pos.shape[1] - 1:
             img_size = side * PATCH_SIZE
@@ -73,12 +81,17 @@ def _infer_from_keys(state):
 
 
 def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="cpu",
-                impl="eager"):
+                impl="eager", dataset=None):
     """Build and strictly load the model of a checkpoint.
 
+    dataset: the dataset the checkpoint is for; None: the one our export names, else the named
+    dataset (setr.data.catalog) with its number of classes, if any. A named dataset gives the class names, palette and test settings that a
+    checkpoint does not carry.
     Returns (model in eval mode on device, info dict with head, backbone, num_classes,
-    img_size, class_names, palette).
+    img_size, class_names, palette, eval (the export's test settings), test (the dataset's)).
     """
+    if num_classes is not None and num_classes < 1:
+        raise PredictError(f"--num-classes must be >= 1, got {num_classes}")
     obj, meta, state = _load_checkpoint(checkpoint)
     key_head, dims, key_classes, key_img = _infer_from_keys(state)
     if head is not None and meta.get("head") not in (None, head):
@@ -98,23 +111,28 @@ def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="
     img_size = meta.get("img_size") or key_img or 512
     if isinstance(img_size, list):
         img_size = tuple(img_size)
-    kwargs = {k: meta[k] for k in ("patch_bias", "ignore_index") if k in meta}
+    kwargs = {k: meta[k] for k in ("patch_bias", "ignore_index", "aux_num_convs") if k in meta}
+    if "aux_num_convs" not in kwargs and "auxiliary_head.0.up_convs.0.0.conv.weight" in state:
+        kwargs["aux_num_convs"] = 2 if "auxiliary_head.0.up_convs.1.0.conv.weight" in state else 1
     try:
         model = setr.build_setr(head, backbone=backbone, num_classes=num_classes,
                                 img_size=img_size, impl=impl, **kwargs)
         setr.load_mmseg_checkpoint(model, obj, strict=True)
     except ValueError as e:
-        report = str(e).replace("\n  (pass strict=False to load the matching keys anyway)", "")  # API-only advice
+        lines = [line.strip() for line in str(e).splitlines() if "strict=False" not in line]  # API-only advice
+        report = "; ".join(lines[1:] or lines)  # the key report, without its "checkpoint <state dict> ..." title
         raise PredictError(f"checkpoint {checkpoint}: cannot load into a {head!r} {backbone} "
-                           f"model with {num_classes} classes:\n{report}") from None
-    class_names = meta.get("class_names")
-    palette = meta.get("palette")
-    if class_names is None and num_classes == 150:
-        class_names = ADE20K_CLASSES
-    if palette is None:
-        palette = ADE20K_PALETTE if num_classes == 150 else random_palette(num_classes)
+                           f"model with {num_classes} classes: {report}") from None
+    if dataset is None:  # our exports name their dataset; a plain mmseg checkpoint: guess from its classes
+        dataset = meta.get("dataset") if meta.get("dataset") in NAMED_DATASETS else dataset_with_classes(num_classes)
+    named = NAMED_DATASETS.get(dataset)
+    if named and named.num_classes != num_classes:
+        raise PredictError(f"{named.title} has {named.num_classes} classes; checkpoint {checkpoint} has {num_classes}")
+    class_names = meta.get("class_names") or (named.classes if named else None)
+    palette = meta.get("palette") or (named.palette if named else random_palette(num_classes))
     info = dict(head=head, backbone=backbone, num_classes=num_classes, img_size=img_size,
-                class_names=class_names, palette=palette,
+                class_names=class_names, palette=palette, dataset=meta.get("dataset"),
+                test=named.test if named else None,
                 eval=meta.get("eval") if isinstance(meta.get("eval"), dict) else {})
     return model.to(device).eval(), info
 
@@ -154,12 +172,15 @@ def save_outputs(image, label, palette, out_dir, stem):
 
 
 def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(2048, 512),
-                  crop_size=(512, 512), stride=(341, 341)):
+                  crop_size=(512, 512), stride=(341, 341), aug_short_min=0):
     """(H, W) uint8/int64 class ids of one uint8 (H, W, 3) RGB image."""
+    from setr.data.transforms import eval_transform
+    from setr.inference import MS_RATIOS, aug_inference, inference
+
     out_size = image.shape[:2]
     if aug:
         probs = aug_inference(model, image, num_classes, out_size, scale, MS_RATIOS, True, mode,
-                              crop_size, stride)
+                              crop_size, stride, short_min=aug_short_min)
     else:
         probs = inference(model, eval_transform(image, scale), num_classes, out_size, mode,
                           crop_size, stride)
@@ -179,13 +200,13 @@ def add_model_args(p):
                    help="default: from the checkpoint, else 150")
     p.add_argument("--mode", choices=("slide", "whole"), default=None,
                    help="default: the checkpoint's evaluation mode, else slide")
-    p.add_argument("--aug", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    p.add_argument("--aug", action="store_true", help="multi-scale (0.5-1.75, the dataset's rule) + flip")
     p.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="test scale, keep ratio (default: the checkpoint's, else 2048 512)")
+                   help="test scale, keep ratio (default: the checkpoint's, else its dataset's, else 2048 512)")
     p.add_argument("--crop-size", type=int, default=None,
-                   help="slide window (default: the checkpoint's, else its img_size, else 512)")
+                   help="slide window (default: the checkpoint's, else its dataset's, else its img_size)")
     p.add_argument("--stride", type=int, default=None,
-                   help="slide stride (default: the checkpoint's, else 2/3 crop)")
+                   help="slide stride (default: the checkpoint's, else its dataset's, else 2/3 crop)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--impl", choices=IMPLS, default="sdpa",
                    help="op implementations (default sdpa)")
@@ -193,8 +214,13 @@ def add_model_args(p):
 
 def pipeline_settings(args, info):
     """(mode, scale, crop, stride) from the flags, else what the exported checkpoint was
-    evaluated with, else mmseg's ADE20K test settings. Raises PredictError on bad values."""
-    saved = info["eval"]
+    evaluated with, else its dataset's test settings (setr.data.catalog), else a keep-ratio
+    resize into (2048, 512) and windows of the model's img_size at 2/3 stride. Raises
+    PredictError on bad values."""
+    from setr.data.transforms import check_crop_size
+
+    test = info["test"]
+    saved = info["eval"] or (dict(scale=test.scale, crop_size=[test.crop_size], stride=[test.stride]) if test else {})
     img_size = info["img_size"]
     mode = args.mode or saved.get("mode", "slide")
     scale = tuple(args.scale or saved.get("scale", (2048, 512)))
@@ -203,6 +229,8 @@ def pipeline_settings(args, info):
                              else max(crop * 2 // 3, 1))
     try:
         check_crop_size(crop, name="--crop-size")
+        if min(scale) < 1:
+            raise ValueError(f"--scale must be two positive sizes (long short), got {' '.join(map(str, scale))}")
         if not 0 < stride <= crop:
             raise ValueError(f"--stride must be in [1, crop size {crop}], got {stride}")
     except ValueError as e:
@@ -214,47 +242,83 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m setr.predict", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="+", help="image files")
     add_model_args(p)
+    p.add_argument("--dataset", choices=tuple(NAMED_DATASETS), default=None,
+                   help="the dataset the checkpoint is for: its classes, palette and test settings "
+                        "(default: the one with the checkpoint's number of classes)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name):
+    """--device value (None: cuda when available, else cpu) -> a device string; PredictError if unusable."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise PredictError(f"--device {device}: CUDA is not available")
-        stems = {}
-        for path in args.images:
-            stem = os.path.splitext(os.path.basename(path))[0]
-            if stem in stems:
-                raise PredictError(f"images {stems[stem]} and {path} would write the same "
-                                   f"outputs {stem}_*.png; rename one")
-            stems[stem] = path
-        model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes,
-                                  device, args.impl)
-        mode, scale, crop, stride = pipeline_settings(args, info)
-        os.makedirs(args.out, exist_ok=True)
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        device = torch.device(name)
+    except RuntimeError:
+        raise PredictError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PredictError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PredictError(f"--device {name}: CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise PredictError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return name
+
+
+def make_output_dir(path, flag="--out"):
+    """Create the output folder and prove it writable, before any model loads."""
+    try:
+        make_writable_dir(path)
+    except OSError as e:
+        raise PredictError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def predict(args):
+    """Segment args.images; returns the exit code. Raises PredictError before any image is done."""
+    device = resolve_device(args.device)
+    stems = {}
+    for path in args.images:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            raise PredictError(f"images {stems[stem]} and {path} would write the same "
+                               f"outputs {stem}_*.png; rename one")
+        stems[stem] = path
+    make_output_dir(args.out)
+    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl,
+                              args.dataset)
+    mode, scale, crop, stride = pipeline_settings(args, info)
+    if info["dataset"] == "synthetic":
+        print(f"note: {args.checkpoint} {SYNTHETIC_NOTE}", file=sys.stderr)
     failed = 0
     for path in args.images:
         try:
             image = read_image(path)
         except DataError as e:
-            print(f"error: cannot read image {e.path}: {e.problem}", file=sys.stderr)
+            cli.error(f"cannot read image {e.path}: {e.problem}")
             failed += 1
             continue
-        label = predict_image(model, image, info["num_classes"], mode, args.aug,
-                              scale, (crop, crop), (stride, stride))
+        label = predict_image(model, image, info["num_classes"], mode, args.aug, scale, (crop, crop),
+                              (stride, stride), info["test"].aug_short_min if info["test"] else 0)
         stem = os.path.splitext(os.path.basename(path))[0]
-        outs = save_outputs(image, label, info["palette"], args.out, stem)
+        try:
+            outs = save_outputs(image, label, info["palette"], args.out, stem)
+        except OSError as e:  # disk full, folder removed meanwhile
+            cli.error(f"cannot write the outputs of {path} to {args.out} ({e.strerror or e})")
+            failed += 1
+            continue
         print(f"{path}: {' '.join(outs)}")
     if failed:
         print(f"{failed} of {len(args.images)} images failed", file=sys.stderr)
-        return 1
+        return cli.FAILED
     return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return cli.run("setr.predict", lambda: predict(args), PredictError)
 
 
 if __name__ == "__main__":

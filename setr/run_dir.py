@@ -6,20 +6,19 @@
         meta.json                            iteration, model identity, export meta, ... (written last)
     work_dir/checkpoints/latest              name of the checkpoint written last
     work_dir/model_final.pth                 consolidated single-file model (setr.export_model)
+    work_dir/config.json                     the run's resolved training config (train/config.py)
 
-Training (train/checkpoint.py) writes this layout; prediction and evaluation read it here.
+Training (train/checkpoint.py) writes this layout; prediction and evaluation read it here. Only
+read_sharded_model needs torch (imported there): the rest serves command lines before torch loads.
 """
 import json
 import os
 import warnings
 
-import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
 META = "meta.json"
 LATEST = "latest"
 FINAL = "model_final.pth"
+CONFIG = "config.json"
 
 
 class CheckpointError(ValueError):
@@ -118,9 +117,40 @@ def model_source(path):
     return path
 
 
+def run_config(path):
+    """The training config (dict) of the run that `path` belongs to, or None: `path` names a run
+    directory, its model_final.pth, checkpoints/, a checkpoints/iter_* directory or checkpoints/latest
+    of a run whose config.json exists. CheckpointError when that config.json is unreadable."""
+    path = os.path.abspath(os.fspath(path))
+    name = os.path.basename(path)
+    if is_complete(path) or name == LATEST:  # checkpoints/iter_* or checkpoints/latest
+        run = os.path.dirname(os.path.dirname(path))
+    elif name in (FINAL, os.path.basename(checkpoint_root(""))):  # model_final.pth or checkpoints/
+        run = os.path.dirname(path)
+    elif os.path.isdir(path):
+        run = path
+    else:
+        return None  # any other file: a model without a run
+    config = os.path.join(run, CONFIG)
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"run {run}: {CONFIG} is unreadable ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), dict):
+        raise CheckpointError(f"run {run}: {CONFIG} is not a training config of this engine")
+    return cfg
+
+
 def read_sharded_model(path):
     """{"meta": export meta, "state_dict": full tensors} of checkpoint directory `path`: the model
     part of the sharded checkpoint consolidated in this process (no process group needed)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     meta = read_meta(path)
     if not isinstance(meta.get("export"), dict):
         raise CheckpointError(f"checkpoint {path}: {META} has no model description ('export'); "

@@ -13,17 +13,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from setr import layers
+from setr.constants import PATCH_SIZE, VIT_CONFIGS
 
-# embed_dims, num_layers, num_heads, out_indices (naive/pup and mla), head channels
-VIT_CONFIGS = {
-    "vit_large": dict(embed_dims=1024, num_layers=24, num_heads=16,
-                      out_indices=(9, 14, 19, 23), mla_out_indices=(5, 11, 17, 23), head_channels=256),
-    "vit_base": dict(embed_dims=768, num_layers=12, num_heads=12,
-                     out_indices=(3, 5, 7, 11), mla_out_indices=(2, 5, 8, 11), head_channels=256),
-    # tests and the CPU demo; head dim 32 so the attention kernel runs it too
-    "vit_tiny": dict(embed_dims=128, num_layers=4, num_heads=4,
-                     out_indices=(0, 1, 2, 3), mla_out_indices=(0, 1, 2, 3), head_channels=32),
-}
 
 
 def recomputes(impl):
@@ -102,7 +93,7 @@ def resize_pos_embed(pos_embed, src_hw, dst_hw):
 class PatchEmbed(nn.Module):
     """16x16 patches -> tokens. Pads bottom/right to a multiple of the patch ('corner')."""
 
-    def __init__(self, embed_dims, patch_size=layers.PATCH_SIZE, bias=True, device=None, dtype=None):
+    def __init__(self, embed_dims, patch_size=PATCH_SIZE, bias=True, device=None, dtype=None):
         super().__init__()
         self.patch_size = patch_size
         self.projection = nn.Conv2d(3, embed_dims, patch_size, stride=patch_size, bias=bias,
@@ -192,7 +183,7 @@ class VisionTransformer(nn.Module):
     with_cls_token=False (MLA) drops the cls token before block 0; it stays in the state dict.
     """
 
-    def __init__(self, img_size=512, patch_size=layers.PATCH_SIZE, embed_dims=1024, num_layers=24, num_heads=16,
+    def __init__(self, img_size=512, patch_size=PATCH_SIZE, embed_dims=1024, num_layers=24, num_heads=16,
                  mlp_ratio=4, out_indices=(9, 14, 19, 23), with_cls_token=True, patch_bias=True,
                  impl="eager", device=None, dtype=None):
         super().__init__()

@@ -8,33 +8,24 @@ cache (HF_HOME / HF_HUB_CACHE), downloaded there first when online (HF_HUB_OFFLI
 """
 import math
 import os
-import pickle
-import zipfile
 
-import huggingface_hub
 import safetensors
 import safetensors.torch
 import torch
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-from setr.files import write_atomic
+from setr.files import HUB_PREFIX, is_hub_id, write_atomic
 from setr.vit import resize_pos_embed
 
-
-HUB_PREFIX = "hf-hub:"
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm repository on the hub holds
-
-
-def is_hub_id(name):
-    """True for `hf-hub:<org>/<model>`, and for `timm/<model>` unless that is a local path."""
-    name = os.fspath(name)
-    return name.startswith(HUB_PREFIX) or (name.startswith("timm/") and not os.path.exists(name))
 
 
 def hub_weights(name):
     """Local path of the weights of hub model `name` (timm/<model> or hf-hub:<org>/<model>):
     model.safetensors, else pytorch_model.bin, from the Hugging Face cache, downloaded into it
     when the hub is reachable and HF_HUB_OFFLINE is not set."""
+    import huggingface_hub  # only for hub names: local files never pay its import
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
     repo = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
     offline = False
     for filename in HUB_FILES:
@@ -71,18 +62,30 @@ def _read(path_or_state_dict):
         path = hub_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
-    if _is_safetensors(path):
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path}: empty file")
+    try:
+        is_safetensors = _is_safetensors(path)
+    except OSError as e:
+        raise ValueError(f"checkpoint {path}: cannot read it ({e.strerror or e})") from None
+    if is_safetensors:
         try:
             return safetensors.torch.load_file(path, device="cpu"), path
         except (safetensors.SafetensorError, OSError) as e:
-            raise ValueError(f"checkpoint {path}: not a readable safetensors file ({e})") from e
+            raise ValueError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ValueError(f"checkpoint {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - unpickling a text or damaged file fails in any way (KeyError: 101, IndexError, ...)
+        raise ValueError(f"checkpoint {path}: not a readable PyTorch checkpoint (.pth / .bin) or safetensors "
+                         f"file (torch.load: {type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
     return obj, path
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "no details"
 
 
 def _unwrap(obj, source):

@@ -1,5 +1,8 @@
 import importlib
 import os
+import signal
+import subprocess
+import time
 
 import torch
 
@@ -69,3 +72,32 @@ def kernels_not_references(request, monkeypatch):
             return True
 
         monkeypatch.setattr(module, "use_triton", strict)
+
+
+def run_process_group(cmd, timeout, what, **popen_kwargs):
+    """Run `cmd` in a session of its own; (returncode, stdout, stderr). Past `timeout` seconds its
+    whole process group is killed and the test fails; after it ends, no process of the group may
+    be left (a few seconds' grace for helpers such as multiprocessing's resource tracker)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen_kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout} s")
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"a process of {what} was still alive after it ended")
+    return proc.returncode, stdout, stderr
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

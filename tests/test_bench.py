@@ -158,8 +158,8 @@ def _write(path, env, rows, **extra):
 
 
 def test_readme_tables_quote_only_the_files(tmp_path):
-    base = dict(kernel="setr_pup_vit_large", backbone="vit_large", shape="8x3x512x512", dtype="bf16",
-                recompute="selective", compile=False)
+    base = dict(kernel="setr_pup_vit_large", preset="pup", head="pup", backbone="vit_large", shape="8x3x512x512",
+                dtype="bf16", recompute="selective", compile=False)
     _write(tmp_path / "train_run.json", GPU_ENV, [
         dict(name="train_run_triton", impl="triton", recompute="selective", batch=16, iters=20, img_per_s=21.5,
              mfu=0.456, max_mem_gib=14.25, data_wait=0.02),
@@ -178,9 +178,9 @@ def test_readme_tables_quote_only_the_files(tmp_path):
     lines = text.splitlines()
     assert "| train_run_triton | triton | selective | 16 | 20 | 21.5 | 45.6% | 14.25 | 2% |" in lines
     assert any(line.startswith("| train_run_eager | error: no metrics") for line in lines)
-    assert "| SETR-PUP ViT-L/16 | eager | selective | off | 8 | 10.0 | 20.0% | 40.50 | 5.06 | 20.0 |" in lines
-    assert "| SETR-PUP ViT-L/16 | triton | selective | on | 8 | 20.0 | 40.0% | 15.25 | 1.91 | - |" in lines
-    assert "| SETR-PUP ViT-L/16 | sdpa | selective | off | 8 | error: OOM at batch 8 |  |  |  |  |  |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | eager | selective | off | 8 | 10.0 | 20.0% | 40.50 | 5.06 | 20.0 |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | triton | selective | on | 8 | 20.0 | 40.0% | 15.25 | 1.91 | - |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | sdpa | selective | off | 8 | error: OOM at batch 8 |  |  |  |  |  |" in lines
     assert "| attention | fwd | B=8 H=16 N=1025 D=64 | bfloat16 | 0.5 | 420.0 | - | sdpa_flash 1.20x |" in lines
     assert "Not measured in this run: xformers (not installed)." in text
     assert "NVIDIA H100 80GB HBM3" in text and "commit 0123456789" in text and "No plans in" in text
@@ -188,8 +188,9 @@ def test_readme_tables_quote_only_the_files(tmp_path):
 
 def test_planned_table_rows_and_order(tmp_path):
     def plan(impl, recompute, world, peak, crop=512):
-        row = dict(head="pup", impl=impl, recompute=recompute, batch=16 // world, world_size=world, crop=crop,
-                   peak_gib=peak, per_image_gib=peak * world / 16)
+        preset, dataset = ("pup", "ADE20K") if crop == 512 else ("pup_cityscapes", "Cityscapes")
+        row = dict(preset=preset, dataset=dataset, head="pup", impl=impl, recompute=recompute, batch=16 // world,
+                   world_size=world, crop=crop, peak_gib=peak, per_image_gib=peak * world / 16)
         (tmp_path / f"{impl}_{recompute}_{world}_{crop}.json").write_text(json.dumps({"environment": GPU_ENV, "row": row}))
 
     for impl, scale in (("eager", 3.0), ("sdpa", 2.0), ("triton", 1.0)):

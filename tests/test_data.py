@@ -185,7 +185,7 @@ def test_bad_dataset_arguments(tmp_path, ade_root):
     with pytest.raises(ValueError, match="ADE20K has 150 classes"):
         build_dataset("ade20k", root, "training", num_classes=19)
     with pytest.raises(ValueError, match="unknown dataset"):
-        build_dataset("cityscapes", root, "training")
+        build_dataset("kitti", root, "training")
 
 
 def test_crop_size_must_be_multiple_of_patch(ade):

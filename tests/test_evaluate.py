@@ -2,8 +2,6 @@
 the same numbers on two processes as on one, and clear errors."""
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import cv2
@@ -17,6 +15,7 @@ import setr
 from setr.data.ade20k import ADE20K_PALETTE
 from setr.evaluate import main
 from setr.predict import main as predict_main
+from conftest import run_process_group
 from test_data import ade_root, shared_data  # noqa: F401 (ade_root is a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +44,7 @@ def mmseg_pup(tmp_path_factory):
     return str(path), model
 
 
-def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341):
+def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341, num_classes=150):
     """mmseg 1.2.2's ADE20K test pipeline from its published description, independently of
     setr.data / setr.inference: LoadImageFromFile (cv2, BGR) -> Resize(scale, keep_ratio) with
     mmcv's rescale rule and cv2 INTER_LINEAR -> SegDataPreProcessor (bgr_to_rgb, (x - mean) / std)
@@ -60,7 +59,7 @@ def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341):
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
     x = ((x - mean) / std)[None]
-    preds = torch.zeros(1, 150, new_h, new_w)
+    preds = torch.zeros(1, num_classes, new_h, new_w)
     count = torch.zeros(1, 1, new_h, new_w)
     h_grids = max(new_h - crop + stride - 1, 0) // stride + 1
     w_grids = max(new_w - crop + stride - 1, 0) // stride + 1
@@ -125,14 +124,6 @@ def _tiny_export(path, classes=11):
     return str(path)
 
 
-def _alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
     ckpt = _tiny_export(tmp_path / "tiny.pth")
     common = ["--checkpoint", ckpt, "--dataset", "folder", "--data-root", camvid_root, "--max-samples", "5",
@@ -141,19 +132,8 @@ def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "setr.evaluate"] + common + ["--out", str(tmp_path / "two")]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("2-process evaluation did not finish in 180 s")
-    finally:
-        if _alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
-    assert not _alive(proc.pid), "a process of the 2-process run is still alive"
+    code, output, errors = run_process_group(cmd, 180, "the 2-process evaluation", env=env, cwd=REPO)
+    assert code == 0, (output + errors)[-3000:]
     one = json.load(open(tmp_path / "one" / "metrics.json"))
     two = json.load(open(tmp_path / "two" / "metrics.json"))
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["num_images"] == one["num_images"] == 5
@@ -182,3 +162,85 @@ def test_bad_input_is_named(camvid_root, ade_root, tmp_path, capsys):
     assert again["aug"] and again["mode"] == "whole" and again["num_images"] == 1
     assert main(args + ["--checkpoint", str(tmp_path / "none.pth"), "--data-root", ade_root]) == 2
     assert "none.pth" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A training run as the README's first command makes it (the demo preset, on the built-in
+    synthetic data), shortened: its run dir."""
+    from train.main import main as train_main
+
+    work = tmp_path_factory.mktemp("demo") / "demo"
+    assert train_main(["--device", "cpu", "--preset", "demo", "--max-iters", "2", "--batch-size", "2",
+                       "--ckpt-interval", "0", "--eval-interval", "0", "--data.synthetic_size", "48,64",
+                       "--data.synthetic_val_samples", "3", "--num-workers", "0", "--metrics.progress_bar", "off",
+                       "--work-dir", str(work)]) == 0
+    return work
+
+
+def test_the_demo_run_is_evaluable_on_its_own_data(demo_run, tmp_path, capsys):
+    """`python -m setr.evaluate --checkpoint work_dirs/demo`: no dataset flags, the run's synthetic
+    validation split (its size, count and seed), the numbers the training loop logged."""
+    with open(demo_run / "metrics.jsonl") as f:
+        logged = [r for r in map(json.loads, f) if r["event"] == "eval"][-1]
+    capsys.readouterr()
+    assert main(["--checkpoint", str(demo_run), "--impl", "eager", "--num-workers", "0",
+                 "--out", str(tmp_path / "eval")]) == 0, capsys.readouterr().err
+    got = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert (got["dataset"], got["data_root"], got["num_images"]) == ("synthetic", None, 3)
+    assert got["mIoU"] == logged["mIoU"] and got["aAcc"] == logged["aAcc"] and got["class_names"][0] == "background"
+    assert main(["--checkpoint", str(demo_run), "--data-root", str(tmp_path), "--out", str(tmp_path / "e2")]) == 2
+    assert "not used by --dataset synthetic" in capsys.readouterr().err
+
+
+def test_predict_says_a_demo_model_knows_only_synthetic_scenes(demo_run, ade_root, tmp_path, capsys):
+    image = os.path.join(ade_root, "images", "validation", "ADE_val_00000003.jpg")
+    assert predict_main([image, "--checkpoint", str(demo_run), "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert "knows only synthetic scenes" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, *expected):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(text in err for text in expected), err
+    return err
+
+
+def test_data_and_output_problems_are_one_line(camvid_root, tmp_path, capsys):
+    """Labels out of range for the checkpoint (an 8-class demo-like model on CamVid), a corrupt image
+    met by a DataLoader worker, an --out that cannot be written: one line each, exit 2."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "demo_like.pth"
+    setr.export_model(setr.build_setr("pup", backbone="vit_tiny", num_classes=8, img_size=64), ckpt,
+                      class_names=[f"c{i}" for i in range(8)],
+                      eval=dict(mode="slide", crop_size=[64, 64], stride=[43, 43], scale=[256, 64]))
+    args = ["--checkpoint", str(ckpt), "--device", "cpu", "--max-samples", "1", "--num-workers", "0"]
+    assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "a")]) == 2
+    line = _one_line_error(capsys, "label values [", "outside [0, 8)", "demo_like.pth predicts 8 classes")
+    assert os.path.join(camvid_root, "annotations", "validation") in line
+    root = tmp_path / "data"
+    for sub in ("images", "annotations"):
+        (root / sub / "validation").mkdir(parents=True)
+    (root / "images" / "validation" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(root / "annotations" / "validation" / "a.png")
+    args[-1] = "1"  # --num-workers 1: the error is met in a worker process
+    assert main(args + ["--dataset", "folder", "--data-root", str(root), "--out", str(tmp_path / "b")]) == 2
+    _one_line_error(capsys, os.path.join(str(root), "images", "validation", "a.png"), "cannot decode image")
+    (tmp_path / "file").write_text("")
+    assert main(args + ["--dataset", "folder", "--data-root", str(root), "--out", str(tmp_path / "file" / "o")]) == 2
+    _one_line_error(capsys, f"--out {tmp_path / 'file' / 'o'}: cannot write there")
+    (tmp_path / "text.pth").write_text("hello\n")
+    assert main(["--checkpoint", str(tmp_path / "text.pth"), "--data-root", str(root), "--out", str(tmp_path / "c")]) == 2
+    _one_line_error(capsys, "text.pth: not a readable PyTorch checkpoint")
+
+
+def test_run_config_is_found_from_every_name_of_a_run(demo_run, tmp_path):
+    from setr.run_dir import CheckpointError, latest_checkpoint, run_config
+
+    names = [demo_run, demo_run / "model_final.pth", demo_run / "checkpoints", demo_run / "checkpoints" / "latest",
+             latest_checkpoint(str(demo_run))]
+    assert [run_config(name)["data"]["dataset"] for name in names] == ["synthetic"] * 5
+    assert run_config(tmp_path) is None and run_config(tmp_path / "model.pth") is None
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is unreadable"):
+        run_config(tmp_path)

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from PIL import Image
 
 from setr import run_dir
-from setr.data import FolderSegmentation, TrainSamples
+from setr.data import DataError, FolderSegmentation, TrainSamples
 from setr.predict import PredictError, build_model
 from train import checkpoint as ckpt
+from train.logger import BadSamples
 from train.main import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -437,8 +438,30 @@ def test_skip_bad_samples_warns_once_counts_and_resumes_bitwise(tmp_path, capsys
     assert _main(tmp_path, *skip, "--resume", "auto", iters=4) == 0
     resumed = _train_losses(tmp_path / "run")
     assert [resumed[i] for i in (3, 4)] == [full[i] for i in (3, 4)]  # bitwise
+    other = next(f"t{i}" for i in range(4) if f"t{i}.png" != name)
+    _break_image(root, other)  # 2 bad of 4: more than the 1 that a fraction of 0.1 (0.4 files) still allows
     assert _main(tmp_path, "--data.on_bad_sample", "skip", "--data.max_bad_fraction", "0.1", "--overwrite") == 2
-    assert "1 of the 4 training samples are bad" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 of the 4 training samples are bad" in err and "raise --data.max_bad_fraction" in err
+
+
+def test_a_small_dataset_may_always_lose_one_sample():
+    """1 bad file of 74 is more than --data.max_bad_fraction 0.01 of them, yet skipped; the next
+    one stops the run, and the error says which flag to raise."""
+    warnings = []
+    log = type("Log", (), {"warning": lambda self, msg, every_rank=False: warnings.append(msg)})()
+    small = BadSamples(log, 74, 0.01, torch.device("cpu"))
+    small.note("a.png", "cannot decode image")
+    small.note("a.png", "cannot decode image")  # the same file again: replaced, not a new bad file
+    assert small.replaced == 2 and len(warnings) == 1
+    with pytest.raises(DataError, match=r"b\.png: 2 of the 74 training samples are bad, more than the 1 that "
+                                        r"--data\.max_bad_fraction 0\.01 allows.*raise --data\.max_bad_fraction"):
+        small.note("b.png", "cannot decode image")
+    large = BadSamples(log, 1000, 0.01, torch.device("cpu"))
+    for i in range(10):
+        large.note(f"{i}.png", "cannot decode image")
+    with pytest.raises(DataError, match="11 of the 1000 training samples are bad, more than the 10"):
+        large.note("10.png", "cannot decode image")
 
 
 def test_predict_loads_what_training_writes(tmp_path):

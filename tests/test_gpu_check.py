@@ -121,7 +121,7 @@ def test_dry_run_train_step(dry_run):
 def test_dry_run_readme_tables(dry_run):
     with open(os.path.join(dry_run[2], "readme_tables.md")) as f:
         text = f.read()
-    assert "| train_run_triton | triton |" in text and "| SETR-PUP ViT-tiny | triton |" in text
+    assert "| train_run_triton | triton |" in text and "| SETR-PUP ViT-tiny (pup) | triton |" in text
     assert "| attention |" in text and "### Planned memory" in text
 
 

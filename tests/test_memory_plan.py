@@ -69,19 +69,19 @@ def test_planned_activations_equal_the_bytes_kept_for_backward(impl, recompute):
     assert plan["saved_activations"] == pytest.approx(real, rel=0.05), (plan["saved_activations"], real)
 
 
-@pytest.mark.parametrize("crop, classes, tokens", [(768, 19, 2305), (480, 59, 901)])
-def test_plans_at_cityscapes_and_pascal_context_crops(crop, classes, tokens):
-    """768x768 (Cityscapes) and 480x480 (Pascal Context) crops, planned at their token counts;
-    the fused upsample + cross-entropy is planned through its fake op: no full-resolution logits
-    anywhere in the step (eager, the control, holds them in its loss). The heads and the loss
-    are those of ViT-L; the backbone width does not change them."""
-    kw = dict(crop=crop, backbone="vit_tiny", num_classes=classes)
-    ours = memory_plan.plan("pup", "triton", 1, "none", **kw)["modules"]
+@pytest.mark.parametrize("preset, crop, classes, tokens", [("pup_cityscapes", 768, 19, 2305),
+                                                           ("pup_pascal_context", 480, 60, 901)])
+def test_plans_of_the_cityscapes_and_pascal_context_recipes(preset, crop, classes, tokens):
+    """Their presets' crops (768x768, 480x480), planned at their token counts; the fused upsample +
+    cross-entropy is planned through its fake op: no full-resolution logits anywhere in the step
+    (eager, the control, holds them in its loss). The heads and the loss are those of ViT-L; the
+    backbone width does not change them."""
+    ours = memory_plan.plan(preset, "triton", 1, "none", backbone="vit_tiny")["modules"]
     assert ours["blocks"]["largest"][1] == [1, tokens, 3 * 128]  # the qkv projection's output
     assert ours["loss"]["largest"][1] == [1, classes, crop // 2, crop // 2]  # the logits before the x2 upsample
     assert max(m["largest"][0] for m in ours.values() if m["largest"]) < classes * crop * crop
     if crop == 768:
-        eager = memory_plan.plan("pup", "eager", 1, "none", **kw)["modules"]
+        eager = memory_plan.plan(preset, "eager", 1, "none", backbone="vit_tiny")["modules"]
         assert eager["blocks"]["largest"][1] == [1, 4, tokens, tokens]  # the attention matrix
         assert eager["loss"]["largest"][1] == [1, classes, crop, crop]
 
@@ -147,4 +147,4 @@ def test_readme_table_is_rendered_from_the_committed_results():
     configs = readme_tables.table_configs()
     assert len(table.splitlines()) - 4 == len(configs) // 3  # a row per (dataset, model, layout, policy)
     for c in configs:
-        assert os.path.exists(os.path.join(readme_tables.ESTIMATE, memory.config_name(c) + ".json")), c
+        assert os.path.exists(os.path.join(readme_tables.ESTIMATE, memory.config_name(memory.make_config(**c)) + ".json"))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import setr
 from reference import ref_json
 from setr import layers
-from setr.model import HEADS
+from setr.constants import HEADS
 from setr.vit import resize_pos_embed
 
 

@@ -131,8 +131,27 @@ def test_test_pipeline_defaults_to_the_checkpoint_eval_settings(tmp_path, images
     monkeypatch.setattr(setr.predict, "predict_image", lambda *a: seen.append(a[3:]) or real(*a))
     code, _, err = _run([images[1], "--checkpoint", path, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
-    assert seen[-1] == ("whole", False, (96, 64), (64, 64), (48, 48))
+    assert seen[-1] == ("whole", False, (96, 64), (64, 64), (48, 48), 0)
     code, _, err = _run([images[1], "--checkpoint", path, "--out", tmp_path / "o", "--mode", "slide",
                          "--crop-size", 32], capsys)
     assert code == 0, err
-    assert seen[-1] == ("slide", False, (96, 64), (32, 32), (21, 21))  # flags win; stride follows the crop
+    assert seen[-1] == ("slide", False, (96, 64), (32, 32), (21, 21), 0)  # flags win; stride follows the crop
+
+
+def test_user_mistakes_are_one_line_and_bugs_say_so(tmp_path, images, checkpoint, capsys, monkeypatch):
+    (tmp_path / "hello.pth").write_text("hello")  # a text file: torch.load fails with KeyError: 101
+    (tmp_path / "lines.pth").write_text("some\nlines\n")  # ... or IndexError: pop from empty list
+    (tmp_path / "file").write_text("")
+    cases = [(["--checkpoint", tmp_path / "hello.pth"], "hello.pth: not a readable PyTorch checkpoint"),
+             (["--checkpoint", tmp_path / "lines.pth"], "lines.pth: not a readable PyTorch checkpoint"),
+             (["--checkpoint", checkpoint, "--out", tmp_path / "file" / "o"], "cannot write there (Not a directory)"),
+             (["--checkpoint", checkpoint, "--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+             (["--checkpoint", checkpoint, "--scale", 0, 64], "--scale must be two positive sizes")]
+    for args, expected in cases:
+        code, _, err = _run([images[0], "--out", tmp_path / "o", *args], capsys)
+        assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    import setr.predict
+
+    monkeypatch.setattr(setr.predict, "predict_image", lambda *a: 1 / 0)  # a bug of ours
+    code, _, err = _run([images[0], "--checkpoint", checkpoint, "--out", tmp_path / "o", "--scale", 96, 64], capsys)
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err and "a bug in this program" in err

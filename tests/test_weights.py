@@ -87,6 +87,13 @@ def test_non_checkpoint_files(tmp_path):
     model = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=32)
     with pytest.raises(ValueError, match="notes.txt: not a readable PyTorch checkpoint"):
         setr.load_mmseg_checkpoint(model, text)
+    for content in ("hello", "some\nlines of text\n"):  # torch.load: KeyError: 101, IndexError: pop from empty list
+        text.write_text(content)
+        with pytest.raises(ValueError, match="notes.txt: not a readable PyTorch checkpoint"):
+            setr.load_timm_vit(model, text)  # --pretrained
+    text.write_bytes(b"")
+    with pytest.raises(ValueError, match="notes.txt: empty file"):
+        setr.load_mmseg_checkpoint(model, text)
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         setr.load_mmseg_checkpoint(model, tmp_path / "nothere.pth")
     truncated = tmp_path / "truncated.pth"

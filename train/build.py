@@ -7,14 +7,14 @@ import torch
 import torch.distributed as dist
 
 import setr
-from setr.data import EvalSamples, TrainSamples, build_dataset
+from setr.data import NAMED_DATASETS, EvalSamples, TrainSamples, build_dataset
 from train.config import ConfigError
 
 
 def build_data(cfg):
     """Training samples (by global position) and the evaluation split, from the data config."""
     m, d = cfg.model, cfg.data
-    kw = dict(root=d.root or None, num_classes=None if d.dataset == "ade20k" else m.num_classes,
+    kw = dict(root=d.root or None, num_classes=None if d.dataset in NAMED_DATASETS else m.num_classes,
               ignore_index=m.ignore_index, reduce_zero_label=d.reduce_zero_label,
               synthetic_size=tuple(d.synthetic_size), seed=cfg.seed)
     train_set = build_dataset(d.dataset, split="training", synthetic_samples=d.synthetic_train_samples, **kw)
@@ -35,7 +35,7 @@ def build_model(cfg, device, log):
     m = cfg.model
     torch.manual_seed(cfg.seed)
     model = setr.build_setr(m.head, m.backbone, m.num_classes, img_size=tuple(cfg.data.crop_size), impl=m.impl,
-                            aux=m.aux, ignore_index=m.ignore_index, device=device)
+                            aux=m.aux, ignore_index=m.ignore_index, aux_num_convs=m.aux_num_convs, device=device)
     if m.pretrained:
         try:
             report = setr.load_timm_vit(model, m.pretrained)

@@ -6,6 +6,14 @@ Presets (`--preset`, or picked by `--head` when no preset is given):
     pup     setr_vit-l_pup_8xb2-160k_ade20k-512x512     lr 0.001, batch 16, 160k iters
     mla     setr_vit-l_mla_8xb2-160k_ade20k-512x512     lr 0.001, batch 16, 160k iters
     mla_b8  setr_vit-l-mla_8xb1-160k_ade20k-512x512     lr 0.001, batch 8,  160k iters
+    naive_cityscapes  setr_vit-l_naive_8xb1-80k_cityscapes-768x768   lr 0.01,  batch 8, 80k iters
+    pup_cityscapes    setr_vit-l_pup_8xb1-80k_cityscapes-768x768     lr 0.01,  batch 8, 80k iters
+    mla_cityscapes    setr_vit-l_mla_8xb1-80k_cityscapes-768x768     lr 0.002, batch 8, 80k iters
+    naive_pascal_context  SETR_Naive_480x480_80k_pascal_context_bs_16  lr 0.01,  batch 16, 80k iters
+    pup_pascal_context    SETR_PUP_480x480_80k_pascal_context_bs_16    lr 0.001, batch 16, 80k iters
+    mla_pascal_context    SETR_MLA_480x480_80k_pascal_context_bs_16    lr 0.001, batch 16, 80k iters
+                      (the SETR repository's configs: mmseg has no SETR Pascal Context config; the
+                      models are mmseg's, 60 classes as the paper scores them)
     demo    ViT-tiny on the built-in synthetic data, 64x64 crops, fp32: a few minutes on 2 CPU
             cores. Chosen automatically on a machine without a GPU when --preset is not given.
 
@@ -21,15 +29,12 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-import torch
+# torch-free imports only: `--help` and usage errors answer before torch is loaded
+from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE
+from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
+from setr.data.datasets import DATASETS
+from setr.files import is_hub_id, write_atomic
 
-from setr.data.ade20k import ADE20K_CLASSES
-from setr.files import write_atomic
-from setr.layers import IMPLS, PATCH_SIZE
-from setr.model import BACKBONES, HEADS
-from setr.weights import is_hub_id
-
-DATASETS = ("ade20k", "folder", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -45,12 +50,13 @@ class ModelConfig:
     ignore_index: int = 255
     impl: str = "triton"  # eager | sdpa | triton (our kernels)
     aux: bool = True  # auxiliary heads (loss weight 0.4 each, as mmseg)
+    aux_num_convs: int = 2  # conv stages of the Naive / PUP aux heads (1: mmseg's Naive Cityscapes config)
     pretrained: str = ""  # timm ViT weights (file or timm/<model> on the hub) loaded into the backbone
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "ade20k"  # ade20k | folder | synthetic
+    dataset: str = "ade20k"  # ade20k | cityscapes | pascal_context | pascal_context59 | folder | synthetic
     root: str = ""
     reduce_zero_label: typing.Optional[bool] = None  # folder datasets: label 0 -> ignore, k -> k-1
     crop_size: typing.Tuple[int, int] = (512, 512)
@@ -168,18 +174,21 @@ class Config:
         if not 0 <= m.ignore_index <= 255 or m.ignore_index < m.num_classes:
             raise ConfigError(f"model.ignore_index (--ignore-index) must be in [num_classes={m.num_classes}, "
                               f"255] (labels are 8-bit PNGs), got {m.ignore_index}")
-        if d.dataset == "ade20k" and (m.num_classes, m.ignore_index) != (len(ADE20K_CLASSES), 255):
-            raise ConfigError(f"ADE20K has {len(ADE20K_CLASSES)} classes and ignore_index 255, got "
+        if m.aux_num_convs not in (1, 2):
+            raise ConfigError(f"model.aux_num_convs must be 1 or 2 (mmseg's SETR configs), got {m.aux_num_convs}")
+        named = NAMED_DATASETS.get(d.dataset)
+        if named and (m.num_classes, m.ignore_index) != (named.num_classes, IGNORE_INDEX):
+            raise ConfigError(f"{named.title} has {named.num_classes} classes and ignore_index {IGNORE_INDEX}, got "
                               f"--num-classes {m.num_classes} --ignore-index {m.ignore_index}")
         for name, size in (("data.crop_size (--crop-size)", d.crop_size), ("eval.crop_size", e.crop_size)):
             if len(size) != 2 or min(size) <= 0 or size[0] % PATCH_SIZE or size[1] % PATCH_SIZE:
                 raise ConfigError(f"{name} must be two positive multiples of the patch size {PATCH_SIZE} "
                                   f"(the ViT tokenizes {PATCH_SIZE}x{PATCH_SIZE} patches), got {tuple(size)}")
-        if d.dataset in ("ade20k", "folder"):
+        if d.dataset != "synthetic":
             if not d.root:
-                raise ConfigError(f"--data-root is required for --dataset {d.dataset} (for ADE20K the "
-                                  f"ADEChallengeData2016 folder); use --dataset synthetic for the "
-                                  f"built-in data")
+                raise ConfigError(f"--data-root is required for --dataset {d.dataset} ("
+                                  f"{named.root if named else 'the folder holding images/ and annotations/'}); "
+                                  f"use --dataset synthetic for the built-in data")
             if not os.path.isdir(d.root):
                 raise ConfigError(f"--data-root {d.root!r}: no such directory")
         if d.dataset == "synthetic" and d.root:
@@ -228,7 +237,8 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets: plain instances, the recipes of mmseg's SETR ADE20K configs.
+# Presets: plain instances, the recipes of mmseg's SETR configs (the SETR repository's for Pascal
+# Context). The test settings come from setr.data.catalog.
 # ----------------------------------------------------------------------------------------------
 
 def _ade20k_preset(head, lr, batch_size=16):
@@ -257,11 +267,42 @@ def _demo_preset():
     return cfg
 
 
+def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=2):
+    """An 80k-iteration SETR recipe on Cityscapes or Pascal Context: evaluation and checkpoints every
+    8k, the dataset's test settings (setr.data.catalog); like every SETR config, SGD momentum 0.9,
+    weight decay 0, head lr x10, poly 0.9 to 1e-4."""
+    cfg = Config(preset=f"{head}_{dataset}")
+    named = NAMED_DATASETS[dataset]
+    cfg.model = ModelConfig(head=head, num_classes=named.num_classes, aux_num_convs=aux_num_convs)
+    cfg.data = DataConfig(dataset=dataset, crop_size=(crop, crop), scale=scale)
+    cfg.optim.lr = lr
+    cfg.schedule = ScheduleConfig(max_iters=80000, batch_size=batch_size)
+    cfg.checkpoint.interval = 8000
+    cfg.eval = EvalConfig(interval=8000, crop_size=(named.test.crop_size,) * 2, stride=(named.test.stride,) * 2,
+                          scale=named.test.scale)
+    return cfg
+
+
+# mmseg configs/setr/setr_vit-l_<head>_8xb1-80k_cityscapes-768x768.py: 8 GPUs x 1 image, crops of 768
+# from the cityscapes_768x768 base's (2049, 1025) scale; lr 0.01 from schedule_80k (MLA's config:
+# 0.002). PUP's config sets its aux heads (2 convs); Naive's keeps the base model's (1 conv).
+_cityscapes = dict(dataset="cityscapes", batch_size=8, crop=768, scale=(2049, 1025))
+# fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: batch 16, crops of 480
+# from (520, 520), 60 classes (background included, as the paper scores them). The models are
+# mmseg's, as for ADE20K (the SETR repository's own heads differ: ref/setr_spec.md section 11).
+_pascal_context = dict(dataset="pascal_context", batch_size=16, crop=480, scale=(520, 520))
+
 PRESETS = {
     "naive": lambda: _ade20k_preset("naive", 0.01),
     "pup": lambda: _ade20k_preset("pup", 0.001),
     "mla": lambda: _ade20k_preset("mla", 0.001),
     "mla_b8": lambda: _ade20k_preset("mla", 0.001, batch_size=8),
+    "naive_cityscapes": lambda: _benchmark_preset("naive", lr=0.01, aux_num_convs=1, **_cityscapes),
+    "pup_cityscapes": lambda: _benchmark_preset("pup", lr=0.01, **_cityscapes),
+    "mla_cityscapes": lambda: _benchmark_preset("mla", lr=0.002, **_cityscapes),
+    "naive_pascal_context": lambda: _benchmark_preset("naive", lr=0.01, **_pascal_context),
+    "pup_pascal_context": lambda: _benchmark_preset("pup", lr=0.001, **_pascal_context),
+    "mla_pascal_context": lambda: _benchmark_preset("mla", lr=0.001, **_pascal_context),
     "demo": _demo_preset,
 }
 
@@ -340,15 +381,26 @@ def _converter(t):
 
 
 def _default_help(dotted):
-    """' (default X)' for --help, with the presets that differ: ' (default 150; demo 8)'."""
+    """' (default X)' for --help, X the default preset's (pup), with the presets that differ:
+    ' (default 150; *_cityscapes: 19; demo: 8)'."""
     groups = {}
     for name in PRESETS:
         value = _get(get_preset(name), dotted)
         text = ",".join(map(str, value)) if isinstance(value, tuple) else \
             str(value).lower() if isinstance(value, bool) else str(value) or "none"
         groups.setdefault(text, []).append(name)
-    (common, _), *others = sorted(groups.items(), key=lambda item: -len(item[1]))
-    return f" (default {common}" + "".join(f"; {'/'.join(names)}: {v}" for v, names in others) + ")"
+    (common, _), *others = sorted(groups.items(), key=lambda item: ("pup" not in item[1], -len(item[1])))
+    return f" (default {common}" + "".join(f"; {_preset_names(names)}: {v}" for v, names in others) + ")"
+
+
+def _preset_names(names):
+    """'naive_cityscapes/pup_cityscapes/mla_cityscapes/demo' -> '*_cityscapes/demo': a dataset's
+    presets written once when every head's is in the group."""
+    for suffix in dict.fromkeys(n.split("_", 1)[1] for n in names if "_" in n):
+        family = [f"{head}_{suffix}" for head in HEADS]
+        if all(f in names for f in family):
+            names = [f"*_{suffix}" if n == family[0] else n for n in names if n not in family[1:]]
+    return "/".join(names)
 
 
 def build_parser():
@@ -407,6 +459,8 @@ def parse_config(argv=None, cuda_available=None):
     parser = build_parser()
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if cuda_available is None:
+        import torch  # after parsing: --help never waits for it
+
         cuda_available = torch.cuda.is_available()
     head = args.get("model.head", "pup")
     on_cpu = args.get("device") == "cpu" or not cuda_available
@@ -421,8 +475,8 @@ def parse_config(argv=None, cuda_available=None):
     except ConfigError as e:
         parser.error(str(e))
     d, m = cfg.data, cfg.model
-    if d.dataset == "ade20k":  # the dataset's classes unless given (the demo preset has 8)
-        m.num_classes = args.get("model.num_classes", len(ADE20K_CLASSES))
+    if d.dataset in NAMED_DATASETS:  # the dataset's classes unless given (the demo preset has 8)
+        m.num_classes = args.get("model.num_classes", NAMED_DATASETS[d.dataset].num_classes)
     if not args.get("preset") and on_cpu:
         cfg.notes.append(f"no GPU: using the small CPU 'demo' preset ({m.backbone}, {d.dataset} data, "
                          f"{d.crop_size[0]}x{d.crop_size[1]} crops, {cfg.parallel.precision}) with head "

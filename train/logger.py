@@ -175,11 +175,13 @@ class MetricWindow:
 
 class BadSamples:
     """Training samples replaced under --data.on_bad_sample skip: each file warned about once by
-    the rank that read it, counted over all ranks, and the run stopped when more than
-    max_fraction of the split is bad (as seen by one rank)."""
+    the rank that read it, counted over all ranks, and the run stopped when more files are bad
+    (as seen by one rank) than --data.max_bad_fraction of the split allows, which is always at
+    least one: a small dataset may lose one file too."""
 
     def __init__(self, log, num_samples, max_fraction, device):
         self.log, self.num_samples, self.max_fraction, self.device = log, num_samples, max_fraction, device
+        self.allowed = max(1, math.floor(max_fraction * num_samples))  # bad files tolerated
         self.files = {}  # path -> problem, this rank
         self.replaced = 0  # replacements by this rank
         self.restored = 0  # replacements (all ranks) before the checkpoint this run resumed from
@@ -190,9 +192,10 @@ class BadSamples:
             return
         self.files[path] = problem
         self.log.warning(f"bad sample {path}: {problem} (replaced by the next dataset item)", every_rank=True)
-        if len(self.files) > self.max_fraction * self.num_samples:
-            raise DataError(path, f"{len(self.files)} of the {self.num_samples} training samples are bad, "
-                                  f"more than data.max_bad_fraction={self.max_fraction:g}: fix the dataset")
+        if len(self.files) > self.allowed:
+            raise DataError(path, f"{len(self.files)} of the {self.num_samples} training samples are bad, more "
+                                  f"than the {self.allowed} that --data.max_bad_fraction {self.max_fraction:g} allows: "
+                                  f"fix or remove the files, or raise --data.max_bad_fraction")
 
     def count(self):
         """Replacements so far, all ranks: a collective, so every rank calls it at the same points."""

@@ -30,20 +30,11 @@ if __package__ in (None, ""):  # `python train/main.py` / `torchrun train/main.p
 import shutil  # noqa: E402
 import traceback  # noqa: E402
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-
-from setr.data import DataError  # noqa: E402
-from setr.run_dir import FINAL  # noqa: E402
-from train.build import build_data, build_model, eval_copy  # noqa: E402
-from train.checkpoint import (CheckpointError, CheckpointWriteError, DamagedCheckpoint, read_meta,  # noqa: E402
-                              resolve_resume)
+# torch-free modules only here: the command line is parsed (and --help answered) before torch and the
+# model load; the functions below import the rest where they need it.
+from setr.data.datasets import DataError  # noqa: E402
+from setr.run_dir import FINAL, CheckpointError, DamagedCheckpoint, read_meta  # noqa: E402
 from train.config import ConfigError, parse_config  # noqa: E402
-from train.logger import Logger  # noqa: E402
-from train.parallelize import (destroy_distributed, first_to_report, init_distributed, parallelize,  # noqa: E402
-                                watch_job)
-from train.trainer import Trainer  # noqa: E402
 
 EXIT_CODES = {"finished": 0, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal number after a stop
 BAD_INPUT = 2  # bad input or configuration (any rank)
@@ -76,6 +67,8 @@ def check_work_dir(cfg):
 def finished_iteration(cfg):
     """With --resume auto: the iteration of the run in work_dir when it already reached max_iters
     and exported its model."""
+    from train.checkpoint import resolve_resume
+
     if cfg.checkpoint.resume != "auto":
         return None
     for path in resolve_resume("auto", cfg.work_dir):
@@ -100,6 +93,9 @@ def clear_run(work_dir):
 
 def first_failed_rank(failed, device):
     """Every rank, together: the lowest rank with failed=True, or None."""
+    import torch
+    import torch.distributed as dist
+
     world = dist.get_world_size()
     flag = torch.tensor([dist.get_rank() if failed else world], device=device)
     if world > 1:
@@ -108,6 +104,8 @@ def first_failed_rank(failed, device):
 
 
 def say(rank, text):
+    import torch.distributed as dist
+
     prefix = f"rank {rank}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
     print(f"{prefix}{text}", file=sys.stderr, flush=True)
 
@@ -115,6 +113,8 @@ def say(rank, text):
 def setup(cfg, rank, world_size, device):
     """Checks and data, on every rank; returns (exit code or None to train, data). An error is
     printed once, by the lowest rank that hit it, and every rank stops."""
+    from train.build import build_data
+
     error = finished = data = None
     try:
         cfg.validate(world_size)
@@ -141,6 +141,13 @@ def setup(cfg, rank, world_size, device):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    import torch
+    import torch.distributed as dist
+
+    from train.checkpoint import CheckpointWriteError
+    from train.logger import Logger
+    from train.parallelize import destroy_distributed, first_to_report, init_distributed, watch_job
+
     device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -185,6 +192,14 @@ def main(argv=None):
 
 def train(cfg, data, device, log):
     """Build the model, shard it, resume and train; returns Trainer.train()'s status."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from train.build import build_model, eval_copy
+    from train.parallelize import parallelize
+    from train.trainer import Trainer
+
     for note in cfg.notes:
         log.info(note)
     if log.rank == 0:

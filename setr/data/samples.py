@@ -17,11 +17,12 @@ _PERM_TAG, _AUG_TAG = 0x9E3, 0xA06
 
 
 class TrainSamples(torch.utils.data.Dataset):
-    """mmseg's ADE20K training pipeline over a raw dataset, indexed by global position.
+    """mmseg's training pipeline over a raw dataset, indexed by global position.
 
     dataset: a raw dataset (items (image uint8 (H, W, 3), label (H, W), name)).
     crop_size: int or (h, w), multiples of the patch size 16. scale, ratio_range, cat_max_ratio: the
-    Resize / RandomCrop parameters (mmseg: (2048, 512), (0.5, 2.0), 0.75).
+    RandomResize / RandomCrop parameters (mmseg's ADE20K: (2048, 512), (0.5, 2.0), 0.75; its
+    Cityscapes 768x768: (2049, 1025), crop 768; Pascal Context: (520, 520), crop 480).
     skip_corrupt: on a DataError (unreadable / inconsistent sample) note the file (returned by
     `collate`, warned about once by the training loop) and use the next dataset item instead (deterministic: the same replacement on every
     run, rank count and restart); otherwise raise.
@@ -132,12 +133,14 @@ class EvalSamples(torch.utils.data.Dataset):
 
     Item i -> (image float32 (3, h', w'): keep-ratio rescaled into `scale` and normalized,
     label int64 (H, W) at the original size, name). `raw(i)` gives the dataset item itself
-    (for multi-scale + flip testing, which rescales the original image).
+    (for multi-scale + flip testing, which rescales the original image: its rule is
+    setr.inference.aug_size with `aug_short_min`, 0 for mmseg's, > 0 for the SETR repository's).
     """
 
-    def __init__(self, dataset, scale=(2048, 512)):
+    def __init__(self, dataset, scale=(2048, 512), aug_short_min=0):
         self.dataset = dataset
         self.scale = to_pair(scale, "scale")
+        self.aug_short_min = int(aug_short_min)
         self.num_classes = dataset.num_classes
         self.ignore_index = dataset.ignore_index
         self.class_names = dataset.class_names

@@ -1,13 +1,15 @@
-"""Image and label transforms: mmsegmentation's ADE20K train and test pipelines (numpy, OpenCV).
+"""Image and label transforms: mmsegmentation's train and test pipelines (numpy, OpenCV).
 
 Images are uint8 (H, W, 3) RGB numpy arrays, labels (H, W) non-negative integer arrays, until
 `normalize_pad` turns them into the tensors the model eats. Randomness comes from an explicit
 `numpy.random.Generator`, drawn in the same order and from the same distributions as mmseg's
 transforms draw from numpy's global RNG:
 
-    train: rescale (ratio 0.5-2.0 of (2048, 512), keep ratio) -> random crop (cat_max_ratio 0.75)
+    train: rescale (ratio 0.5-2.0 of the scale, keep ratio) -> random crop (cat_max_ratio 0.75)
            -> horizontal flip 0.5 -> photometric distortion -> normalize -> pad to the crop
-    test:  rescale to (2048, 512) keep ratio -> normalize
+    test:  rescale into the scale, keep ratio -> normalize
+The ADE20K configs' scale is (2048, 512) (the defaults here), Cityscapes 768x768's (2049, 1025),
+Pascal Context's (520, 520): the pipelines are otherwise the same (setr.data.catalog).
 
 Resizing and colour conversions go through OpenCV exactly as mmcv calls it (backend 'cv2'):
 cv2.resize INTER_LINEAR for images, INTER_NEAREST for labels, cv2.cvtColor for the photometric
@@ -19,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from setr.layers import PATCH_SIZE
+from setr.constants import PATCH_SIZE
 
 # ImageNet mean / std of RGB images on the 0-255 scale (mmseg's ADE20K config).
 MEAN = (123.675, 116.28, 103.53)
@@ -225,7 +227,7 @@ def normalize_pad(image, label, crop_size, ignore_index=255):
 
 def train_transform(image, label, rng, crop_size, scale=(2048, 512), ratio_range=(0.5, 2.0),
                     cat_max_ratio=0.75, flip_prob=0.5, ignore_index=255):
-    """mmseg's ADE20K train pipeline on one sample.
+    """mmseg's train pipeline on one sample (every SETR config's, at its scale and crop).
 
     image: (H, W, 3) uint8 RGB; label: (H, W) non-negative ints; rng: numpy Generator.
     Returns image float32 (3, ch, cw) normalized and padded with 0, label int64 (ch, cw) padded
