@@ -89,10 +89,8 @@ def test_goal_lines_pass_and_miss():
     assert train_step.goal_lines("pup", rows, True, gpu_gib=139.8)[-1].startswith("- n/a")
     assert train_step.goal_lines("mla", rows, True, gpu_gib=79.1)[-1].startswith("- n/a")
     assert train_step.goal_lines("pup", rows, False)[0].startswith("- n/a")
-    rows[2]["batch"] = 8  # batch 8 without a search: the batch-16 goal is not decided
-    assert "--find-max-batch" in train_step.goal_lines("pup", rows, True, gpu_gib=79.1)[-1]
-    rows[2]["max_batch"] = 12
-    assert train_step.goal_lines("pup", rows, True, gpu_gib=79.1)[-1].startswith("- MISS")
+    rows[2]["batch"] = 8  # batch 8: the batch-16 goal is not decided
+    assert "rerun with --batch 16" in train_step.goal_lines("pup", rows, True, gpu_gib=79.1)[-1]
     rows[2] = dict(mode="train", provider="triton", recompute="selective", batch=16, error="OOM at batch 16")
     lines = train_step.goal_lines("pup", rows, True, gpu_gib=79.1)
     assert lines[-1] == "- MISS: batch 16 of PUP fits on one 80 GB GPU (impl=triton: OOM at batch 16)"
