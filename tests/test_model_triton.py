@@ -1,11 +1,15 @@
 """The model with impl='triton' (our kernels: compiled on CUDA, interpreted on CPU) matches impl='eager'."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import kernels
-import kernels.utils
 import setr
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 matrix products (attention, convolutions) run in TF32 on the GPU
 LOSS_TOL = dict(rtol=5e-3, atol=5e-3) if DEVICE == "cuda" else dict(rtol=1e-4, atol=1e-5)
@@ -51,7 +55,7 @@ def test_per_op_override():
 def test_kernel_tests_fail_when_a_reference_would_run(monkeypatch):
     # CPU tensors without the interpreter (e.g. CPU tensors on a CUDA machine) would run the
     # PyTorch references: in the kernel tests that fails instead of passing silently
-    monkeypatch.setattr(kernels.utils, "INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(1, 2, 4, 32)
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
     calls = [lambda: kernels.attention(x, x, x), lambda: kernels.layer_norm(x, x[0, 0, 0], x[0, 0, 0]),
@@ -61,3 +65,41 @@ def test_kernel_tests_fail_when_a_reference_would_run(monkeypatch):
     for call in calls:
         with pytest.raises(AssertionError, match="would run the PyTorch reference instead of the Triton kernel"):
             call()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors on a CPU-only machine")
+def test_interpreter_is_chosen_at_call_time():
+    """TRITON_INTERPRET set after `import kernels` sends CPU tensors through the interpreted kernel, and
+    unset sends them to the reference again: no caller has to set it before importing anything."""
+    code = """if True:
+        import os, torch, torch.nn.functional as F, kernels
+        x, w, b = torch.randn(3, 40, requires_grad=True), torch.randn(40), torch.randn(40)
+        names = []
+        for value in ("1", "0"):
+            os.environ["TRITON_INTERPRET"] = value
+            y = kernels.layer_norm(x, w, b)
+            torch.testing.assert_close(y, F.layer_norm(x, (40,), w, b, 1e-6))
+            names.append(type(y.grad_fn).__name__)
+        print(names[0] == "LayerNormFunctionBackward" != names[1])
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=REPO), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "True", out.stdout
+
+
+def test_an_interpreted_launch_leaves_triton_language_as_it_was():
+    """The interpreter patches triton.language while a kernel runs in it; a compiled launch later in
+    the same process must find it unpatched (kernels.utils undoes what the interpreter leaves)."""
+    import triton.language as tl
+
+    def attributes():
+        return {(obj.__name__, k): v for obj in (tl, tl.core, tl.math, tl.tensor, tl.dtype)
+                for k, v in vars(obj).items()}
+
+    before = attributes()
+    labels = torch.randint(0, 5, (1, 16, 16), device=DEVICE)
+    kernels.upsample_cross_entropy(torch.randn(1, 5, 4, 4, device=DEVICE, requires_grad=True), labels).backward()
+    after = attributes()
+    assert [k for k in before.keys() | after.keys() if before.get(k) is not after.get(k)] == []

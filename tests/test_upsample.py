@@ -80,9 +80,9 @@ def test_upsample_channels_last(align_corners):
 
 def test_upsample_one_row_tiles(monkeypatch):
     # the GPU's tile shape: one output row per program (BLOCK_H == 1), several channel blocks
-    monkeypatch.setattr(up, "FWD_TILE", 32)
-    monkeypatch.setattr(up, "BWD_TILE", 16)
-    assert up._tile(3, 20, 32, False, up.FWD_TILE)[1] == 1
+    monkeypatch.setattr(up, "FWD_TILE", dict.fromkeys(up.FWD_TILE, 32))  # on every device type
+    monkeypatch.setattr(up, "BWD_TILE", dict.fromkeys(up.BWD_TILE, 16))
+    assert up._tile(3, 20, 32, False, 32)[1] == 1
     check_upsample((1, 2, 6, 16), (12, 32), False)
     check_upsample((1, 40, 3, 2), (5, 3), True, channels_last=True)
 

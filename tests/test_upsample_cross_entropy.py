@@ -116,8 +116,8 @@ def test_upsample_cross_entropy_negative_ignore_index_and_channels_last():
 
 def test_upsample_cross_entropy_small_blocks(monkeypatch):
     # the GPU's tile shapes: class chunks (online log-sum-exp), several class blocks and pixel tiles
-    monkeypatch.setattr(ce, "CE_FWD_BLOCK", (4, 16))
-    monkeypatch.setattr(ce, "CE_BWD_BLOCK", (4, 8))
+    monkeypatch.setattr(ce, "CE_FWD_BLOCK", dict.fromkeys(ce.CE_FWD_BLOCK, (4, 16)))  # on every device type
+    monkeypatch.setattr(ce, "CE_BWD_BLOCK", dict.fromkeys(ce.CE_BWD_BLOCK, (4, 8)))
     check_ce(1, 9, (3, 9), (6, 18))  # one-row tiles (BLOCK_H == 1), as on the GPU
     check_ce(1, 6, (3, 4), (7, 9), align_corners=True, reduction="mean_valid")  # 2 x 4 tiles
 
