@@ -129,6 +129,8 @@ def main(argv=None):
     args = parse_args(argv)
     from bench import common  # torch: after the arguments, so that --help answers at once
 
+    if not common.on_gpu():  # CPU: our kernels through Triton's interpreter (TRITON_INTERPRET=0: the references)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.once:
         return run_once()
     common.print_cpu_warning()
