@@ -20,7 +20,7 @@ import importlib.util
 import torch
 
 from bench import OURS, common
-from bench.common import MODES, default_device, error_rows, on_gpu, time_modes
+from bench.common import MODES, default_device, on_gpu, time_provider
 from kernels.utils import use_triton
 from setr.layers import attention_packed
 
@@ -75,15 +75,14 @@ def make_fn(provider):
 
 
 def shapes(quick, setr_only=False):
-    """(group, B, H, N, D) tuples."""
+    """(B, H, N, D) tuples."""
     if not on_gpu():
-        return [("setr", 1, 2, 17, 32)]
+        return [(1, 2, 17, 32)]
     if setr_only:
-        return [("setr", B, 16, N, 64) for B, N in TRAIN_SHAPES]
+        return [(B, 16, N, 64) for B, N in TRAIN_SHAPES]
     if quick:
-        return [("setr", 2, 16, N, 64) for N in (1024, 1025, 2305)] + [("sweep", SWEEP_BATCH, 16, 4096, 64)]
-    out = [("setr", B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
-    return out + [("sweep", SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS]
+        return [(2, 16, N, 64) for N in (1024, 1025, 2305)] + [(SWEEP_BATCH, 16, 4096, 64)]
+    return [(B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS] + [(SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS]
 
 
 def bench_provider(name, B, H, N, D, dtype, quick):
@@ -97,12 +96,7 @@ def bench_provider(name, B, H, N, D, dtype, quick):
             "B": B, "H": H, "N": N, "D": D}
     if name == OURS:
         base["path"] = ("triton" if on_gpu() else "triton-interpreter") if use_triton(qkv) else "reference"
-    if name == "torch.compile":
-        base["compile_backend"] = common.compile_backend()
-    try:
-        rows = time_modes(make_fn(name), (qkv, H), qkv, base, quick, grads=[dout], flops=flops, memory_modes=MODES)
-    except Exception as e:  # noqa: BLE001
-        rows = error_rows(base, e)
+    rows = time_provider(lambda: make_fn(name), (qkv, H), qkv, base, quick, grads=[dout], flops=flops, memory_modes=MODES)
     if on_gpu():
         torch.cuda.empty_cache()
     return rows
@@ -111,10 +105,9 @@ def bench_provider(name, B, H, N, D, dtype, quick):
 def run(quick=False, setr_only=False):
     dtype = torch.bfloat16
     rows, skip = [], unavailable()
-    for group, B, H, N, D in shapes(quick, setr_only):
+    for B, H, N, D in shapes(quick, setr_only):
         for name in [p for p in (OURS,) + PEERS if p not in skip]:
             for row in bench_provider(name, B, H, N, D, dtype, quick):
-                row["group"] = group
                 rows.append(row)
                 shown = row.get("error") or f"{row['ms']:.3f} ms  {row['tflops']:.1f} TFLOP/s"
                 print(f"{row['shape']:<26} {row['mode']:<8} {name:<15} {shown}", flush=True)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from bench import OURS, common
-from bench.common import MODES, default_device, error_rows, on_gpu, time_modes
+from bench.common import MODES, default_device, on_gpu, time_provider
 from setr.layers import add_layer_norm, layer_norm
 
 EPS = 1e-6
@@ -82,12 +82,7 @@ def run_case(kernel, shape, dtype, quick=False):
     rows, skip = [], unavailable()
     for provider in [p for p in PROVIDERS if p not in skip]:
         base = dict(kernel=kernel, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""))
-        if provider == "torch.compile":
-            base["compile_backend"] = common.compile_backend()
-        try:
-            rows += time_modes(make_fn(kernel, provider), (x, r, w, b), inputs, base, quick, bytes_moved=traffic)
-        except Exception as e:  # noqa: BLE001
-            rows += error_rows(base, e)
+        rows += time_provider(lambda: make_fn(kernel, provider), (x, r, w, b), inputs, base, quick, bytes_moved=traffic)
     return rows
 
 

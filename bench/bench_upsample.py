@@ -21,7 +21,7 @@ Run through bench/kernels.py (`--only upsample`).
 import torch
 
 from bench import OURS, common
-from bench.common import MODES, default_device, error_rows, on_gpu, time_modes
+from bench.common import MODES, default_device, on_gpu, time_provider
 from setr.layers import seg_loss, upsample
 
 BATCH = 8
@@ -50,13 +50,6 @@ def make_fn(kernel, provider):
     return lambda logits, labels: seg_loss(logits, labels, IGNORE_INDEX, provider)
 
 
-def _base(kernel, provider, shape, dtype):
-    base = dict(kernel=kernel, provider=provider, shape=shape, dtype=str(dtype).replace("torch.", ""))
-    if provider == "torch.compile":
-        base["compile_backend"] = common.compile_backend()
-    return base
-
-
 def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, quick=False):
     device = default_device()
     kernel = "upsample_bilinear_nhwc" if channels_last else "upsample_bilinear"
@@ -69,11 +62,8 @@ def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, qui
     traffic = {"fwd": one_way, "bwd": one_way, "fwd+bwd": 2 * one_way}
     rows = []
     for provider in PROVIDERS:
-        base = _base(kernel, provider, [batch, channels, hw, hw, size, size], dtype)
-        try:
-            rows += time_modes(make_fn(kernel, provider), (x, (size, size)), x, base, quick, bytes_moved=traffic)
-        except Exception as e:  # noqa: BLE001
-            rows += error_rows(base, e)
+        base = dict(kernel=kernel, provider=provider, shape=[batch, channels, hw, hw, size, size], dtype=str(dtype)[6:])
+        rows += time_provider(lambda: make_fn(kernel, provider), (x, (size, size)), x, base, quick, bytes_moved=traffic)
     return rows
 
 
@@ -84,12 +74,10 @@ def run_loss_case(batch, classes, hw, size, dtype, quick=False):
     labels[torch.rand(batch, size, size, device=device) < 0.1] = IGNORE_INDEX
     rows = []
     for provider in PROVIDERS:
-        base = _base("upsample_cross_entropy", provider, [batch, classes, hw, hw, size, size], dtype)
-        try:
-            rows += time_modes(make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base, quick,
-                               memory_modes=MODES)
-        except Exception as e:  # noqa: BLE001
-            rows += error_rows(base, e)
+        base = dict(kernel="upsample_cross_entropy", provider=provider, shape=[batch, classes, hw, hw, size, size],
+                    dtype=str(dtype)[6:])
+        rows += time_provider(lambda: make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base, quick,
+                              memory_modes=MODES)
     return rows
 
 

@@ -147,12 +147,17 @@ def time_modes(fn, args, leaves, base, quick=False, grads=None, bytes_moved=None
     return rows
 
 
-def error_rows(base, exc):
-    """A provider that could not run, reported in every mode (never skipped silently)."""
-    if on_gpu():
-        torch.cuda.empty_cache()
-    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-    return [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+def time_provider(make_fn, args, leaves, base, quick=False, **kw):
+    """time_modes(make_fn(), ...) for the provider base names, or, when it cannot run, a row per
+    mode with its error (never skipped silently); torch.compile's backend goes in the rows."""
+    if base["provider"] == "torch.compile":
+        base = dict(base, compile_backend=compile_backend())
+    try:
+        return time_modes(make_fn(), args, leaves, base, quick, **kw)
+    except Exception as e:  # noqa: BLE001 - reported in the rows
+        if on_gpu():
+            torch.cuda.empty_cache()
+        return [dict(base, mode=mode, ms=None, error=f"{type(e).__name__}: {e}".splitlines()[0][:300]) for mode in MODES]
 
 
 def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype")):

@@ -127,26 +127,24 @@ def run_table(results_dir, allow_cpu=False):
 
 
 def step_table(results_dir, allow_cpu=False):
-    """Per preset: each variant's train step (impl, recompute, compile) and its inference fps."""
-    lines = ["| model (preset) | impl | recompute | compile | batch | img/s | MFU | peak (GiB) | per image (GiB) | "
-             "inference fps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """Per preset: each variant's train step (impl, recompute, compile)."""
+    lines = ["| model (preset) | impl | recompute | compile | batch | img/s | MFU | peak (GiB) | per image (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     sources = []
     for path in sorted(glob.glob(os.path.join(results_dir, "train_step_*.json"))):
         data = load(path, allow_cpu)
         sources.append(source_line(path, data["environment"]))
-        fps = {(r["provider"], r["recompute"]): r.get("fps") for r in data["rows"] if r["mode"] == "inference"}
-        for r in (r for r in data["rows"] if r["mode"] == "train"):
-            cells = ([f"error: {r['error']}"] + [""] * 5 if "error" in r else
+        for r in data["rows"]:
+            cells = ([f"error: {r['error']}"] + [""] * 4 if "error" in r else
                      [num(r["images_per_s"], 1), num(r["mfu"] and 100 * r["mfu"], 1) + "%", num(r["peak_mem_gib"]),
-                      num(r.get("mem_per_image_gib")), num(fps.get((r["provider"], r["recompute"])), 1)])
+                      num(r.get("mem_per_image_gib"))])
             lines.append(f"| {HEAD_NAMES[r['head']]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} ({r['preset']}) "
                          f"| {r['impl']} | {r['recompute']} | {'on' if r['compile'] else 'off'} | {r['batch']} | "
                          + " | ".join(cells) + " |")
     if not sources:
         return [f"No train-step results (`train_step_<preset>.json`) in `{results_dir}`."]
     return lines + ["", "One step of `train.step.train_step` on the model as training builds it (FSDP2 on one rank, "
-                        "bf16 mixed precision, SyncBN), fixed random batch; inference: eval mode, whole image, "
-                        "batch 1, bf16 autocast.", ""] + sources
+                        "bf16 mixed precision, SyncBN), fixed random batch.", ""] + sources
 
 
 def kernel_table(results_dir, allow_cpu=False):

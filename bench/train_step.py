@@ -13,9 +13,7 @@ all-reduce, mmseg's SGD, the one host read) on a fixed random batch: the median 
 after --warmup, each synchronized. Reported: step time, images/s, TFLOP/s and MFU from the
 analytic FLOPs (3 x forward_flops against the GPU's dense peak; ours classifies before the last
 upsample and is credited ~7% fewer FLOPs for naive/PUP: its MFU is conservative), first and last
-loss, peak allocated memory and per image, and the inference speed of the plain eval model
-(whole image, batch 1, autocast; --no-inference skips it). Ratios compare impls under the same
-recompute policy. Results: <out>/train_step_<preset>.{json,md} (default bench/results/<gpu>/),
+loss, peak allocated memory and per image. Ratios compare impls under the same recompute policy. Results: <out>/train_step_<preset>.{json,md} (default bench/results/<gpu>/),
 rewritten after each variant, with PASS/MISS lines for the goals. The training command itself,
 data loading included, is bench/gpu_check.py's first part. Without a GPU this runs the tiny
 config (vit_tiny, 32x32, 8 classes, fp32, one step): its timings and MFU mean nothing.
@@ -51,7 +49,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU, 0 on CPU")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="cap this process's GPU memory (GiB), e.g. 80 to decide the 80 GB goal on an H200")
-    p.add_argument("--no-inference", action="store_true", help="skip the inference timing")
     p.add_argument("--quick", action="store_true", help="the tiny CPU config on any device")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
     args = p.parse_args(argv)
@@ -67,10 +64,9 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from bench import GIB, OURS, UsageError, common, run_script, step  # noqa: E402
-from train.build import build_model  # noqa: E402
 from train.config import PRESETS, RECOMPUTE, ParallelConfig  # noqa: E402
 from train.flops import model_flops_utilization, peak_flops  # noqa: E402
-from train.parallelize import DTYPES, destroy_distributed, init_distributed  # noqa: E402
+from train.parallelize import destroy_distributed, init_distributed  # noqa: E402
 from train.step import build_step_state  # noqa: E402
 import train.step  # noqa: E402  (train.step.train_step is looked up at each call: tests spy on it)
 
@@ -83,8 +79,8 @@ GOAL_BATCH = 16
 GOAL_GPU_GIB = 80
 TINY = dict(backbone="vit_tiny", crop=32, batch=1, num_classes=8, steps=1, warmup=0, precision="fp32")
 FULL = dict(backbone="vit_large", crop=None, batch=8, num_classes=None, steps=20, warmup=5, precision="bf16")
-COLUMNS = ["mode", "provider", "recompute", "shape", "dtype", "ms", "images_per_s", "fps", "tflops", "mfu",
-           "peak_mem_gib", "mem_per_image_gib", "first_loss", "loss", "error"]
+COLUMNS = ["provider", "recompute", "shape", "dtype", "ms", "images_per_s", "tflops", "mfu", "peak_mem_gib",
+           "mem_per_image_gib", "first_loss", "loss", "error"]
 
 
 def resolve_config(args, on_gpu):
@@ -106,47 +102,31 @@ def resolve_config(args, on_gpu):
     return cfg
 
 
-def run_variant(preset, impl, recompute, compile_, cfg, device, inference):
-    """Train-step and inference rows of one variant (rows carry "error" when it failed)."""
+def run_variant(preset, impl, recompute, compile_, cfg, device):
+    """The row of one variant (with "error" when it failed)."""
     run = step.run_config(preset, impl, recompute, cfg["precision"], compile_, cfg["backbone"], cfg["crop"],
                           cfg["num_classes"])
     crop, classes = run.data.crop_size[0], run.model.num_classes
-    base = dict(kernel=f"setr_{preset}_{cfg['backbone']}", preset=preset, head=run.model.head, backbone=cfg["backbone"],
-                impl=impl, recompute=recompute, compile=compile_, provider=impl + ("+compile" if compile_ else ""),
-                dtype=cfg["precision"])
-    rows = [dict(base, mode="train", shape=f"{cfg['batch']}x3x{crop}x{crop}", batch=cfg["batch"])]
-    if inference and not compile_:  # the plain eval model, as evaluation and setr.predict run it: once per impl
-        rows.append(dict(base, mode="inference", shape=f"1x3x{crop}x{crop}", batch=1))
+    row = dict(kernel=f"setr_{preset}_{cfg['backbone']}", preset=preset, head=run.model.head, backbone=cfg["backbone"],
+               impl=impl, recompute=recompute, compile=compile_, provider=impl + ("+compile" if compile_ else ""),
+               mode="train", shape=f"{cfg['batch']}x3x{crop}x{crop}", dtype=cfg["precision"], batch=cfg["batch"])
     try:
         torch.manual_seed(0)  # the same weights for every variant: their first losses must agree
         state = build_step_state(run, step.build_parallel(run, device), device)
         batches = [step.random_batch(cfg["batch"], crop, classes, device)]
         losses = []
-        if measure(rows[0], lambda: losses.append(train.step.train_step(state, batches)["loss"]), cfg, device):
-            add_training_figures(rows[0], 3 * state.model.forward_flops(crop, crop), losses, cfg, device)
-        del state, batches
-        if len(rows) > 1:
-            model = build_model(run, device, log=None).eval()
-            image = step.random_batch(1, crop, classes, device)[0]
-            low = DTYPES[cfg["precision"]] if cfg["precision"] != "fp32" else None
-
-            def forward():
-                with torch.inference_mode(), torch.autocast(device.type, dtype=low, enabled=low is not None):
-                    model(image)
-
-            if measure(rows[1], forward, cfg, device):
-                rows[1]["fps"] = 1e3 / rows[1]["ms"]
+        if measure(row, lambda: losses.append(train.step.train_step(state, batches)["loss"]), cfg, device):
+            add_training_figures(row, 3 * state.model.forward_flops(crop, crop), losses, cfg, device)
     except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
-        for row in rows:
-            row.setdefault("error", step.error_text(e))
+        row.setdefault("error", step.error_text(e))
     finally:
+        state = batches = None  # noqa: F841 - frees the model before the next variant
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:
-        if "error" in row:
-            print(f"  {row['provider']} recompute={recompute} {row['mode']}: {row['error']}")
-    return rows
+    if "error" in row:
+        print(f"  {row['provider']} recompute={recompute}: {row['error']}")
+    return row
 
 
 def measure(row, fn, cfg, device):
@@ -190,13 +170,12 @@ def add_training_figures(row, flops_per_image, losses, cfg, device):
 
 
 def goal_lines(preset, rows, on_gpu, gpu_gib=None):
-    """One PASS / MISS / n/a line per goal, from this run's train rows under the first recompute
-    policy measured (ours against each peer under that same policy)."""
+    """One PASS / MISS / n/a line per goal, from this run's rows under the first recompute policy
+    measured (ours against each peer under that same policy)."""
     if not on_gpu:
         return ["- n/a: every goal (CPU run; timings, MFU and memory mean nothing)"]
-    train_rows = [r for r in rows if r["mode"] == "train"]
-    policy = train_rows[0]["recompute"] if train_rows else None
-    ok = {r["provider"]: r for r in train_rows if "error" not in r and r["recompute"] == policy}
+    policy = rows[0]["recompute"] if rows else None
+    ok = {r["provider"]: r for r in rows if "error" not in r and r["recompute"] == policy}
     ours = ok.get(OURS)
     verdict = lambda passed: "PASS" if passed else "MISS"
     lines = []
@@ -220,7 +199,7 @@ def goal_lines(preset, rows, on_gpu, gpu_gib=None):
         lines.append(f"- {verdict(m <= GOAL_MEM_PER_IMAGE_GIB)}: impl=triton per-image peak memory {m:.2f} GB at "
                      f"batch {ours['batch']}, recompute={policy} (goal <= {GOAL_MEM_PER_IMAGE_GIB} GB)")
     what = f"batch {GOAL_BATCH} of PUP fits on one {GOAL_GPU_GIB} GB GPU"
-    failed = next((r for r in train_rows if r["provider"] == OURS and "error" in r), None)
+    failed = next((r for r in rows if r["provider"] == OURS and "error" in r), None)
     if gpu_gib is not None and gpu_gib > GOAL_GPU_GIB + 0.5:
         return lines + [f"- n/a: {what} (this GPU has {gpu_gib:.0f} GB; rerun with --memory-limit-gb {GOAL_GPU_GIB})"]
     if ours is not None and ours["batch"] >= GOAL_BATCH:
@@ -250,13 +229,13 @@ def main(argv=None):
             rows = []
             for impl, recompute, compile_ in cfg["variants"]:
                 print(f"[{preset}] {impl}{'+compile' if compile_ else ''} recompute={recompute} ...", flush=True)
-                rows += run_variant(preset, impl, recompute, compile_, cfg, device, not args.no_inference)
+                rows.append(run_variant(preset, impl, recompute, compile_, cfg, device))
                 common.add_ratios(rows, ours=(OURS, OURS + "+compile"), keys=("mode", "recompute"))
                 paths = common.write_results(f"train_step_{preset}", rows, COLUMNS, args.out)
                 goals = goal_lines(preset, rows, device.type == "cuda", gpu_gib)
                 with open(paths[1], "a") as f:
                     f.write("\n## Goals\n\n" + "\n".join(goals) + "\n")
-            failed += [f"{preset}/{r['provider']}/{r['recompute']}/{r['mode']}" for r in rows
+            failed += [f"{preset}/{r['provider']}/{r['recompute']}" for r in rows
                        if "error" in r and not r["error"].startswith("OOM")]
             print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]) + "\n" + "\n".join(goals))
             print("wrote " + ", ".join(paths))

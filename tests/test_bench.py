@@ -54,7 +54,7 @@ def test_trainer_benchmark_and_planner_run_the_one_train_step(monkeypatch, tmp_p
     monkeypatch.setattr(memory_plan, "train_step", spy)
     memory_plan.plan("pup", "eager", 1, "none", crop=32, backbone="vit_tiny", num_classes=7, aux=False)
     assert len(calls) == 2  # the planner: a step for the momentum buffers, then the one it reports
-    assert train_step.main(["--quick", "--impl", "eager", "--no-inference", "--out", str(tmp_path)]) == 0
+    assert train_step.main(["--quick", "--impl", "eager", "--out", str(tmp_path)]) == 0
     assert len(calls) == 3 and all(name.startswith("FSDP") for name in calls)  # on the FSDP2 model
 
 
@@ -167,7 +167,6 @@ def test_readme_tables_quote_only_the_files(tmp_path):
              mfu=0.2, peak_mem_gib=40.5, mem_per_image_gib=5.0625),
         dict(base, mode="train", provider="triton+compile", impl="triton", compile=True, batch=8, images_per_s=20.0,
              mfu=0.4, peak_mem_gib=15.25, mem_per_image_gib=1.90625),
-        dict(base, mode="inference", provider="eager", impl="eager", batch=1, ms=50.0, fps=20.0),
         dict(base, mode="train", provider="sdpa", impl="sdpa", batch=8, error="OOM at batch 8")])
     _write(tmp_path / "kernels.json", GPU_ENV, [
         dict(kernel="attention", mode="fwd", provider="triton", shape="B=8 H=16 N=1025 D=64", dtype="bfloat16",
@@ -176,9 +175,9 @@ def test_readme_tables_quote_only_the_files(tmp_path):
     lines = text.splitlines()
     assert "| train_run_triton | triton | selective | 16 | 20 | 21.5 | 45.6% | 14.25 | 2% |" in lines
     assert any(line.startswith("| train_run_eager | error: no metrics") for line in lines)
-    assert "| SETR-PUP ViT-L/16 (pup) | eager | selective | off | 8 | 10.0 | 20.0% | 40.50 | 5.06 | 20.0 |" in lines
-    assert "| SETR-PUP ViT-L/16 (pup) | triton | selective | on | 8 | 20.0 | 40.0% | 15.25 | 1.91 | - |" in lines
-    assert "| SETR-PUP ViT-L/16 (pup) | sdpa | selective | off | 8 | error: OOM at batch 8 |  |  |  |  |  |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | eager | selective | off | 8 | 10.0 | 20.0% | 40.50 | 5.06 |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | triton | selective | on | 8 | 20.0 | 40.0% | 15.25 | 1.91 |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | sdpa | selective | off | 8 | error: OOM at batch 8 |  |  |  |  |" in lines
     assert "| attention | fwd | B=8 H=16 N=1025 D=64 | bfloat16 | 0.5 | 420.0 | - | sdpa_flash 1.20x |" in lines
     assert "Not measured in this run: xformers (not installed)." in text
     assert "NVIDIA H100 80GB HBM3" in text and "commit 0123456789" in text and "No plans in" in text
@@ -251,18 +250,15 @@ def test_a_mistake_is_one_line_and_exit_status_2(script, argv, message, capsys):
 
 @pytest.mark.gpu
 def test_train_step_and_memory_quick_on_gpu(tmp_path):
-    """The device-only paths: peak memory, MFU, the OOM-catching batch search, the measured step."""
+    """The device-only paths: peak memory, MFU, the measured step and its snapshot."""
     from bench import memory
 
-    rc = train_step.main(["--quick", "--impl", "eager", "triton", "--recompute", "all", "--find-max-batch",
-                          "--max-batch", "4", "--out", str(tmp_path)])
+    rc = train_step.main(["--quick", "--impl", "eager", "triton", "--recompute", "all", "--out", str(tmp_path)])
     assert rc == 0
     data, md = read_results(str(tmp_path), "train_step_pup")
     known_gpu = peak_flops(data["environment"]["gpu"], "fp32") is not None
     for r in data["rows"]:
-        assert "error" not in r and r["peak_mem_gib"] > 0
-        if r["mode"] == "train":
-            assert r["max_batch"] == 4 and (r["mfu"] is not None) == known_gpu
+        assert "error" not in r and r["peak_mem_gib"] > 0 and (r["mfu"] is not None) == known_gpu
     assert "- n/a: every goal" not in md
     assert memory.main(["--backbone", "vit_tiny", "--crop", "32", "--batch", "2", "--num-classes", "8", "--measure",
                         "--snapshot", "--out", str(tmp_path / "memory")]) == 0

@@ -101,12 +101,12 @@ def test_dry_run_kernels(dry_run):
 
 
 def test_dry_run_train_step(dry_run):
-    rows = {(r["provider"], r["mode"]): r for r in load(dry_run[2], "train_step_pup")["rows"]}
+    rows = {r["provider"]: r for r in load(dry_run[2], "train_step_pup")["rows"]}
     # the smoke run leaves sdpa (eager's code path on CPU) and torch.compile (minutes of inductor) out
-    assert set(rows) == {(v, m) for v in ("eager", "triton") for m in ("train", "inference")}
-    eager = rows["eager", "train"]
+    assert set(rows) == {"eager", "triton"}
+    eager = rows["eager"]
     for impl in ("eager", "triton"):
-        t = rows[impl, "train"]
+        t = rows[impl]
         assert "error" not in t, t
         assert t["shape"] == "1x3x32x32" and t["ms"] > 0 and t["recompute"] == eager["recompute"]
         assert t["images_per_s"] == pytest.approx(1e3 / t["ms"])
@@ -114,8 +114,7 @@ def test_dry_run_train_step(dry_run):
         assert t["mfu"] is None and t["peak_mem_gib"] is None  # no GPU: no MFU, no device memory
         # same weights and batch for every variant: the first-step losses agree (fp32)
         assert t["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
-        assert rows[impl, "inference"]["fps"] > 0
-    assert set(rows["triton", "train"]["speedup_vs"]) == {"eager"}
+    assert set(rows["triton"]["speedup_vs"]) == {"eager"}
 
 
 def test_dry_run_readme_tables(dry_run):
