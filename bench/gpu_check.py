@@ -45,7 +45,7 @@ import time
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import environment, gpu_results_dir
+from bench import UsageError, environment, gpu_results_dir, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included
@@ -325,9 +325,7 @@ def main(argv=None):
     stop_on_sigterm()
     env = environment()
     if env["gpu"] is None and not args.dry_run:
-        print("gpu_check: error: no GPU (nvidia-smi finds none); --dry-run runs every part in smoke mode on the CPU",
-              file=sys.stderr)
-        return 2
+        raise UsageError("no GPU (nvidia-smi finds none); --dry-run runs every part in smoke mode on the CPU")
     if args.dry_run:
         env["gpu"] = None  # the parts run on the CPU whatever this machine has
     out = os.path.abspath(args.out or gpu_results_dir(env["gpu"]))
@@ -348,4 +346,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

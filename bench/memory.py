@@ -165,20 +165,6 @@ def breakdown_line(row):
     return f"  {config_name(row)}: peak in the {p['peak_at']}: {parts} GiB"
 
 
-def write_row(row, outdir, env):
-    write_atomic(os.path.join(outdir, config_name(row) + ".json"),
-                 json.dumps({"environment": env, "row": row}, indent=1) + "\n")
-
-
-def fresh_dir():
-    """A new folder bench/results/memory/<date>[_n]/ for this run's results."""
-    base = os.path.join(RESULTS, "memory", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    path, n = base, 1
-    while os.path.exists(path):
-        path, n = f"{base}_{n}", n + 1
-    return path
-
-
 def measure_line(row, snapshot_dir=None):
     """The real step's max_memory_allocated beside the plan (added to the row)."""
     config = {k: row[k] for k in ("preset", "impl", "recompute", "batch", "world_size", "precision", "crop",
@@ -207,7 +193,9 @@ def main(argv=None):
     if args.readme_table:
         configs, out = [make_config(**c) for c in readme_tables.table_configs()], args.out or readme_tables.ESTIMATE
     else:
-        configs, out = configs_from_args(args), args.out or fresh_dir()
+        # a folder of this run's own: bench/results/memory/<date, to the microsecond>
+        configs = configs_from_args(args)
+        out = args.out or os.path.join(RESULTS, "memory", datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     os.makedirs(out, exist_ok=True)
     rows, notes = [], []
     for config in configs:
@@ -228,7 +216,7 @@ def main(argv=None):
     env = common.environment()
     env.pop("note", None)  # the CPU-timing caveat: a plan times nothing
     for row in rows:
-        write_row(row, out, env)
+        write_atomic(os.path.join(out, config_name(row) + ".json"), json.dumps({"environment": env, "row": row}, indent=1))
         print(breakdown_line(row))
     print(f"wrote {len(rows)} plan(s) (<config>.json: the peak by category and by module) to {out}")
     if args.readme_table:
