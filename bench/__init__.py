@@ -25,6 +25,15 @@ class UsageError(ValueError):
     was expected."""
 
 
+def choose(flag, value, names):
+    """The names a flag's value stands for ("all": every one); a UsageError for an unknown one."""
+    if value == "all":
+        return list(names)
+    if value not in names:
+        raise UsageError(f"--{flag} {value!r}: expected one of {', '.join(names)} or all")
+    return [value]
+
+
 def run_script(main, argv=None):
     """main(argv) as a script's exit status, by setr.cli's policy: a UsageError is one line on
     stderr and status 2, anything else a bug (its traceback, status 1)."""

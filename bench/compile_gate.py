@@ -309,31 +309,6 @@ def public(row):
     return {k: v for k, v in row.items() if k != "job"}
 
 
-SUMMARY_COLUMNS = ["arch", "kernel", "compiles", "max_regs", "spilling", "spilling_gated", "min_occupancy",
-                   "max_occupancy", "min_tensor_core_ops"]
-
-
-def summary(rows):
-    """One line per (arch, kernel): how many compiles, the most registers, how many spill (all, and
-    of those the gate covers: none may), occupancy range, fewest wgmma/mma instructions."""
-    out = {}
-    for r in rows:
-        s = out.setdefault((r["arch"], r["kernel"]), dict(arch=r["arch"], kernel=r["kernel"], compiles=0, max_regs=0,
-                                                          spilling=0, spilling_gated=0, min_occupancy=1.0,
-                                                          max_occupancy=0.0, min_tensor_core_ops=None))
-        s["compiles"] += 1
-        if "error" in r:
-            continue
-        s["max_regs"] = max(s["max_regs"], r["regs"])
-        s["spilling"] += r["spill_stores"] + r["spill_loads"] > 0
-        s["spilling_gated"] += "spills" in r["gate"]
-        s["min_occupancy"] = min(s["min_occupancy"], r["occupancy"])
-        s["max_occupancy"] = max(s["max_occupancy"], r["occupancy"])
-        ops = r["wgmma"] if r["arch"] == "sm_90a" else r["mma"]
-        s["min_tensor_core_ops"] = ops if s["min_tensor_core_ops"] is None else min(s["min_tensor_core_ops"], ops)
-    return list(out.values())
-
-
 def write_table(rows, outdir, seconds, compiled):
     os.makedirs(outdir, exist_ok=True)
     meta = dict(triton=triton.__version__, torch=torch.__version__, compiles=len(rows),
@@ -350,8 +325,7 @@ def write_table(rows, outdir, seconds, compiled):
              "(sm_90a) or mma.sync (sm_80) instructions in the PTX.", ""]
     fmt = lambda r: {**r, "config": " ".join(f"{k}={v}" for k, v in r["config"].items())}
     write_atomic(os.path.join(outdir, "compile.md"),
-                 "\n".join(lines) + "\n" + markdown_table(summary(rows), SUMMARY_COLUMNS) + "\n\n"
-                 + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
+                 "\n".join(lines) + "\n" + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
 
 
 def subset(committed):

@@ -31,6 +31,7 @@ This process imports no torch.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import ctypes
 import datetime
 import glob
@@ -138,16 +139,11 @@ def part_env(side_by_side):
 
 def kill_group(proc):
     """SIGTERM the part's process group, SIGKILL what is left after KILL_GRACE_S."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        if wait is not None:
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                pass
+    with contextlib.suppress(ProcessLookupError):  # the group is gone
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=KILL_GRACE_S)
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _own_group_dies_with_parent():
@@ -206,12 +202,17 @@ def add_training_run(out, env, record):
     except (OSError, ValueError, KeyError, IndexError) as e:
         row["error"] = f"no metrics: {type(e).__name__}: {e}"
     path = os.path.join(out, "train_run.json")
+    rows = [r for r in _read(path, "rows") if r["name"] != row["name"]]
+    _write(path, json.dumps({"environment": env, "rows": rows + [row]}, indent=1))
+
+
+def _read(path, key):
+    """json[key] of the file at path; [] when there is none (or it is not ours)."""
     try:
         with open(path) as f:
-            rows = [r for r in json.load(f)["rows"] if r["name"] != row["name"]]
+            return json.load(f)[key]
     except (OSError, ValueError, KeyError):
-        rows = []
-    _write(path, json.dumps({"environment": env, "rows": rows + [row]}, indent=1))
+        return []
 
 
 def _write(path, text):
@@ -247,15 +248,6 @@ def write_report(out, env, records, dry_run):
         lines += [f"- {line}" for line in r["summary"]] + ["", "```"] + r["tail"] + ["```"]
     _write(os.path.join(out, "gpu_check.json"), json.dumps(data, indent=1))
     _write(os.path.join(out, "gpu_check.md"), "\n".join(lines) + "\n")
-
-
-def earlier_records(out):
-    """The part records of the report already in out (a rerun with --only keeps the others)."""
-    try:
-        with open(os.path.join(out, "gpu_check.json")) as f:
-            return json.load(f)["parts"]
-    except (OSError, ValueError, KeyError):
-        return []
 
 
 def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), jobs=1):
@@ -338,7 +330,8 @@ def main(argv=None):
     for name, limit_s, *_ in PARTS:
         print(f"  {name:<28} {limit_s:>4} s" + ("" if not args.only or name in args.only else "  (not selected)"))
     records = run_all(parts, out, env, args.dry_run, TOTAL_LIMIT_S * args.scale,
-                      earlier_records(out) if args.only else (), jobs=2 if args.dry_run else 1)
+                      _read(os.path.join(out, "gpu_check.json"), "parts") if args.only else (),  # --only: keep the rest
+                      jobs=2 if args.dry_run else 1)
     bad = [r for r in records if r["status"] != "passed"]
     print(f"[gpu_check] {len(records) - len(bad)}/{len(records)} parts passed"
           + "".join(f"\nNOT PASSED: {r['name']} ({r['status']}, log {r['log']})" for r in bad))

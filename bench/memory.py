@@ -76,20 +76,11 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from bench import GIB, RESULTS, UsageError, common, readme_tables, run_script  # noqa: E402
+from bench import GIB, RESULTS, choose, common, readme_tables, run_script  # noqa: E402
 from bench.memory_plan import PlanError, check_config, measure, plan  # noqa: E402
 from setr.data.catalog import NAMED_DATASETS  # noqa: E402
 from setr.files import write_atomic  # noqa: E402
 from train.config import PRESETS, RECOMPUTE, ParallelConfig, get_preset  # noqa: E402
-
-
-def choose(flag, value, names):
-    """The names a flag value stands for ('all': every one); a UsageError for an unknown one."""
-    if value == "all":
-        return list(names)
-    if value not in names:
-        raise UsageError(f"--{flag} {value!r}: expected one of {', '.join(names)} or all")
-    return [value]
 
 
 def make_config(preset, impl, recompute, world_size=1, batch=None, precision="bf16", crop=None, num_classes=None,
@@ -103,9 +94,7 @@ def make_config(preset, impl, recompute, world_size=1, batch=None, precision="bf
 
 
 def configs_from_args(args):
-    presets = [args.preset] if args.preset else choose("head", args.head, HEADS)
-    if args.preset not in (None, *PRESETS):
-        raise UsageError(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
+    presets = choose("preset", args.preset, PRESETS) if args.preset else choose("head", args.head, HEADS)
     policies = choose("recompute", args.recompute or ParallelConfig().recompute, RECOMPUTE)
     return [make_config(p, i, r, args.world_size, args.batch, args.precision, args.crop, args.num_classes, args.backbone)
             for p in presets for r in policies for i in choose("impl", args.impl, IMPLS)]

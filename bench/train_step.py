@@ -36,8 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--head", default="pup", choices=HEADS + ("all",), help="its ADE20K preset (default pup)")
     p.add_argument("--preset", default=None, help="a training preset instead (train/config.py), e.g. pup_cityscapes")
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
-    p.add_argument("--recompute", nargs="+", default=None,
-                   help="none | selective | full | all (default: training's, train/config.py)")
+    p.add_argument("--recompute", default=None, help="none | selective | full | all (default: training's, train/config.py)")
     p.add_argument("--compile", default="off", choices=("off", "on", "both"),
                    help="training's torch.compile of each block (parallel.compile)")
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="vit_large on GPU, vit_tiny on CPU")
@@ -55,6 +54,8 @@ def parse_args(argv=None):
     for name in ("crop", "batch", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if (args.crop or 0) % PATCH_SIZE:
+        p.error(f"--crop {args.crop} is not a multiple of the patch size {PATCH_SIZE}")
     return args
 
 
@@ -63,7 +64,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from bench import GIB, OURS, UsageError, common, run_script, step  # noqa: E402
+from bench import GIB, OURS, choose, common, run_script, step  # noqa: E402
 from train.config import PRESETS, RECOMPUTE, ParallelConfig  # noqa: E402
 from train.flops import model_flops_utilization, peak_flops  # noqa: E402
 from train.parallelize import destroy_distributed, init_distributed  # noqa: E402
@@ -84,19 +85,12 @@ COLUMNS = ["provider", "recompute", "shape", "dtype", "ms", "images_per_s", "tfl
 
 
 def resolve_config(args, on_gpu):
-    """The defaults (TINY on CPU or with --quick, else FULL) overridden by the flags given, and
-    the variants [(impl, recompute, compile)]."""
+    """The defaults (TINY on CPU or with --quick, else FULL) overridden by the flags given, the
+    presets and the variants [(impl, recompute, compile)]."""
     cfg = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in (TINY if args.quick or not on_gpu
                                                                                else FULL).items()}
-    if (cfg["crop"] or 0) % PATCH_SIZE:
-        raise UsageError(f"--crop {cfg['crop']} is not a multiple of the patch size {PATCH_SIZE}")
-    if args.preset not in (None, *PRESETS):
-        raise UsageError(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
-    policies = args.recompute or [ParallelConfig().recompute]
-    policies = list(RECOMPUTE) if policies == ["all"] else policies
-    for r in policies:
-        if r not in RECOMPUTE:
-            raise UsageError(f"--recompute {r!r}: expected one of {', '.join(RECOMPUTE)} or all")
+    cfg["presets"] = choose("preset", args.preset, PRESETS) if args.preset else choose("head", args.head, HEADS)
+    policies = choose("recompute", args.recompute or ParallelConfig().recompute, RECOMPUTE)
     compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     cfg["variants"] = [(i, r, c) for c in compiles for r in policies for i in args.impl]
     return cfg
@@ -225,7 +219,7 @@ def main(argv=None):
     init_distributed(device.type)  # the one-rank process group training runs in
     failed = []
     try:
-        for preset in [args.preset] if args.preset else HEADS if args.head == "all" else [args.head]:
+        for preset in cfg["presets"]:
             rows = []
             for impl, recompute, compile_ in cfg["variants"]:
                 print(f"[{preset}] {impl}{'+compile' if compile_ else ''} recompute={recompute} ...", flush=True)

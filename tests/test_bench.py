@@ -235,7 +235,7 @@ def test_every_script_answers_help_at_once():
 
 @pytest.mark.parametrize("script, argv, message", [
     ("train_step", ["--recompute", "sometimes"], "--recompute 'sometimes': expected one of none"),
-    ("train_step", ["--crop", "100"], "--crop 100 is not a multiple of the patch size 16"),
+    ("train_step", ["--preset", "pup_kitti"], "--preset 'pup_kitti': expected one of naive, pup"),
     ("readme_tables", ["--results", "/nonexistent/results"], "--results /nonexistent/results: no such folder"),
     ("bench_data", ["--data-root", "/nonexistent/ade"], "--data-root /nonexistent/ade --split validation: "),
 ])
