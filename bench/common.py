@@ -52,16 +52,10 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False, backend=compile_backend())
 
 
-def kernel_failures(rows):
-    """Rows that make a kernel benchmark fail: an error in a row of ours (a peer that cannot run,
-    e.g. not installed, is reported but is no failure)."""
-    return [r for r in rows if r.get("error") and r["provider"] == OURS]
-
-
 def failure_lines(rows):
-    """One line per failed row of ours, for finish()."""
+    """One line per row of ours with an error, for finish() (a peer's error is reported, no failure)."""
     return [f"{r.get('bench', r['kernel'])}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}"
-            for r in kernel_failures(rows)]
+            for r in rows if r.get("error") and r["provider"] == OURS]
 
 
 def environment():
@@ -118,21 +112,14 @@ def time_modes(fn, args, leaves, base, quick=False, grads=None, bytes_moved=None
     """One row per mode of outs = fn(*args): fwd (leaves require grad), bwd (of a kept forward) and
     fwd+bwd, with gradients w.r.t. `leaves`. grads: the output gradients (random by default; None
     for a scalar). bytes_moved / flops: {mode: count} for GB/s / TFLOP/s. peak_mem_mb for
-    memory_modes. A provider that cannot run raises: the caller turns that into error_rows."""
+    memory_modes. A provider that cannot run raises (time_provider reports it)."""
     outs = fn(*args)
     outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
     if grads is None:
         grads = [torch.randn_like(o) if o.dim() else None for o in outs]
-
-    def fwd():
-        return fn(*args)
-
-    def bwd():
-        return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
-
-    def fwd_bwd():
-        return torch.autograd.grad(fn(*args), leaves, grads)
-
+    fwd = lambda: fn(*args)  # noqa: E731 - the three timed calls, side by side
+    bwd = lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)  # noqa: E731
+    fwd_bwd = lambda: torch.autograd.grad(fn(*args), leaves, grads)  # noqa: E731
     rows = []
     for mode, f in zip(MODES, (fwd, bwd, fwd_bwd)):
         ms, p20, p80 = bench(f, quick=quick)

@@ -5,19 +5,16 @@ config, compiled for Hopper (sm_90a) and Ampere (sm_80) on the CPU with Triton's
     python -m bench.compile_gate           # CI: check the table is current, recompile a subset
 
 The launchers run on CPU tensors of the real shapes (never initialized, nothing executes): each
-kernel launch is captured instead of run, then bound by Triton's own argument specialization for
-a CUDA target, exactly as a real launch would be (16-byte aligned pointers, ints divisible by 16,
-the launcher's constexprs, every autotune config), and compiled with ptxas -v. Each row records
-registers, spill bytes, shared memory against the target's limit, wgmma / mma.sync counts in the
-PTX and an estimated occupancy.
-
-Gate (exit status 1): a compile error anywhere; spills in a bf16/fp16 launch the autotuner can
-pick (fits in shared memory) on sm_90a, and in bf16/fp16 attention at D=64 on sm_80; attention
-without wgmma on sm_90a or without mma on sm_80.
-Each row's key hashes the kernel's source (with the @triton.jit helpers it calls), its
-specialization, options and the Triton version: the default (CI) mode fails when the committed
-table's keys are not exactly the current launches' (run --all and commit the table), and
-`--all --reuse` recompiles only the rows whose key changed.
+launch is captured instead of run, bound by Triton's own argument specialization for a CUDA
+target as a real launch would be (16-byte aligned pointers, ints divisible by 16, the launcher's
+constexprs, every autotune config) and compiled with ptxas -v. A row records registers, spill
+bytes, shared memory against the target's limit, wgmma / mma.sync counts and an estimated
+occupancy. Gate (exit status 1): a compile error anywhere; spills in a bf16/fp16 launch the
+autotuner can pick (fits in shared memory) on sm_90a, and in bf16/fp16 attention at D=64 on sm_80;
+attention without wgmma on sm_90a or without mma on sm_80. A row's key hashes the kernel's source
+(with the @triton.jit helpers it calls), specialization, options and Triton version: CI fails
+when the committed table's keys are not exactly the current launches' (run --all and commit the
+table); `--all --reuse` recompiles only the rows whose key changed.
 """
 import argparse
 import atexit

@@ -20,14 +20,13 @@ Parts, most valuable first (PARTS below; a run cut short loses the last ones):
       batch 16 planned and measured; readme_tables: the README tables of this run
 
 Each part is a subprocess in its own process group, killed whole at its limit; a part that fails
-or runs out of time is recorded and the next one runs; the exit status is 1 if one did not pass.
-The parts share Triton's disk cache and autotuning choices: what one compiled or tuned (the
-training runs tune SETR's shapes) the next reuses. Written to --out (default bench/results/<gpu>/):
-gpu_check.{json,md} (environment; per part its command, limit, wall time, status, exit code and
-last lines of output) after every part, the logs in gpu_check_logs/ and each part's files. A full
-run first moves an earlier run's files to previous/<date>/ (--only adds to them). --dry-run runs
-two parts at a time (on the CPU they share only cores; a part reading earlier ones' files waits).
-This process imports no torch.
+or runs out of time is recorded and the next one runs (exit status 1 if one did not pass). The
+parts share Triton's disk cache and autotuning choices. Written to --out (default
+bench/results/<gpu>/) after every part: gpu_check.{json,md} (environment; per part its command,
+limit, wall time, status, exit code, last lines of output), gpu_check_logs/, each part's files. A
+full run first moves an earlier run's files to previous/<date>/ (--only adds to them). --dry-run
+runs two parts at a time (on the CPU they share only cores; a part reading the others' files
+waits for them). This process imports no torch.
 """
 import argparse
 import concurrent.futures

@@ -122,15 +122,12 @@ def plan_row(config):
                 saved_activations_gib=result["saved_activations"] / GIB, plan=result)
 
 
-def fits(row, gpu_memory):
-    return row["peak_gib"] * (1 + FRAGMENTATION) + ALLOWANCE_GIB <= gpu_memory
-
-
 def max_batch(config, gpu_memory):
     """Largest batch per GPU whose plan fits (0 if batch 1 does not) and its row. Memory is nearly
     affine in the batch: the line through the plans of batch 1 and 8 predicts the answer, and the
     plans around the prediction confirm it."""
     rows = {}
+    fits = lambda row: row["peak_gib"] * (1 + FRAGMENTATION) + ALLOWANCE_GIB <= gpu_memory
 
     def row(b):
         if b not in rows:
@@ -140,9 +137,9 @@ def max_batch(config, gpu_memory):
     per_image = (row(8)["peak_gib"] - row(1)["peak_gib"]) / 7
     budget = (gpu_memory - ALLOWANCE_GIB) / (1 + FRAGMENTATION)  # the planned peak that fits
     b = max(1, int(1 + (budget - row(1)["peak_gib"]) / max(per_image, 1e-9)))
-    while b > 0 and not fits(row(b), gpu_memory):
+    while b > 0 and not fits(row(b)):
         b -= 1
-    while fits(row(b + 1), gpu_memory):
+    while fits(row(b + 1)):
         b += 1
     return b, row(max(b, 1))
 

@@ -1,12 +1,9 @@
 """The training step as every benchmark runs it: training's own config, model and step.
 
     cfg = run_config("pup", impl="triton", recompute="selective")   # a training preset, changed
-    model = build_parallel(cfg, "cuda")        # built and parallelized as train/main.py does it
+    model = build_parallel(cfg, "cuda")        # as train/main.py builds it, in the process group there
     state = train.step.build_step_state(cfg, model, "cuda")
     train.step.train_step(state, [random_batch(16, 512, 150, "cuda")])
-
-`build_parallel` runs in the process group already there: a one-rank group (bench/train_step.py, the
-measured memory), or the memory planner's fake group of any world size on the meta device.
 """
 import copy
 

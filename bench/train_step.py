@@ -110,7 +110,14 @@ def run_variant(preset, impl, recompute, compile_, cfg, device):
         batches = [step.random_batch(cfg["batch"], crop, classes, device)]
         losses = []
         if measure(row, lambda: losses.append(train.step.train_step(state, batches)["loss"]), cfg, device):
-            add_training_figures(row, 3 * state.model.forward_flops(crop, crop), losses, cfg, device)
+            flops, ips = 3 * state.model.forward_flops(crop, crop), cfg["batch"] * 1e3 / row["ms"]
+            gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+            row.update(flops_per_image=flops, images_per_s=ips, tflops=flops * ips / 1e12,
+                       mfu=model_flops_utilization(flops, ips, peak_flops(gpu, cfg["precision"])),
+                       first_loss=round(losses[0], 4), loss=round(losses[-1], 4),
+                       mem_per_image_gib=row["peak_mem_gib"] and row["peak_mem_gib"] / cfg["batch"])
+            if not (math.isfinite(losses[0]) and math.isfinite(losses[-1])):
+                row["error"] = f"non-finite loss: first step {losses[0]}, last step {losses[-1]}"
     except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
         row.setdefault("error", step.error_text(e))
     finally:
@@ -148,19 +155,6 @@ def measure(row, fn, cfg, device):
     except Exception as e:  # noqa: BLE001
         row["error"] = f"OOM at batch {row['batch']}" if step.is_oom(e) else step.error_text(e)
         return False
-
-
-def add_training_figures(row, flops_per_image, losses, cfg, device):
-    """images/s, TFLOP/s, MFU, the first and last loss and the memory per image of a timed row."""
-    ips = cfg["batch"] * 1e3 / row["ms"]
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    row.update(flops_per_image=flops_per_image, images_per_s=ips, tflops=flops_per_image * ips / 1e12,
-               mfu=model_flops_utilization(flops_per_image, ips, peak_flops(gpu, cfg["precision"])),
-               first_loss=round(losses[0], 4), loss=round(losses[-1], 4))
-    if not (math.isfinite(losses[0]) and math.isfinite(losses[-1])):
-        row["error"] = f"non-finite loss: first step {losses[0]}, last step {losses[-1]}"
-    if row["peak_mem_gib"] is not None:
-        row["mem_per_image_gib"] = row["peak_mem_gib"] / cfg["batch"]
 
 
 def goal_lines(preset, rows, on_gpu, gpu_gib=None):

@@ -129,8 +129,8 @@ def test_kernels_harness_reports_failures(tmp_path, monkeypatch):
     data, md = read_results(str(tmp_path), "kernels")
     ours = next(r for r in data["rows"] if r["bench"] == "ok" and r["provider"] == OURS)
     assert ours["speedup_vs"] == {"eager": 3.0}
-    failed = {r["bench"]: r["error"] for r in common.kernel_failures(data["rows"])}
-    assert set(failed) == {"boom", "nothere"}
+    failed = {r["bench"]: r["error"] for r in data["rows"] if r.get("error")}
+    assert set(failed) == {"boom", "nothere"} and len(common.failure_lines(data["rows"])) == 2
     assert "RuntimeError: kernel launch failed" in failed["boom"] and "No module named 'bench.bench_nothere'" in failed["nothere"]
     assert data["not_run"] == {"apex": "not installed"} and "Not run here: apex (not installed)." in md
     assert "kernel launch failed" in md
