@@ -111,7 +111,7 @@ def run_table(results_dir, allow_cpu=False):
     """The training command itself (gpu_check's train_run parts): one row per run."""
     path = os.path.join(results_dir, "train_run.json")
     if not os.path.exists(path):
-        return [f"No training-run results `{path}`."]
+        return [f"No results file `{path}`."]
     data = load(path, allow_cpu)
     lines = ["| run | impl | recompute | batch | iterations | img/s | MFU | max allocated (GiB) | data wait |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -146,10 +146,9 @@ def step_table(results_dir, allow_cpu=False):
 
 
 def kernel_table(results_dir, allow_cpu=False):
+    """Each kernel of ours per mode, shape and dtype: time, TFLOP/s or GB/s, speedup over each peer."""
     path = os.path.join(results_dir, "kernels.json")
-    if not os.path.exists(path):
-        return [f"No kernel results file `{path}`."]
-    data = load(path, allow_cpu)
+    data = load(path, allow_cpu) if os.path.exists(path) else dict(rows=[], environment={})
     lines = ["| kernel | mode | shape | dtype | ours ms | ours TFLOP/s | ours GB/s | speedup of ours vs peers |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -159,6 +158,8 @@ def kernel_table(results_dir, allow_cpu=False):
                          f"{num(r.get('tflops'), 1)} | {num(r.get('gbps'), 0)} | {speedups} |")
     missing = [f"{p} ({why})" for p, why in sorted(data.get("not_run", {}).items())]
     missing += sorted({f"{r['provider']} ({r['error'][:80]})" for r in data["rows"] if r.get("error")})
+    if not data["rows"]:
+        return [f"No results file `{path}`."]
     return lines + ([""] + ["Not measured in this run: " + "; ".join(missing) + "."] if missing else []) + \
         ["", source_line(path, data["environment"])]
 
