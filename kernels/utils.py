@@ -43,6 +43,15 @@ def interpret():
 _interpreted = functools.cache(InterpretedFunction)  # one per Python function
 
 
+def _call_interpreted(fn, *args, **kwargs):
+    """A @triton.jit function called from a kernel running in the interpreter. Our own helpers use
+    the triton.language module that the kernel's launch patched already; the interpreter's call
+    path would patch it again at every call (about a tenth of the interpreted model's time)."""
+    if isinstance(fn, Kernel):
+        return _interpreted(fn.fn).rewrite()(*args, **kwargs)
+    return _interpreted(fn.fn)(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _interpreting():
     """Run a kernel in Triton's interpreter as if triton had been imported with TRITON_INTERPRET=1:
@@ -53,7 +62,7 @@ def _interpreting():
     patched = (tl, tl.core, tl.math, tl.tensor, tl.dtype, tl.core.tensor_descriptor_base)
     saved = [(obj, dict(vars(obj))) for obj in patched]
     compiled_call = JITFunction.__call__
-    JITFunction.__call__ = lambda fn, *args, **kwargs: _interpreted(fn.fn)(*args, **kwargs)
+    JITFunction.__call__ = _call_interpreted
     try:
         yield
     finally:

@@ -53,12 +53,12 @@ def test_preset_choice_overrides_and_roundtrip(tmp_path):
     assert cfg.model.backbone == "vit_tiny" and cfg.data.dataset == "synthetic"
     assert "folder data" in parse_config(["--dataset", "folder"], cuda_available=False).notes[0]
     cfg = parse_config(["--head", "naive", "--preset", "pup", "--lr", "0.5", "--batch-size", "4", "--crop-size",
-                        "32", "--optim.momentum", "0.8", "--activation-checkpointing", "--compile", "false",
+                        "32", "--optim.momentum", "0.8", "--recompute", "full", "--compile", "false",
                         "--resume", "auto", "--data.synthetic_size", "48,64", "--precision", "fp32"],
                        cuda_available=False)
     assert cfg.preset == "pup" and cfg.model.head == "naive"
     assert (cfg.optim.lr, cfg.schedule.batch_size, cfg.data.crop_size, cfg.optim.momentum) == (0.5, 4, (32, 32), 0.8)
-    assert cfg.parallel.activation_checkpointing is True and cfg.parallel.compile is False
+    assert cfg.parallel.recompute == "full" and cfg.parallel.compile is False
     assert cfg.checkpoint.resume == "auto" and cfg.data.synthetic_size == (48, 64)
     cfg.save(tmp_path / "config.json")
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
@@ -97,6 +97,9 @@ def test_unknown_preset_and_head_on_the_command_line(capsys):
         with pytest.raises(SystemExit):
             parse_config(["--head", "fpn"], cuda_available=cuda)
         assert "unknown model.head (--head) 'fpn'; expected one of ('naive', 'pup', 'mla')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the flag --recompute replaced
+        parse_config(["--activation-checkpointing"], cuda_available=False)
+    assert "--activation-checkpointing was replaced by --recompute full" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

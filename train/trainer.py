@@ -69,7 +69,7 @@ class Trainer:
             f"{cfg.schedule.min_lr}, clip {cfg.optim.clip_grad or 'off'}",
             f"parallel: FSDP2 over {self.world_size} {self.device.type} rank(s) "
             f"({dist.get_backend()}), precision {cfg.parallel.precision}, SyncBN "
-            f"{'on' if cfg.parallel.sync_bn else 'off'}, AC {'on' if cfg.parallel.activation_checkpointing else 'off'}, "
+            f"{'on' if cfg.parallel.sync_bn else 'off'}, recompute {cfg.parallel.recompute}, "
             f"compile {'on' if cfg.parallel.compile else 'off'}",
         ]
         return "\n".join(lines)
