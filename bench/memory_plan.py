@@ -16,6 +16,7 @@ and torch.compile (refused). `measure` runs the same two steps for real.
 Private PyTorch internals (tests/test_memory_plan.py runs on torch 2.11 and 2.13): the tracker's
 instrumentation methods and FSDP2's parameter groups, as FSDPMemTracker itself uses them.
 """
+import bisect
 import contextlib
 import re
 
@@ -144,9 +145,12 @@ def module_group(parents, seen_model_child):
 
 class Recorder(TorchDispatchMode):
     """After every op of one step: the tracker's bytes by category, the step's peak (and where it
-    happened) and, per reported module, its forward / backward peak and largest tensor (the module:
-    the innermost one running, forward or backward, by ModTracker). At the end of the forward: the
-    activation bytes still alive, by the module whose op allocated them."""
+    happened) and, per reported module, its forward / backward peak and largest tensor. At the end
+    of the forward: the activation bytes still alive, by the module whose op allocated them.
+
+    In the forward the module is the innermost one running (ModTracker). In the backward it is the
+    one whose forward created the autograd node being run: forward module changes are logged with
+    the autograd sequence number, which numbers the nodes in creation order."""
 
     def __init__(self, tracker):
         super().__init__()
@@ -155,6 +159,8 @@ class Recorder(TorchDispatchMode):
         self.peak, self.peak_snapshot, self.peak_at = 0, {}, None
         self.forward_end, self.seen_child = None, False
         self.owner = WeakIdKeyDictionary()  # storage -> module group whose forward op allocated it
+        self.node_starts, self.node_groups = [], []  # first autograd sequence number of each group run
+        self.forward_end_seq, self.last_backward_group = None, "step"
 
     def current(self):
         out = dict.fromkeys(CATEGORIES.values(), 0)
@@ -164,28 +170,58 @@ class Recorder(TorchDispatchMode):
                     out[CATEGORIES[k.value]] += v
         return out
 
+    def forward_group(self, parents):
+        group = module_group(parents, self.seen_child)
+        if group not in ("inputs cast", "step", "loss"):
+            self.seen_child = True
+        if not self.node_groups or self.node_groups[-1] != group:
+            self.node_starts.append(torch._C._autograd._get_sequence_nr())
+            self.node_groups.append(group)
+        return group
+
+    def backward_group(self):
+        node = torch._C._current_autograd_node()
+        if node is None:  # FSDP's end-of-backward callback: gradient reduce-scatter
+            return "step"
+        if node._sequence_nr() >= self.forward_end_seq:  # a graph recomputed inside a backward node
+            return self.last_backward_group
+        i = bisect.bisect_right(self.node_starts, node._sequence_nr()) - 1
+        self.last_backward_group = self.node_groups[i] if i >= 0 else "step"
+        return self.last_backward_group
+
+    def _pre_forward(self, module, _inputs):
+        if not self.mods.is_bw:
+            self.forward_group(self.mods.parents)
+
+    def _post_forward(self, module, _inputs, _outputs):
+        if not self.mods.is_bw:
+            self.forward_group(self.mods.parents - {self.mods.get_known_fqn(module)})
+
     def mark_forward_end(self):
         self.forward_end = self.current()
+        self.forward_end_seq = torch._C._autograd._get_sequence_nr()
+        self.forward_group({"Global"})
         for st, group in self.owner.items():
             winfo = self.tracker._WINFO.get(st, (None, None))[0]
             if winfo is not None and winfo.reftype == _FSDPRefType.ACT:
                 self.modules[group]["saved"] += winfo.mem_consumed
 
     def __enter__(self):
+        self.mods.register_user_hooks(self._pre_forward, self._post_forward)
         self.mods.__enter__()
         return super().__enter__()
 
     def __exit__(self, *args):
         super().__exit__(*args)
         self.mods.__exit__(*args)
+        self.mods.clear_user_hooks()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t is DTensor for t in types):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
         backward = self.mods.is_bw
-        group = module_group(self.mods.parents, self.seen_child)
-        self.seen_child |= group not in ("inputs cast", "step", "loss")
+        group = self.backward_group() if backward else self.node_groups[-1] if self.node_groups else "step"
         snap = self.current()
         total = sum(snap.values())
         stats = self.modules[group]
