@@ -46,7 +46,8 @@ def environment():
     """Where a result comes from, read without importing torch: date, versions, commit, host and
     the GPU as nvidia-smi names it (None without one). bench.common.environment() adds torch's view."""
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "host": platform.node(), "git_commit": _output(["git", "rev-parse", "HEAD"])}
+           "python": platform.python_version(), "host": platform.node(),
+           "git_commit": _output(["git", "rev-parse", "HEAD"])}
     for package in ("torch", "triton"):
         try:
             env[package] = metadata.version(package)

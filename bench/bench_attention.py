@@ -82,7 +82,8 @@ def shapes(quick, setr_only=False):
         return [(B, 16, N, 64) for B, N in TRAIN_SHAPES]
     if quick:
         return [(2, 16, N, 64) for N in (1024, 1025, 2305)] + [(SWEEP_BATCH, 16, 4096, 64)]
-    return [(B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS] + [(SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS]
+    return ([(B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
+            + [(SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS])
 
 
 def bench_provider(name, B, H, N, D, dtype, quick):
@@ -96,7 +97,8 @@ def bench_provider(name, B, H, N, D, dtype, quick):
             "B": B, "H": H, "N": N, "D": D}
     if name == OURS:
         base["path"] = ("triton" if on_gpu() else "triton-interpreter") if use_triton(qkv) else "reference"
-    rows = time_provider(lambda: make_fn(name), (qkv, H), qkv, base, quick, grads=[dout], flops=flops, memory_modes=MODES)
+    rows = time_provider(lambda: make_fn(name), (qkv, H), qkv, base, quick, grads=[dout], flops=flops,
+                         memory_modes=MODES)
     if on_gpu():
         torch.cuda.empty_cache()
     return rows

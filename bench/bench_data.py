@@ -76,7 +76,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['kernel']:<24} {r['samples_per_s']:8.1f} samples/s  {r['ms']:7.2f} ms")
     # the data pipeline runs on the CPU for real: its timings stand without a GPU
-    print("wrote " + ", ".join(common.write_results("bench_data", rows, COLUMNS, args.out, cpu_timings_mean_nothing=False)))
+    paths = common.write_results("bench_data", rows, COLUMNS, args.out, cpu_timings_mean_nothing=False)
+    print("wrote " + ", ".join(paths))
     return 0
 
 

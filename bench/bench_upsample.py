@@ -76,8 +76,8 @@ def run_loss_case(batch, classes, hw, size, dtype, quick=False):
     for provider in PROVIDERS:
         base = dict(kernel="upsample_cross_entropy", provider=provider, shape=[batch, classes, hw, hw, size, size],
                     dtype=str(dtype)[6:])
-        rows += time_provider(lambda: make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base, quick,
-                              memory_modes=MODES)
+        rows += time_provider(lambda: make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base,
+                              quick, memory_modes=MODES)
     return rows
 
 

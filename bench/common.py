@@ -1,9 +1,6 @@
-"""Timing, ratios, the environment and result files, shared by the benchmark scripts.
-
-A benchmark's rows are plain dicts with at least kernel, mode ("fwd" | "bwd" | "fwd+bwd" |
-"train" | ...), provider, shape, dtype, ms (median), ms_p20, ms_p80 and where it applies gbps /
-tflops / peak_mem_mb, or "error" when the provider failed. `add_ratios` gives each row of ours
-its speed ratio to every peer measured in the same run; `write_results` writes JSON + markdown.
+"""Timing, ratios, the environment and result files, shared by the benchmark scripts: a row is a
+dict of kernel, mode ("fwd" | "bwd" | "fwd+bwd" | "train"), provider, shape, dtype, ms (median),
+ms_p20, ms_p80 and where it applies gbps / tflops / peak_mem_mb, or "error" when it failed.
 """
 import json
 import os
@@ -144,7 +141,8 @@ def time_provider(make_fn, args, leaves, base, quick=False, **kw):
     except Exception as e:  # noqa: BLE001 - reported in the rows
         if on_gpu():
             torch.cuda.empty_cache()
-        return [dict(base, mode=mode, ms=None, error=f"{type(e).__name__}: {e}".splitlines()[0][:300]) for mode in MODES]
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return [dict(base, mode=mode, ms=None, error=error) for mode in MODES]
 
 
 def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype")):

@@ -302,10 +302,6 @@ def compile_rows(rows, workers, known=None):
     return rows
 
 
-def public(row):
-    return {k: v for k, v in row.items() if k != "job"}
-
-
 def write_table(rows, outdir, seconds, compiled):
     os.makedirs(outdir, exist_ok=True)
     meta = dict(triton=triton.__version__, torch=torch.__version__, compiles=len(rows),
@@ -313,7 +309,8 @@ def write_table(rows, outdir, seconds, compiled):
                 last_run=f"{compiled} compiled, {len(rows) - compiled} reused, {seconds:.0f} s",
                 regenerate="python -m bench.compile_gate --all")
     path = os.path.join(outdir, "compile.json")
-    write_atomic(path, json.dumps({"meta": meta, "rows": [public(r) for r in rows]}, indent=1))
+    public = [{k: v for k, v in r.items() if k != "job"} for r in rows]
+    write_atomic(path, json.dumps({"meta": meta, "rows": public}, indent=1))
     lines = ["# Compile gate: every kernel launch at SETR's shapes, every autotune config", "",
              f"`{meta['regenerate']}` (Triton {meta['triton']}, {len(rows)} compiles, "
              f"{meta['compile_core_seconds']} core-seconds of compiling). "

@@ -5,19 +5,16 @@ and the benchmarks, each under its own time limit, in at most 8 minutes on one H
     python bench/gpu_check.py --only kernels --scale 2   # rerun a part, twice its limit
     python bench/gpu_check.py --dry-run             # every part in smoke mode on the CPU (CI)
 
-Parts, most valuable first (PARTS below; a run cut short loses the last ones):
-  train_run_triton, train_run_eager: the training command itself, `torchrun --nproc_per_node=1
-      train/main.py --preset pup` on synthetic 512x512 images (ViT-L, batch 16, 20 iterations, no
-      evaluation); img/s, MFU, max allocated memory and data wait from its metrics.jsonl (the
-      records after the first, which holds compiling and autotuning) go to train_run.json
-  pytest_gpu: `pytest -m gpu` at real sizes (JUnit XML beside the log)
-  train_step: bench/train_step.py, training's step on one rank, PUP ViT-L 512x512 batch 8 bf16,
-      eager / sdpa / triton, then each with training's torch.compile per block
-  sanitizer: compute-sanitizer memcheck, then racecheck, over `bench/kernels.py --once` (every
-      kernel forward and backward at small odd shapes); without compute-sanitizer the kernels run
-      bare and the report says it is missing
-  kernels: bench/kernels.py --setr-only; memory: bench/memory.py --measure, PUP impl=triton
-      batch 16 planned and measured; readme_tables: the README tables of this run
+Parts, most valuable first (PARTS below; a run cut short loses the last ones): train_run_triton
+and train_run_eager, the training command itself (`torchrun --nproc_per_node=1 train/main.py
+--preset pup`, synthetic 512x512 images, ViT-L, batch 16, 20 iterations, no evaluation; img/s, MFU,
+max allocated memory and data wait from its metrics.jsonl, the records after the first, go to
+train_run.json); pytest_gpu (`pytest -m gpu`); train_step (bench/train_step.py: training's step on
+one rank, PUP ViT-L 512x512 batch 8 bf16, eager / sdpa / triton, each compiled too); sanitizer
+(compute-sanitizer memcheck, then racecheck, over `bench/kernels.py --once`: every kernel forward
+and backward at small odd shapes; without compute-sanitizer the kernels run bare and the report
+says it is missing); kernels (--setr-only); memory (PUP impl=triton batch 16 planned and
+measured); readme_tables (the README tables of this run).
 
 Each part is a subprocess in its own process group, killed whole at its limit; a part that fails
 or runs out of time is recorded and the next one runs (exit status 1 if one did not pass). The
@@ -52,6 +49,7 @@ TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included
 KILL_GRACE_S = 3  # SIGTERM, then SIGKILL this much later
 SMOKE_LIMIT_S = 120  # per part in --dry-run: a guard against a hang, not a budget
 TAIL_LINES = 25
+SUMMARY_LINES = ("estimate ", "measured ", "- PASS", "- MISS", "Not run here")  # the lines the report lists
 RUNNING = set()  # the parts' processes now running (killed with their groups when this run stops)
 SANITIZER_DIRS = ["/usr/local/cuda/bin", *sorted(glob.glob("/usr/local/cuda-*/bin"), reverse=True), "/opt/cuda/bin"]
 
@@ -68,6 +66,7 @@ STEP = ["{python}", "bench/train_step.py", "--head", "pup", "--out", "{out}"]
 MEMORY = ["{python}", "bench/memory.py", "--head", "pup", "--impl", "triton", "--out", "{out}/memory"]
 ONCE = ["{python}", "bench/kernels.py", "--once"]
 PYTEST = ["{python}", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+TABLES = ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"]
 
 # name, limit (s) on the GPU, GPU command, smoke command
 PARTS = [
@@ -83,8 +82,7 @@ PARTS = [
      ["{python}", "bench/kernels.py", "--quick", "--out", "{out}"]),
     ("memory", 25, MEMORY + ["--measure", "--batch", "16"],  # CPU: the measured step is tests/test_memory_plan.py's
      MEMORY + ["--batch", "2", "--backbone", "vit_tiny", "--crop", "32", "--num-classes", "8"]),
-    ("readme_tables", 5, ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"],
-     ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md", "--allow-cpu"]),
+    ("readme_tables", 5, TABLES, TABLES + ["--allow-cpu"]),
 ]
 WAITS = ("readme_tables",)  # reads the other parts' files: in --dry-run it starts once they all ended
 PART_NAMES = [p[0] for p in PARTS]
@@ -92,7 +90,8 @@ PART_NAMES = [p[0] for p in PARTS]
 
 def find_sanitizer():
     """compute-sanitizer on PATH, in $CUDA_HOME/bin or a CUDA toolkit folder; None when missing."""
-    dirs = [os.path.join(os.environ[k], "bin") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)] + SANITIZER_DIRS
+    dirs = [os.path.join(os.environ[k], "bin") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    dirs += SANITIZER_DIRS
     return shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path=os.pathsep.join(dirs))
 
 
@@ -126,9 +125,8 @@ def part_commands(dry_run, out, only=None, scale=1.0):
 
 
 def part_env(side_by_side):
-    """The parts' environment: this repo first on the path, unbuffered output, the autotuner's choices
-    logged and kept on disk (a later part reuses them instead of timing every config again), and one
-    CPU thread each when parts run side by side (more would only spin against each other)."""
+    """This repo first on the path, unbuffered output, the autotuner's choices logged and kept on disk
+    (a later part reuses them), one CPU thread each for parts side by side (more only spin)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_PRINT_AUTOTUNING="1", TRITON_CACHE_AUTOTUNING="1")
     if side_by_side:
         env["OMP_NUM_THREADS"] = "1"
@@ -153,9 +151,8 @@ def _own_group_dies_with_parent():
 
 
 def run_part(name, cmd, limit_s, log_path, note=None, side_by_side=False):
-    """Run cmd in its own process group with output to log_path; its whole group is killed at
-    limit_s, once it exits (workers it left behind) and when this run is stopped. Returns the
-    part's record."""
+    """Run cmd in its own process group, output to log_path; the group is killed at limit_s, once cmd
+    exits (workers it left) and when this run is stopped. Returns the part's record."""
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(cmd)}\n")
@@ -175,7 +172,7 @@ def run_part(name, cmd, limit_s, log_path, note=None, side_by_side=False):
     with open(log_path, errors="replace") as f:
         tail = f.read().splitlines()[-TAIL_LINES:]
     summary = [note] if note else []
-    summary += [line for line in tail if line.startswith(("estimate ", "measured ", "- PASS", "- MISS", "Not run here"))]
+    summary += [line for line in tail if line.startswith(SUMMARY_LINES)]
     return dict(name=name, command=" ".join(cmd), limit_s=limit_s, wall_s=round(time.monotonic() - t0, 1),
                 status=status, returncode=rc, log=os.path.relpath(log_path, REPO), tail=tail, summary=summary)
 
@@ -191,7 +188,8 @@ def add_training_run(out, env, record):
             steady = [r for r in map(json.loads, f) if r.get("event") == "train"][1:]
         with open(os.path.join(work_dir, "config.json")) as f:
             cfg = json.load(f)
-        mean = lambda k: None if not steady or None in [r[k] for r in steady] else sum(r[k] for r in steady) / len(steady)
+        mean = lambda k: (None if not steady or None in [r[k] for r in steady]
+                          else sum(r[k] for r in steady) / len(steady))
         row.update(impl=cfg["model"]["impl"], recompute=cfg["parallel"].get("recompute"),
                    batch=cfg["schedule"]["batch_size"], iters=steady[-1]["iter"], img_per_s=mean("img_per_s"),
                    mfu=mean("mfu"), data_wait=mean("data_wait"), max_mem_gib=max(r["max_mem_gib"] for r in steady))
@@ -271,7 +269,8 @@ def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), j
         try:
             for name, limit_s, cmd, note in parts:
                 if name in WAITS or len(running) >= jobs:
-                    concurrent.futures.wait(running, return_when="ALL_COMPLETED" if name in WAITS else "FIRST_COMPLETED")
+                    when = "ALL_COMPLETED" if name in WAITS else "FIRST_COMPLETED"
+                    concurrent.futures.wait(running, return_when=when)
                 for future in [f for f in running if f.done()]:
                     finished(running.pop(future), future.result())
                 left = total_limit_s - (time.monotonic() - start) - KILL_GRACE_S

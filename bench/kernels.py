@@ -1,4 +1,4 @@
-"""Every kernel microbenchmark in one run: one JSON + markdown table (+ a PNG plot on a GPU).
+"""Every kernel microbenchmark in one run: one JSON + markdown table.
 
     python bench/kernels.py              # all kernels, SETR's shapes and sweeps, on the GPU
     python bench/kernels.py --setr-only  # SETR's training shapes only (bench/gpu_check.py runs this)
@@ -9,7 +9,7 @@
 
 Runs `run(quick, setr_only)` of bench/bench_layer_norm.py, bench_attention.py and bench_upsample.py,
 gives each row of ours its speedup over every peer measured in the same run, and writes
-<out>/kernels.{json,md,png} (default bench/results/<gpu>/) with the environment after each kernel
+<out>/kernels.{json,md} (default bench/results/<gpu>/) with the environment after each kernel
 script (a run stopped part-way keeps what it measured). A kernel script that raises becomes an
 error row and the run goes on; it exits 1 at the end, as when a row of ours has an error. Peers
 that cannot run on this machine (not installed, a CUDA-only backend on CPU) are left out and
@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo roo
 from bench import OURS, run_script
 
 KERNEL_BENCHES = ("layer_norm", "attention", "upsample")  # bench/bench_<name>.py
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "tflops",
-           "peak_mem_mb", "error"]
+COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb",
+           "error"]
 
 
 def parse_args(argv=None):
@@ -36,8 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a few cases, short timing (always so on CPU)")
     p.add_argument("--setr-only", action="store_true", help="SETR's training shapes only, no sweeps")
     p.add_argument("--only", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
-    p.add_argument("--once", action="store_true",
-                   help="run each kernel of ours once (fwd + bwd, small odd shapes, bf16 and fp32), time nothing")
+    p.add_argument("--once", action="store_true", help="each kernel of ours once, fwd + bwd, small odd shapes, untimed")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
     return p.parse_args(argv)
 
@@ -51,40 +50,6 @@ def run_bench(name, quick, setr_only=False):
         traceback.print_exc()
         return [dict(bench=name, kernel=name, mode="-", provider=OURS, shape="-", dtype="-", ms=None,
                      error=f"benchmark failed: {type(e).__name__}: {e}")], {}
-
-
-def plot(rows, path):
-    """One panel per (kernel, mode): bars of ours' speedup over each peer, per shape and dtype."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = {}
-    for r in rows:
-        if r["provider"] == OURS and r.get("speedup_vs"):
-            groups.setdefault((r["kernel"], r["mode"]), []).append(r)
-    ncols = 2 if len(groups) > 1 else 1
-    nrows = max(1, -(-len(groups) // ncols))  # no group (no kernel of ours ran beside a peer): an empty figure
-    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, ((kernel, mode), group) in zip(axes.flat, groups.items()):
-        peers = list(dict.fromkeys(p for r in group for p in r["speedup_vs"]))
-        width = 0.8 / max(1, len(peers))
-        for i, peer in enumerate(peers):
-            xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(group))]
-            bars = ax.bar(xs, [r["speedup_vs"].get(peer, 0) for r in group], width, label=peer)
-            ax.bar_label(bars, fmt="%.2f", fontsize=6)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(group)))
-        ax.set_xticklabels([f"{r['shape']}\n{r['dtype']}" for r in group], fontsize=7)
-        ax.set_title(f"{kernel} {mode}: speedup of ours (x)", fontsize=9)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(groups):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def run_once():
@@ -102,16 +67,17 @@ def run_once():
             return torch.randn(*shape, device=device).to(dtype, memory_format=fmt).requires_grad_()
 
         w, b = leaf(1000), leaf(1000)
-        x4 = leaf(3, 5, 7, 9)
         labels = torch.randint(0, 19, (2, 29, 35), device=device)
         labels[:, :3] = 255  # ignored pixels
         ops = {
             # N = 1025 (odd): the autotune bucket SETR's 512 crops and pytest -m gpu have tuned already
             "attention": lambda: layers.attention_packed(leaf(1, 1025, 3 * 2 * 64), 2, OURS),
             "layer_norm": lambda: layers.layer_norm(leaf(3, 37, 1000), w, b, 1e-6, OURS),
-            "add_layer_norm": lambda: sum(layers.add_layer_norm(leaf(3, 37, 1000), leaf(3, 37, 1000), w, b, 1e-6, OURS)),
-            "upsample": lambda: layers.upsample(x4, (13, 17), OURS),
-            "upsample channels_last": lambda: layers.upsample(leaf(3, 5, 7, 9, fmt=torch.channels_last), (13, 17), OURS),
+            "add_layer_norm": lambda: sum(layers.add_layer_norm(leaf(3, 37, 1000), leaf(3, 37, 1000), w, b, 1e-6,
+                                                                OURS)),
+            "upsample": lambda: layers.upsample(leaf(3, 5, 7, 9), (13, 17), OURS),
+            "upsample channels_last": lambda: layers.upsample(leaf(3, 5, 7, 9, fmt=torch.channels_last), (13, 17),
+                                                              OURS),
             "upsample_cross_entropy": lambda: layers.seg_loss(leaf(2, 19, 7, 9), labels, 255, OURS),
         }
         for name, op in ops.items():
@@ -141,11 +107,6 @@ def main(argv=None):
         not_run.update(skipped)
         common.add_ratios(rows)
         paths = common.write_results("kernels", rows, COLUMNS, args.out, not_run=not_run)
-    if common.on_gpu():  # a CPU run's timings mean nothing: no picture of them
-        try:
-            paths.append(plot(rows, os.path.join(os.path.dirname(paths[0]), "kernels.png")))
-        except ImportError:
-            print("matplotlib not installed: no plot written")
     print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
     if not_run:
         print(common.not_run_line(not_run))

@@ -8,19 +8,15 @@
     python bench/memory.py --head pup --measure --snapshot          # GPU: the same step for real too
     python bench/memory.py --readme-table                           # re-plan the README's table
 
-Planning (bench/memory_plan.py, a few seconds per ViT-L config on two CPU cores) runs
-`train.step.train_step` on the model of a training preset (--head's ADE20K one by default) as
-`train.parallelize.parallelize` builds it, under FakeTensorMode over a fake process group of
---world-size ranks, and reports the second step's peak per GPU and per image, by category and by
-module. --measure runs the same two steps for real (one process: world size 1; torchrun with
---world-size ranks otherwise) and prints torch.cuda.max_memory_allocated beside the plan (on CPU
-it only checks the code path); --snapshot also writes that step's memory_viz snapshot. GiB =
-2^30 bytes; --batch is per GPU, by default the preset's global batch over the GPUs; --recompute
-defaults to training's. Results: <config>.json per config (the peak by category and by module,
-what each module keeps for the backward, its largest tensor) in --out, by default a new folder
-bench/results/memory/<date>/; --readme-table plans the README table's configs
-(bench/readme_tables.py TABLE) into bench/results/estimate/, replacing the committed plans, and
-prints the table. The last lines printed are one summary per config:
+Planning (bench/memory_plan.py, seconds per ViT-L config on two CPU cores) runs training's step
+on the model of a training preset (--head's ADE20K one by default) as training builds it, under
+FakeTensorMode over a fake process group of --world-size ranks: the second step's peak per GPU and
+per image, by category and by module. --measure runs the same two steps for real (world size 1,
+or torchrun with --world-size ranks) beside the plan (on CPU only the code path); --snapshot writes
+that step's memory_viz snapshot. GiB = 2^30 bytes; --batch is per GPU (default: the preset's
+batch over the GPUs). Results: <config>.json per config in --out (default a new
+bench/results/memory/<date>/); --readme-table plans the README table's configs into
+bench/results/estimate/, replacing the committed plans. The last lines printed:
     estimate <preset> <impl> recompute=<policy> batch <B> world <W>: peak <X.XX> GiB, <Y.YY> GiB per image
 """
 import argparse
@@ -60,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--measure", action="store_true", help="also run the step for real (GPU: max_memory_allocated)")
     p.add_argument("--snapshot", action="store_true", help="with --measure: a memory_viz snapshot of the measured step")
     p.add_argument("--readme-table", action="store_true",
-                   help="plan the README table's configs into bench/results/estimate/ (replacing them), print the table")
+                   help="plan the README table's configs into bench/results/estimate/ (replacing them)")
     p.add_argument("--out", default=None, help="results folder (default: a new bench/results/memory/<date>/)")
     args = p.parse_args(argv)
     for name, least in (("world_size", 1), ("batch", 1), ("crop", PATCH_SIZE), ("num_classes", 2)):
@@ -88,7 +84,8 @@ def make_config(preset, impl, recompute, world_size=1, batch=None, precision="bf
     """One config to plan, its preset's crop, classes and batch (over the GPUs) filled in."""
     cfg = get_preset(preset)
     return dict(preset=preset, head=cfg.model.head, dataset=NAMED_DATASETS[cfg.data.dataset].title, impl=impl,
-                recompute=recompute, world_size=world_size, batch=batch or max(1, cfg.schedule.batch_size // world_size),
+                recompute=recompute, world_size=world_size,
+                batch=batch or max(1, cfg.schedule.batch_size // world_size),
                 precision=precision, crop=crop or cfg.data.crop_size[0], backbone=backbone,
                 num_classes=num_classes or cfg.model.num_classes)
 
@@ -96,8 +93,8 @@ def make_config(preset, impl, recompute, world_size=1, batch=None, precision="bf
 def configs_from_args(args):
     presets = choose("preset", args.preset, PRESETS) if args.preset else choose("head", args.head, HEADS)
     policies = choose("recompute", args.recompute or ParallelConfig().recompute, RECOMPUTE)
-    return [make_config(p, i, r, args.world_size, args.batch, args.precision, args.crop, args.num_classes, args.backbone)
-            for p in presets for r in policies for i in choose("impl", args.impl, IMPLS)]
+    return [make_config(p, i, r, args.world_size, args.batch, args.precision, args.crop, args.num_classes,
+                        args.backbone) for p in presets for r in policies for i in choose("impl", args.impl, IMPLS)]
 
 
 def config_name(c):
@@ -155,7 +152,8 @@ def measure_line(row, snapshot_dir=None):
     """The real step's max_memory_allocated beside the plan (added to the row)."""
     config = {k: row[k] for k in ("preset", "impl", "recompute", "batch", "world_size", "precision", "crop",
                                   "backbone", "num_classes")}
-    what = f"measured {row['preset']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world {row['world_size']}"
+    what = (f"measured {row['preset']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world "
+            f"{row['world_size']}")
     snapshot = os.path.join(snapshot_dir, config_name(row) + "_snapshot.pickle") if snapshot_dir else None
     try:
         peak = measure(**config, snapshot=snapshot)["measured_peak"]
@@ -202,7 +200,8 @@ def main(argv=None):
     env = common.environment()
     env.pop("note", None)  # the CPU-timing caveat: a plan times nothing
     for row in rows:
-        write_atomic(os.path.join(out, config_name(row) + ".json"), json.dumps({"environment": env, "row": row}, indent=1))
+        path = os.path.join(out, config_name(row) + ".json")
+        write_atomic(path, json.dumps({"environment": env, "row": row}, indent=1))
         print(breakdown_line(row))
     print(f"wrote {len(rows)} plan(s) (<config>.json: the peak by category and by module) to {out}")
     if args.readme_table:

@@ -18,7 +18,6 @@ instrumentation methods and FSDP2's parameter groups, as FSDPMemTracker itself u
 """
 import bisect
 import contextlib
-import re
 
 import torch
 import torch.distributed as dist
@@ -118,8 +117,8 @@ class FSDPGroupMemTracker(FSDPMemTracker):
         for p in group.fsdp_params:
             grad = p.sharded_param.grad if sharded else p._unsharded_param.grad
             if grad is not None:
-                self._update_and_maybe_create_winfos(
-                    grad, _FSDPRefType.SHARDED_GRAD if sharded else _FSDPRefType.UNSHARDED_GRAD, update_existing=not sharded)
+                reftype = _FSDPRefType.SHARDED_GRAD if sharded else _FSDPRefType.UNSHARDED_GRAD
+                self._update_and_maybe_create_winfos(grad, reftype, update_existing=not sharded)
 
     def _deregister_module_and_optimizer_hooks(self):
         for group in self._groups:
@@ -130,17 +129,17 @@ class FSDPGroupMemTracker(FSDPMemTracker):
         self._optimizer_hook_handles = None
 
 
+GROUPS = (("backbone.layers.", "blocks"), ("backbone", "patch embed"), ("neck", "neck"),
+          ("decode_head", "decode head"), ("auxiliary_head", "aux heads"))  # module name prefix -> MODULES
+
+
 def module_group(parents, seen_model_child):
     """Which reported module the innermost active module (ModTracker fqn) belongs to."""
     names = [n for n in parents if n != "Global"]
     if not names:
         return "step"
     rel = max(names, key=lambda n: n.count(".")).partition(".")[2]
-    for pattern, group in ((r"backbone\.layers\.", "blocks"), (r"backbone", "patch embed"), (r"neck", "neck"),
-                           (r"decode_head", "decode head"), (r"auxiliary_head", "aux heads")):
-        if re.match(pattern, rel):
-            return group
-    return "loss" if seen_model_child else "inputs cast"
+    return next((g for prefix, g in GROUPS if rel.startswith(prefix)), "loss" if seen_model_child else "inputs cast")
 
 
 class Recorder(TorchDispatchMode):
@@ -171,13 +170,12 @@ class Recorder(TorchDispatchMode):
         return out
 
     def forward_group(self, parents):
+        """Log the module group that runs from now on in the forward, with the next sequence number."""
         group = module_group(parents, self.seen_child)
-        if group not in ("inputs cast", "step", "loss"):
-            self.seen_child = True
-        if not self.node_groups or self.node_groups[-1] != group:
+        self.seen_child |= group not in ("inputs cast", "step", "loss")
+        if not self.mods.is_bw and (not self.node_groups or self.node_groups[-1] != group):
             self.node_starts.append(torch._C._autograd._get_sequence_nr())
             self.node_groups.append(group)
-        return group
 
     def backward_group(self):
         node = torch._C._current_autograd_node()
@@ -189,14 +187,6 @@ class Recorder(TorchDispatchMode):
         self.last_backward_group = self.node_groups[i] if i >= 0 else "step"
         return self.last_backward_group
 
-    def _pre_forward(self, module, _inputs):
-        if not self.mods.is_bw:
-            self.forward_group(self.mods.parents)
-
-    def _post_forward(self, module, _inputs, _outputs):
-        if not self.mods.is_bw:
-            self.forward_group(self.mods.parents - {self.mods.get_known_fqn(module)})
-
     def mark_forward_end(self):
         self.forward_end = self.current()
         self.forward_end_seq = torch._C._autograd._get_sequence_nr()
@@ -207,7 +197,8 @@ class Recorder(TorchDispatchMode):
                 self.modules[group]["saved"] += winfo.mem_consumed
 
     def __enter__(self):
-        self.mods.register_user_hooks(self._pre_forward, self._post_forward)
+        after = lambda m, _i, _o: self.forward_group(self.mods.parents - {self.mods.get_known_fqn(m)})  # noqa: E731
+        self.mods.register_user_hooks(lambda _m, _i: self.forward_group(self.mods.parents), after)
         self.mods.__enter__()
         return super().__enter__()
 

@@ -3,13 +3,12 @@
     python bench/readme_tables.py                        # the planned-memory table + the GPU tables
     python bench/readme_tables.py --results bench/results/NVIDIA_H100_80GB_HBM3 --out tables.md
 
-Planned memory: every plan in bench/results/estimate/ (bench/memory.py --readme-table writes
-them), one row per dataset, model, layout and recompute policy, one column per impl, beside
-mmseg's published Mem. GPU tables, from one GPU's folder (the only one in bench/results unless
---results names it): the training run (train_run.json, gpu_check's runs of train/main.py), the
-train step per preset (train_step_<preset>.json) and the kernels (kernels.json). Each table names
-the files and the GPU, torch, triton, commit and date they came from. Results of a CPU run are
-refused (their timings mean nothing) unless --allow-cpu, which is for tests.
+Planned memory: every plan in bench/results/estimate/ (bench/memory.py --readme-table), a row per
+dataset, model, layout and recompute policy, a column per impl, beside mmseg's published Mem. From
+one GPU's folder (the only one in bench/results unless --results names it): the training run
+(train_run.json), the train step per preset (train_step_<preset>.json) and the kernels
+(kernels.json), each table naming its files and their GPU, torch, triton, commit and date. A CPU
+run's results are refused (its timings mean nothing) unless --allow-cpu, which is for tests.
 """
 import argparse
 import glob
@@ -136,7 +135,8 @@ def step_table(results_dir, allow_cpu=False):
             cells = ([f"error: {r['error']}"] + [""] * 4 if "error" in r else
                      [num(r["images_per_s"], 1), num(r["mfu"] and 100 * r["mfu"], 1) + "%", num(r["peak_mem_gib"]),
                       num(r.get("mem_per_image_gib"))])
-            lines.append(f"| {HEAD_NAMES[r['head']]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} ({r['preset']}) "
+            model = f"{HEAD_NAMES[r['head']]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} ({r['preset']})"
+            lines.append(f"| {model} "
                          f"| {r['impl']} | {r['recompute']} | {'on' if r['compile'] else 'off'} | {r['batch']} | "
                          + " | ".join(cells) + " |")
     if not sources:

@@ -53,14 +53,12 @@ def random_batch(batch, crop, num_classes, device, ignore_index=255, seed=0):
     return images.to(device), labels.to(device)
 
 
-def is_oom(exc):
+def is_oom(exc, depth=8):
     """True when exc (or an exception it was raised from) is a device out-of-memory error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
+    while exc is not None and depth:
         if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
             return True
-        exc = exc.__cause__ or exc.__context__
+        exc, depth = exc.__cause__ or exc.__context__, depth - 1
     return False
 
 

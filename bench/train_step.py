@@ -7,16 +7,15 @@
 
 Each variant (impl x recompute policy x compile) is built as `torchrun train/main.py` builds it, on
 one rank (bench/step.py: train.build.build_model, then train.parallelize.parallelize: SyncBN, the
-recompute policy, torch.compile per block, FSDP2 with bf16 parameters and fp32 reduction, in a
-one-process group) and runs `train.step.train_step` (forward, backward, grad norm, the packed
-all-reduce, mmseg's SGD, the one host read) on a fixed random batch: the median of --steps steps
-after --warmup, each synchronized. Reported: step time, images/s, TFLOP/s and MFU from the
-analytic FLOPs (3 x forward_flops against the GPU's dense peak; ours classifies before the last
-upsample and is credited ~7% fewer FLOPs for naive/PUP: its MFU is conservative), first and last
-loss, peak allocated memory and per image. Ratios compare impls under the same recompute policy. Results: <out>/train_step_<preset>.{json,md} (default bench/results/<gpu>/),
-rewritten after each variant, with PASS/MISS lines for the goals. The training command itself,
-data loading included, is bench/gpu_check.py's first part. Without a GPU this runs the tiny
-config (vit_tiny, 32x32, 8 classes, fp32, one step): its timings and MFU mean nothing.
+recompute policy, torch.compile per block, FSDP2 with bf16 parameters and fp32 reduction) and runs
+`train.step.train_step` on a fixed random batch: the median of --steps synchronized steps after
+--warmup. Reported: step time, images/s, TFLOP/s and MFU from the analytic FLOPs (3 x
+forward_flops against the GPU's dense peak; ours classifies before the last upsample, ~7% fewer
+FLOPs for naive/PUP: its MFU is conservative), first and last loss, peak allocated memory and per
+image; ratios compare impls under the same recompute policy. Results: <out>/train_step_<preset>
+.{json,md} (default bench/results/<gpu>/) after each variant, with PASS/MISS lines for the goals.
+The training command itself, data loading included: bench/gpu_check.py. Without a GPU this runs
+the tiny config (vit_tiny, 32x32, 8 classes, fp32, one step): its timings mean nothing.
 """
 import argparse
 import math
@@ -36,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--head", default="pup", choices=HEADS + ("all",), help="its ADE20K preset (default pup)")
     p.add_argument("--preset", default=None, help="a training preset instead (train/config.py), e.g. pup_cityscapes")
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
-    p.add_argument("--recompute", default=None, help="none | selective | full | all (default: training's, train/config.py)")
+    p.add_argument("--recompute", default=None, help="none | selective | full | all (default: training's)")
     p.add_argument("--compile", default="off", choices=("off", "on", "both"),
                    help="training's torch.compile of each block (parallel.compile)")
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="vit_large on GPU, vit_tiny on CPU")
@@ -177,7 +176,8 @@ def goal_lines(preset, rows, on_gpu, gpu_gib=None):
     if ours is None or ours.get("mfu") is None:
         lines.append(f"- n/a: MFU >= {GOAL_MFU:.0%} (impl=triton missing, or no peak FLOP/s known for this GPU)")
     else:
-        lines.append(f"- {verdict(ours['mfu'] >= GOAL_MFU)}: impl=triton MFU {ours['mfu']:.1%} (goal >= {GOAL_MFU:.0%})")
+        lines.append(f"- {verdict(ours['mfu'] >= GOAL_MFU)}: impl=triton MFU {ours['mfu']:.1%} "
+                     f"(goal >= {GOAL_MFU:.0%})")
     if preset != "pup":
         return lines + ["- n/a: the memory goals are set for PUP on ADE20K"]
     if ours is None or ours.get("mem_per_image_gib") is None:

@@ -136,14 +136,6 @@ def test_kernels_harness_reports_failures(tmp_path, monkeypatch):
     assert "kernel launch failed" in md
 
 
-def test_kernel_speedup_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    rows = [dict(kernel="attention", mode="fwd", provider=OURS, shape="B=1", dtype="bf16", speedup_vs={"eager": 2.0}),
-            dict(kernel="layer_norm", mode="bwd", provider=OURS, shape="M=3", dtype="bf16", speedup_vs={"apex": 0.5})]
-    path = kernels_bench.plot(rows, str(tmp_path / "k.png"))
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 # --- README tables --------------------------------------------------------------------------
 
 GPU_ENV = dict(date="2026-01-01T00:00:00+00:00", torch="2.11.0", triton="3.6.0", python="3.12",
