@@ -50,6 +50,12 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     parse_args()  # --help and a bad flag answer before torch and triton are imported (below)
+# compile, never interpret: triton itself decides at its import whether triton.language's own jit
+# functions (tl.cdiv, ...) are interpreted; and a private cache (removed at exit) so that ptxas runs
+# and logs every kernel
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="setr_compile_gate_")
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -323,13 +329,12 @@ def write_table(rows, outdir, seconds, compiled):
 
 
 def subset(committed):
-    """The CI subset: per (arch, kernel), the committed row with the most registers (the likeliest to
-    change, or to spill, after a toolchain change)."""
+    """The CI subset: per kernel, the committed row with the most registers on either arch (the
+    likeliest to change, or to spill, after a toolchain change)."""
     best = {}
     for r in committed:
-        k = (r["arch"], r["kernel"])
-        if "error" not in r and (k not in best or r["regs"] > best[k]["regs"]):
-            best[k] = r
+        if "error" not in r and (r["kernel"] not in best or r["regs"] > best[r["kernel"]]["regs"]):
+            best[r["kernel"]] = r
     return set(r["key"] for r in best.values())
 
 
@@ -358,11 +363,6 @@ def check_against(rows, committed_path, workers):
 
 def main(argv=None):
     args = parse_args(argv)
-    # launches compile, never interpret (kernels.utils reads this at each launch); a private cache
-    # (removed at exit) so that ptxas runs and logs every kernel
-    os.environ["TRITON_INTERPRET"] = "0"
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="setr_compile_gate_")
-    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
     t0 = time.perf_counter()
     rows = [r for arch in TARGETS for r in jobs(arch, all_cases())]
     if args.all:

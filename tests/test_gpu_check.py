@@ -167,11 +167,8 @@ def part(name, limit, code):
 
 def test_failed_and_timed_out_parts_are_recorded_and_the_next_runs(tmp_path):
     pid_file = tmp_path / "child.pid"
-    spawner = ("import subprocess, sys, time; "
-               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-               f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('spawned', flush=True); time.sleep(60)")
-    parts = [part("fails", 30, "import sys; print('boom'); sys.exit(3)"), part("hangs", 4, spawner),
-             part("passes", 30, "print('fine')")]
+    hangs = ("hangs", 1, ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; echo spawned; sleep 60"], None)
+    parts = [part("fails", 30, "import sys; print('boom'); sys.exit(3)"), hangs, part("passes", 30, "print('fine')")]
     t0 = time.monotonic()
     records = gpu_check.run_all(parts, str(tmp_path), {"gpu": None}, dry_run=True, total_limit_s=60)
     assert time.monotonic() - t0 < 20
@@ -198,7 +195,7 @@ def test_two_at_a_time_and_a_waiting_part_waits(tmp_path, monkeypatch):
 
 
 def test_total_limit_cuts_the_last_parts(tmp_path):
-    parts = [part("sleeps", 30, "import time; time.sleep(30)"), part("after", 30, "print('never')")]
+    parts = [("sleeps", 30, ["sleep", "30"], None), part("after", 30, "print('never')")]
     records = gpu_check.run_all(parts, str(tmp_path), {"gpu": None}, dry_run=True, total_limit_s=5)
     assert [r["status"] for r in records] == ["timeout", "not run"]
     assert records[0]["wall_s"] < 10
