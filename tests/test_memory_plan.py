@@ -79,7 +79,7 @@ def test_plans_of_the_cityscapes_and_pascal_context_recipes(preset, crop, classe
     assert tokens in ours["blocks"]["largest"][1]  # the MLP's hidden activations, (tokens, 4 x width)
     assert ours["loss"]["largest"][1] == [1, classes, crop // 2, crop // 2]  # the logits before the x2 upsample
     assert max(m["largest"][0] for m in ours.values() if m["largest"]) < classes * crop * crop
-    if crop == 768:
+    if crop == 480:  # the control (at the cheaper crop)
         eager = memory_plan.plan(preset, "eager", 1, "none", backbone="vit_tiny")["modules"]
         assert eager["blocks"]["largest"][1][-2:] == [tokens, tokens]  # the attention matrix
         assert eager["loss"]["largest"][1] == [1, classes, crop, crop]
@@ -101,21 +101,19 @@ def test_real_step_code_path_on_cpu():
 
 
 def test_memory_command_writes_where_it_says_and_ends_with_summary_lines(tmp_path, capsys):
+    name = f"pup_vit_tiny_32_eager_bf16_recompute-{RECOMPUTE[0]}_b2_w1"
+    (tmp_path / f"{name}.json").write_text("an earlier run's")  # results never stand in the way: replaced
     argv = ["--head", "pup", "--backbone", "vit_tiny", "--crop", "32", "--batch", "2", "--impl", "eager",
-            "--num-classes", "7", "--out", str(tmp_path)]
-    assert memory.main(argv + ["--recompute", "all"]) == 0
+            "--num-classes", "7", "--recompute", "all", "--out", str(tmp_path)]
+    assert memory.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert f"to {tmp_path}" in lines[-len(RECOMPUTE) - 1]
     for line, policy in zip(lines[-len(RECOMPUTE):], RECOMPUTE):
         assert re.fullmatch(rf"estimate pup eager recompute={policy} batch 2 world 1: peak \d+\.\d\d GiB, "
                             r"\d+\.\d\d GiB per image", line), line
-    name = f"pup_vit_tiny_32_eager_bf16_recompute-{RECOMPUTE[0]}_b2_w1"
-    path = tmp_path / f"{name}.json"
-    row = json.loads(path.read_text())["row"]
+    row = json.loads((tmp_path / f"{name}.json").read_text())["row"]
     assert row["peak_gib"] == pytest.approx(row["plan"]["peak"] / 2 ** 30)
     assert sorted(os.listdir(tmp_path)) == sorted(f"{name.replace(RECOMPUTE[0], p)}.json" for p in RECOMPUTE)
-    before = path.stat().st_mtime_ns  # results never stand in the way: the same config again replaces its file
-    assert memory.main(argv + ["--recompute", RECOMPUTE[0]]) == 0 and path.stat().st_mtime_ns > before
 
 
 @pytest.mark.parametrize("argv, message", [(["--compile", "on"], "cannot be planned"),
