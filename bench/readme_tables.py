@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import sys
+import textwrap
 
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,11 +77,12 @@ def planned_table(estimate_dir=ESTIMATE):
                      + f" | {f'{mmseg:.2f} (fp32, 8 x {batch // 8})' if mmseg and world == 8 else ''} |")
     commits = sorted({(e.get("git_commit") or "unknown")[:10] for e in envs})
     torches = sorted({e.get("torch") for e in envs})
-    lines += ["", f"Planned, not measured: GiB per GPU (per image in parentheses), ViT-L/16, bf16 (FSDP2 mixed "
-              f"precision), the peak of training's step planned on CPU by `python bench/memory.py --readme-table` "
-              f"(torch {', '.join(torches)}, commit {', '.join(commits)}); every number is read from "
-              f"`bench/results/estimate/<config>.json`. mmseg's Mem (GB) is theirs: fp32, 8 GPUs, max allocated "
-              f"per GPU (GB = 2^30 bytes)."]
+    lines += ["", textwrap.fill(
+        f"Planned, not measured: GiB per GPU (per image in parentheses), ViT-L/16, bf16 (FSDP2 mixed precision), the "
+        f"peak of training's step planned on CPU by `python bench/memory.py --readme-table` (torch "
+        f"{', '.join(torches)}, commit {', '.join(commits)}); every number is read from "
+        f"`bench/results/estimate/<config>.json`. mmseg's Mem (GB) is theirs: fp32, 8 GPUs, max allocated per GPU "
+        f"(GB = 2^30 bytes).", 100)]
     return "\n".join(lines) + "\n"
 
 
