@@ -356,6 +356,10 @@ def test_meta_build_then_init():
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         assert torch.isfinite(t.float()).all(), name
     assert model.decode_head.up_convs[0][0].bn.running_var.eq(1).all()
+    meta = setr.build_setr("naive", backbone="vit_tiny", num_classes=5, img_size=64, recompute="selective",
+                           device="meta")  # shape-only training step (FLOP counting), recomputing as trained
+    sum(meta(torch.empty(1, 3, 64, 64, device="meta"), torch.zeros(1, 64, 64, dtype=torch.long, device="meta"))
+        .values()).backward()
 
 
 @pytest.mark.slow
