@@ -402,7 +402,8 @@ def build_parser():
             kw.update(nargs="?", const=True)
         parser.add_argument("--" + dotted, **kw)
     parser.add_argument("--activation-checkpointing", "--parallel.activation_checkpointing", nargs="?",
-                        action=_Replaced, replacement="--recompute full (or none | selective)", help=argparse.SUPPRESS)
+                        action=_Replaced, replacement="--recompute full (or none | selective)",
+                        help=argparse.SUPPRESS)
     return parser
 
 
