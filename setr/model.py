@@ -73,6 +73,7 @@ class SETR(nn.Module):
         for m in self.modules():
             if isinstance(m, (Block, SETRUPHead)):
                 m.recompute = policy == "selective"
+
     def init_weights(self):
         """Initialize every parameter and buffer (also after `to_empty` from the meta device)."""
         self.backbone.init_weights()

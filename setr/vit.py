@@ -4,6 +4,7 @@ Module and parameter names mirror mmseg's state dict (`patch_embed.projection`,
 `layers.i.attn.attn.in_proj_weight`, `layers.i.ffn.layers.0.0`, ...) so its checkpoints load
 without any key conversion. Pre-norm blocks: x = x + attn(ln1(x)); x = x + ffn(ln2(x)).
 """
+import contextlib
 import functools
 import math
 
@@ -30,8 +31,11 @@ def linear_grads(grad_out, x, weight, needs=(True, True, True)):
 
 
 def autocast_dtype(device_type):
-    """The dtype torch.autocast runs matrix products in on this device type; None when it is off."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    """The dtype torch.autocast runs matrix products in on this device type; None when it is off
+    (or autocast has no such device type, e.g. meta)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 class GeluLinear(torch.autograd.Function):
@@ -52,7 +56,8 @@ class GeluLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, weight = ctx.saved_tensors
-        with torch.autocast(h.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None):
+        autocast = torch.autocast(h.device.type, ctx.autocast) if ctx.autocast else contextlib.nullcontext()
+        with autocast:
             grad_a, grad_w, grad_b = linear_grads(grad_out, F.gelu(h), weight, ctx.needs_input_grad)
         grad_h = torch.ops.aten.gelu_backward(grad_a.to(h.dtype), h) if grad_a is not None else None
         return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,

@@ -1,5 +1,6 @@
 """Training engine: config and presets, optimizer groups and schedule, synchronized BN,
 checkpoints, the step function, and short real runs (2-process gloo FSDP via torchrun)."""
+import functools
 import json
 import math
 import os
@@ -554,12 +555,32 @@ def test_world_size_1_and_2_give_the_same_first_step_loss(two_rank_run, tmp_path
     assert ws1[1] == pytest.approx(ws2[1], rel=1e-5, abs=0)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on CPU needs a C compiler")
-def test_activation_checkpointing_and_compile_give_the_same_step(tmp_path, single_process_group):
+def test_every_module_passed_to_fully_shard_runs_forward(tmp_path, single_process_group, monkeypatch, caplog):
+    """FSDP2 hooks the forward of the modules given to fully_shard; one that never runs forward (a
+    ModuleList) leaves its group without pre-backward and reshard (torch 2.11 warns, 2.13 not)."""
+    import torch.distributed.fsdp as fsdp
+
+    passed, ran = [], set()
+    real = fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: passed.append(module) or real(module, **kw))
+    trainer = _trainer(tmp_path, [], schedule__batch_size=2)
+    modules = [m for group in passed for m in (group if isinstance(group, list) else [group])]
+    for m in modules:
+        m.register_forward_hook(lambda module, *_: ran.add(id(module)))
+    train_step(trainer.state, [_batch(2)])
+    assert [type(m).__name__ for m in modules if id(m) not in ran] == []
+    assert "did not run forward" not in caplog.text
+
+
+def test_full_recompute_and_compile_give_the_same_step(tmp_path, single_process_group, monkeypatch):
+    """--recompute full (checkpointed blocks) and --compile: the step and the state-dict names of the
+    plain model. torch.compile runs its aot_eager backend here: what it traces (Dynamo fullgraph,
+    AOTAutograd's joint graph split around the checkpointed blocks) without Inductor's CPU C++
+    code, which a GPU never runs and which costs gcc about 20 s on 2 cores."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     x, y = _batch(2)
     plain = _trainer(tmp_path / "plain", [], schedule__batch_size=2)
-    fancy = _trainer(tmp_path / "fancy", [], schedule__batch_size=2, parallel__activation_checkpointing=True,
+    fancy = _trainer(tmp_path / "fancy", [], schedule__batch_size=2, parallel__recompute="full",
                      parallel__compile=True)
     names = [n for n, _ in fancy.model.named_parameters()]
     assert any("_checkpoint_wrapped_module" in n for n in names) and any("_orig_mod" in n for n in names)

@@ -130,7 +130,7 @@ def data_worker_init(parent_pid, _worker_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# AC, compile, FSDP2
+# Recompute, compile, FSDP2
 # ----------------------------------------------------------------------------------------------
 
 def apply_recompute(model, policy):
@@ -159,7 +159,7 @@ def apply_compile(model):
 
 def apply_fsdp(model, mesh, precision):
     """FSDP2: one unit per transformer block, one for the patch embedding, one for neck + decode
-    head + auxiliary heads, then the root (cls token and pos embed: small, kept gathered).
+    head + each auxiliary head, then the root (cls token and pos embed: small, kept gathered).
     bf16 / fp16: parameters cast for compute, gradients reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -174,7 +174,9 @@ def apply_fsdp(model, mesh, precision):
     for block in model.backbone.layers:
         fully_shard(block, **kw)
     fully_shard(model.backbone.patch_embed, **kw)
-    heads = [m for m in (model.neck, model.decode_head, model.auxiliary_head)
+    # the modules that run forward themselves (not the aux heads' ModuleList: FSDP hooks a unit's
+    # forward, and a module that never runs one leaves its group without pre-backward / reshard)
+    heads = [m for m in (model.neck, model.decode_head, *model.auxiliary_head)
              if m is not None and any(True for _ in m.parameters())]
     if precision != "fp32":
         # BatchNorm keeps float32 weights beside its float32 running statistics (PyTorch's kernels
