@@ -186,7 +186,7 @@ def test_failed_and_timed_out_parts_are_recorded_and_the_next_runs(tmp_path):
 def test_two_at_a_time_and_a_waiting_part_waits(tmp_path, monkeypatch):
     stamp = "import time, sys; t = time.time(); time.sleep({}); print(t, time.time())"
     monkeypatch.setattr(gpu_check, "WAITS", ("after",))
-    parts = [part("a", 30, stamp.format(1)), part("b", 30, stamp.format(1)), part("after", 30, stamp.format(0))]
+    parts = [part("a", 30, stamp.format(0.5)), part("b", 30, stamp.format(0.5)), part("after", 30, stamp.format(0))]
     records = gpu_check.run_all(parts, str(tmp_path), {"gpu": None}, dry_run=True, jobs=2)
     (a0, a1), (b0, b1), (c0, _) = [map(float, r["tail"][-1].split()) for r in records]
     assert b0 < a1 and a0 < b1  # side by side
