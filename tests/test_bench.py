@@ -131,7 +131,8 @@ def test_kernels_harness_reports_failures(tmp_path, monkeypatch):
     assert ours["speedup_vs"] == {"eager": 3.0}
     failed = {r["bench"]: r["error"] for r in data["rows"] if r.get("error")}
     assert set(failed) == {"boom", "nothere"} and len(common.failure_lines(data["rows"])) == 2
-    assert "RuntimeError: kernel launch failed" in failed["boom"] and "No module named 'bench.bench_nothere'" in failed["nothere"]
+    assert "RuntimeError: kernel launch failed" in failed["boom"]
+    assert "No module named 'bench.bench_nothere'" in failed["nothere"]
     assert data["not_run"] == {"apex": "not installed"} and "Not run here: apex (not installed)." in md
     assert "kernel launch failed" in md
 
@@ -180,7 +181,8 @@ def test_planned_table_rows_and_order(tmp_path):
         preset, dataset = ("pup", "ADE20K") if crop == 512 else ("pup_cityscapes", "Cityscapes")
         row = dict(preset=preset, dataset=dataset, head="pup", impl=impl, recompute=recompute, batch=16 // world,
                    world_size=world, crop=crop, peak_gib=peak, per_image_gib=peak * world / 16)
-        (tmp_path / f"{impl}_{recompute}_{world}_{crop}.json").write_text(json.dumps({"environment": GPU_ENV, "row": row}))
+        path = tmp_path / f"{impl}_{recompute}_{world}_{crop}.json"
+        path.write_text(json.dumps({"environment": GPU_ENV, "row": row}))
 
     for impl, scale in (("eager", 3.0), ("sdpa", 2.0), ("triton", 1.0)):
         for recompute, peak in (("full", 4.0), ("none", 16.0), ("selective", 8.0)):
@@ -192,7 +194,8 @@ def test_planned_table_rows_and_order(tmp_path):
                                                    ["8 x 2", "full"], ["8 x 2", "none"]]  # most memory first
     assert rows[1] == "| ADE20K 512x512 | SETR-PUP | 16 | 8 x 2 | none | 6.00 (3.00) | 4.00 (2.00) | 2.00 (1.00) | " \
                       "19.54 (fp32, 8 x 2) |"
-    assert rows[0].endswith("| - | - | 13.80 (0.86) |  |") and rows[4].startswith("| Cityscapes 768x768 | SETR-PUP | 16 | 8 x 2 |")
+    assert rows[0].endswith("| - | - | 13.80 (0.86) |  |")
+    assert rows[4].startswith("| Cityscapes 768x768 | SETR-PUP | 16 | 8 x 2 |")
 
 
 def test_readme_tables_refuse_cpu_results_and_skip_folders_of_no_gpu(tmp_path, capsys):
