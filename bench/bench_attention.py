@@ -10,35 +10,27 @@ peak CUDA memory of one call above what was allocated before it.
 
 Providers "triton" (ours), "eager", "sdpa_*" are the model's own op, setr.layers.attention_packed
 with impl "triton" / "eager" / "sdpa" (the last under one SDPA backend each).
-Shapes: SETR's (B = 1, 2, 8, 16; N = 1024, 1025, 2305; H = 16; D = 64; bf16) and a sweep of N at
-B = 4. `--setr-only`: ViT-L at 512x512 (N = 1025) at batch 8 and 16. `--quick`: a few shapes (tiny
-ones on CPU, where ours runs under the Triton interpreter and the timings mean nothing).
-
-    python bench/bench_attention.py [--quick | --setr-only] [--out DIR]
+Shapes: SETR's (B = 1, 2, 8, 16; N = 1024, 1025, 2305, 901; H = 16; D = 64; bf16) and a sweep of
+N at B = 4. setr_only: ViT-L's training shapes (N = 1025 at 512x512, batch 8 and 16; N = 2305 at
+768x768, batch 8). quick: a few shapes (a tiny one on CPU, where the timings mean nothing).
+Run through bench/kernels.py (`--only attention`).
 """
-import os
-import sys
-
-if __package__ in (None, ""):  # run as `python bench/bench_attention.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import importlib.util
 
 import torch
 
-from bench import common
-from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
-
-common.interpret_kernels_on_cpu()
-from kernels.utils import use_triton  # noqa: E402
-from setr.layers import attention_packed  # noqa: E402
+from bench import OURS, common
+from bench.common import MODES, default_device, on_gpu, time_provider
+from kernels.utils import use_triton
+from setr.layers import attention_packed
 
 KERNEL = "attention"
 SETR_BATCHES = (1, 2, 8, 16)
-SETR_TOKENS = (1024, 1025, 2305)
-TRAIN_BATCHES, TRAIN_TOKENS = (8, 16), 1025  # ViT-L/16 at 512x512: 32 x 32 patches + cls
+SETR_TOKENS = (1024, 1025, 2305, 901)
+TRAIN_SHAPES = ((8, 1025), (16, 1025), (8, 2305))  # (B, N): 512x512 crops (ADE20K), 768x768 (Cityscapes)
 SWEEP_BATCH = 4
 SWEEP_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 PEERS = ("eager", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "torch.compile", "xformers")
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mb", "error"]
 
 
 def sdpa_provider(backend_name):
@@ -61,6 +53,14 @@ def xformers_provider(qkv, H):
     return xops.memory_efficient_attention(q, k, v).reshape(B, N, C3 // 3)
 
 
+def unavailable():
+    """{peer: why} for the peers that cannot run on this machine (left out, said once)."""
+    out = {} if importlib.util.find_spec("xformers") else {"xformers": "not installed"}
+    if not on_gpu():
+        out.update({p: "a CUDA-only SDPA backend" for p in ("sdpa_efficient", "sdpa_cudnn")})
+    return out
+
+
 def make_fn(provider):
     """fn(qkv, H) -> (B, N, H*D) for one provider (raises when it cannot run)."""
     if provider in (OURS, "eager"):
@@ -75,15 +75,15 @@ def make_fn(provider):
 
 
 def shapes(quick, setr_only=False):
-    """(group, B, H, N, D) tuples."""
+    """(B, H, N, D) tuples."""
     if not on_gpu():
-        return [("setr", 1, 2, 17, 32)]
+        return [(1, 2, 17, 32)]
     if setr_only:
-        return [("setr", B, 16, TRAIN_TOKENS, 64) for B in TRAIN_BATCHES]
+        return [(B, 16, N, 64) for B, N in TRAIN_SHAPES]
     if quick:
-        return [("setr", 2, 16, N, 64) for N in (1024, 1025, 2305)] + [("sweep", SWEEP_BATCH, 16, 4096, 64)]
-    out = [("setr", B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
-    return out + [("sweep", SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS]
+        return [(2, 16, N, 64) for N in (1024, 1025, 2305)] + [(SWEEP_BATCH, 16, 4096, 64)]
+    return ([(B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
+            + [(SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS])
 
 
 def bench_provider(name, B, H, N, D, dtype, quick):
@@ -97,12 +97,8 @@ def bench_provider(name, B, H, N, D, dtype, quick):
             "B": B, "H": H, "N": N, "D": D}
     if name == OURS:
         base["path"] = ("triton" if on_gpu() else "triton-interpreter") if use_triton(qkv) else "reference"
-    if name == "torch.compile":
-        base["compile_backend"] = common.compile_backend()
-    try:
-        rows = time_modes(make_fn(name), (qkv, H), qkv, base, quick, grads=[dout], flops=flops, memory_modes=MODES)
-    except Exception as e:  # noqa: BLE001
-        rows = error_rows(base, e)
+    rows = time_provider(lambda: make_fn(name), (qkv, H), qkv, base, quick, grads=[dout], flops=flops,
+                         memory_modes=MODES)
     if on_gpu():
         torch.cuda.empty_cache()
     return rows
@@ -110,43 +106,11 @@ def bench_provider(name, B, H, N, D, dtype, quick):
 
 def run(quick=False, setr_only=False):
     dtype = torch.bfloat16
-    rows = []
-    for group, B, H, N, D in shapes(quick, setr_only):
-        for name in (OURS,) + PEERS:
+    rows, skip = [], unavailable()
+    for B, H, N, D in shapes(quick, setr_only):
+        for name in [p for p in (OURS,) + PEERS if p not in skip]:
             for row in bench_provider(name, B, H, N, D, dtype, quick):
-                row["group"] = group
                 rows.append(row)
                 shown = row.get("error") or f"{row['ms']:.3f} ms  {row['tflops']:.1f} TFLOP/s"
                 print(f"{row['shape']:<26} {row['mode']:<8} {name:<15} {shown}", flush=True)
     return rows
-
-
-def plot(rows, path):
-    import matplotlib.pyplot as plt
-
-    modes = MODES
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    sweep = [r for r in rows if r.get("group") == "sweep" and r.get("tflops")]
-    if not sweep:  # no sweep in quick mode: plot what there is against N
-        sweep = [r for r in rows if r.get("tflops")]
-    for ax, mode in zip(axes, modes):
-        for provider in (OURS,) + PEERS:
-            pts = sorted((r["N"], r["tflops"]) for r in sweep if r["mode"] == mode and r["provider"] == provider)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (tokens)")
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"attention {mode}" + (f", H={sweep[0]['H']} D={sweep[0]['D']}" if sweep else ""))
-        ax.grid(True, alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    common.save_figure(fig, path)
-
-
-def main(argv=None):
-    return common.kernel_bench_main(KERNEL, run, COLUMNS, plot, __doc__.splitlines()[0], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

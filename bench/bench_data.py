@@ -1,4 +1,4 @@
-"""Data-pipeline benchmark: training samples per second in one worker, ours and mmseg's recipe.
+"""Data-pipeline benchmark: training samples per second in one worker, and each step's share.
 
     python bench/bench_data.py                          # the ADE20K samples shipped in ../shared
     python bench/bench_data.py --data-root /data/ADEChallengeData2016 --split training -n 200
@@ -6,106 +6,50 @@
 One worker, one thread (torch and OpenCV), as a DataLoader worker runs: the time per sample of
 the full ADE20K training pipeline (read jpg + png, random rescale 0.5-2.0 of (2048, 512), random
 crop 512 with cat_max_ratio 0.75, flip, photometric distortion, normalize, pad), and of each step
-alone on the decoded sample. mmseg's own pipeline (mmseg 1.x `LoadImageFromFile` ...
-`PhotoMetricDistortion` + `SegDataPreProcessor`'s normalize) is timed on the same files when mmseg
-is importable, otherwise reported as not installed. Results: bench/results/<device>/bench_data.{json,md}.
+alone on the decoded sample. Results: bench/results/<device>/bench_data.{json,md}. (The data
+wait of the real training loop: bench/gpu_check.py's training runs.)
 """
 import argparse
-import json
 import os
 import sys
 import time
 
-import cv2
-import numpy as np
-import torch
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import environment, markdown_table, results_dir  # noqa: E402
-from setr.data import ADE20K, TrainSamples  # noqa: E402
-from setr.data import transforms as T  # noqa: E402
-from setr.files import write_atomic  # noqa: E402
-
-try:  # mmseg 1.x's own transforms, timed side by side where installed
-    from mmcv.transforms import LoadImageFromFile
-    from mmseg.datasets.transforms import (LoadAnnotations, PhotoMetricDistortion, RandomCrop, RandomFlip,
-                                           RandomResize)
-    MMSEG_MISSING = None
-except ImportError as e:
-    MMSEG_MISSING = str(e)
+from bench import UsageError, run_script  # noqa: E402
 
 SHARED_ADE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                           "data", "ade20k_sceneparsing_samples")
-PROVIDER = "setr"  # our data pipeline (bench.OURS names our kernels)
-COLUMNS = ["kernel", "provider", "shape", "samples_per_s", "ms", "n", "error"]
-
-
-def _rate(fn, n):
-    """(samples/s, ms per sample) of fn(i) for i in range(n), after one warm-up call."""
-    fn(0)
-    start = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    seconds = time.perf_counter() - start
-    return n / seconds, 1000 * seconds / n
+COLUMNS = ["kernel", "provider", "shape", "samples_per_s", "ms", "n"]
 
 
 def ours_rows(dataset, n, crop):
+    """Per step: samples/s and ms per sample over n samples after a warm-up call."""
+    import numpy as np
+
+    from setr.data import TrainSamples
+    from setr.data import transforms as T
+
     samples = TrainSamples(dataset, crop, seed=0)
-    rows = []
-    sps, ms = _rate(lambda i: samples[i], n)
-    rows.append(dict(kernel="train pipeline", provider=PROVIDER, shape=f"{crop}x{crop}", samples_per_s=sps, ms=ms, n=n))
     image, label, _ = dataset[0]
     steps = {
+        "train pipeline": lambda i: samples[i],
         "read files": lambda i: dataset[i % len(dataset)],
         "random rescale": lambda i: T.random_rescale(image, label, np.random.default_rng(i)),
         "photometric distortion": lambda i: T.photometric_distortion(image[:crop, :crop], np.random.default_rng(i)),
         "normalize + pad": lambda i: T.normalize_pad(image[:crop, :crop], label[:crop, :crop], (crop, crop)),
     }
+    rows = []
     for name, fn in steps.items():
-        sps, ms = _rate(fn, n)
-        rows.append(dict(kernel=name, provider=PROVIDER, shape=f"{image.shape[0]}x{image.shape[1]}",
-                         samples_per_s=sps, ms=ms, n=n))
+        fn(0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        ms = (time.perf_counter() - t0) * 1e3 / n
+        shape = f"{crop}x{crop}" if name == "train pipeline" else f"{image.shape[0]}x{image.shape[1]}"
+        rows.append(dict(kernel=name, provider="setr", shape=shape, samples_per_s=1e3 / ms, ms=ms, n=n))
     return rows
-
-
-def mmseg_rows(dataset, n, crop):
-    """mmseg 1.x's ADE20K train pipeline on the same files (when mmseg is importable)."""
-    base = dict(kernel="train pipeline", provider="mmseg", shape=f"{crop}x{crop}", n=n)
-    if MMSEG_MISSING:
-        return [dict(base, error=f"mmseg not installed ({MMSEG_MISSING})")]
-    pipeline = [LoadImageFromFile(), LoadAnnotations(reduce_zero_label=True),
-                RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
-                RandomCrop(crop_size=(crop, crop), cat_max_ratio=0.75), RandomFlip(prob=0.5),
-                PhotoMetricDistortion()]
-    mean = torch.tensor(T.MEAN).view(3, 1, 1)
-    std = torch.tensor(T.STD).view(3, 1, 1)
-
-    def one(i):
-        k = i % len(dataset)
-        results = dict(img_path=dataset.image_paths[k], seg_map_path=dataset.label_paths[k], reduce_zero_label=True,
-                       seg_fields=[])
-        for t in pipeline:
-            results = t(results)
-        img = torch.from_numpy(np.ascontiguousarray(results["img"][..., ::-1].transpose(2, 0, 1)))
-        return (img.float() - mean) / std  # SegDataPreProcessor: bgr_to_rgb, normalize (its pad left out)
-
-    sps, ms = _rate(one, n)
-    return [dict(base, samples_per_s=sps, ms=ms)]
-
-
-def write(rows, outdir):
-    """<outdir>/bench_data.{json,md} (no CPU caveat: the data pipeline runs on the CPU for real)."""
-    os.makedirs(outdir, exist_ok=True)
-    env = environment()
-    paths = [os.path.join(outdir, "bench_data.json"), os.path.join(outdir, "bench_data.md")]
-    texts = [json.dumps({"environment": env, "rows": rows}, indent=1),
-             "# bench_data: training samples per second, one worker, one thread\n\nEnvironment: "
-             + ", ".join(f"{k}={v}" for k, v in env.items()) + "\n\n" + markdown_table(rows, COLUMNS) + "\n"]
-    for path, text in zip(paths, texts):
-        write_atomic(path, text)
-    return paths
 
 
 def main(argv=None):
@@ -116,20 +60,26 @@ def main(argv=None):
     p.add_argument("--crop", type=int, default=512, help="crop size (default 512)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
     args = p.parse_args(argv)
+    import cv2
+    import torch
+
+    from bench import common
+    from setr.data import ADE20K, DataError
+
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    dataset = ADE20K(args.data_root, args.split)
-    rows = ours_rows(dataset, args.n, args.crop) + mmseg_rows(dataset, args.n, args.crop)
+    try:
+        dataset = ADE20K(args.data_root, args.split)
+    except (DataError, OSError) as e:
+        raise UsageError(f"--data-root {args.data_root} --split {args.split}: {e}") from None
+    rows = ours_rows(dataset, args.n, args.crop)
     for r in rows:
-        rate = f"{r['samples_per_s']:8.1f} samples/s  {r['ms']:7.2f} ms" if "samples_per_s" in r else r["error"]
-        print(f"{r['provider']:>6} {r['kernel']:<24} {rate}")
-    for path in write(rows, args.out or results_dir()):
-        print("wrote", path)
-    failed = [f"{r['kernel']}: {r['error']}" for r in rows if r.get("error") and r["provider"] == PROVIDER]
-    for what in failed:
-        print(f"FAILED: {what}")
-    return 1 if failed else 0
+        print(f"{r['kernel']:<24} {r['samples_per_s']:8.1f} samples/s  {r['ms']:7.2f} ms")
+    # the data pipeline runs on the CPU for real: its timings stand without a GPU
+    paths = common.write_results("bench_data", rows, COLUMNS, args.out, cpu_timings_mean_nothing=False)
+    print("wrote " + ", ".join(paths))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

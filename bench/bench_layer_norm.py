@@ -1,35 +1,33 @@
 """LayerNorm (and the fused residual-add variant): ours vs torch, apex and torch.compile.
 
-    python bench/bench_layer_norm.py [--quick | --setr-only] [--out DIR]
-
 Cases: SETR's shapes (8 x 1025 x 1024 and 16 x 1025 x 1024, bf16 and fp32) for layer_norm and
 add_layer_norm, and a sweep of widths at 8200 rows in bf16 (`--setr-only`: 8 x 1025 x 1024 bf16).
 Modes fwd, bwd, fwd+bwd; time (median ms) and GB/s, counting each input read once and each output
 written once (bwd also reads the saved float32 mean and rstd). "triton" (ours) and "eager"
 (F.layer_norm, after x + residual for the fused variant) are the model's own ops,
 setr.layers.layer_norm / add_layer_norm; "apex" is FusedLayerNorm's fused_layer_norm_affine
-(reported with an error when not importable) and "torch.compile" compiles the eager op.
+(left out, and said so, when not importable) and "torch.compile" compiles the eager op.
+Run through bench/kernels.py (`--only layer_norm`).
 """
-import os
-import sys
-
-if __package__ in (None, ""):  # run as `python bench/bench_layer_norm.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import importlib.util
+import math
 
 import torch
 
-from bench import common
-from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
-
-common.interpret_kernels_on_cpu()
-from setr.layers import add_layer_norm, layer_norm  # noqa: E402
+from bench import OURS, common
+from bench.common import MODES, default_device, on_gpu, time_provider
+from setr.layers import add_layer_norm, layer_norm
 
 EPS = 1e-6
 SETR_SHAPES = [(8, 1025, 1024), (16, 1025, 1024)]
 SWEEP_ROWS = 8200
 SWEEP_WIDTHS = [256, 512, 768, 1000, 1024, 1280, 1500, 2048, 4096, 8192]
 PROVIDERS = (OURS, "eager", "apex", "torch.compile")
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
+
+
+def unavailable():
+    """{peer: why} for the peers that cannot run on this machine (left out, said once)."""
+    return {} if importlib.util.find_spec("apex") else {"apex": "not installed"}
 
 
 def _apex_layer_norm():
@@ -61,13 +59,8 @@ def make_fn(kernel, provider):
 
 def traffic_bytes(kernel, mode, shape, dtype):
     """Bytes each input read once and each output written once (params in the activation dtype)."""
-    c = shape[-1]
-    rows = 1
-    for s in shape[:-1]:
-        rows *= s
-    act = rows * c * torch.tensor([], dtype=dtype).element_size()
-    par = c * torch.tensor([], dtype=dtype).element_size()
-    stats = 2 * rows * 4
+    rows, c, size = math.prod(shape[:-1]), shape[-1], dtype.itemsize
+    act, par, stats = rows * c * size, c * size, 2 * rows * 4
     if kernel == "layer_norm":
         fwd = 2 * act + 2 * par                    # x, w, b -> y
         bwd = 3 * act + 3 * par + stats            # dy, x, w, mean, rstd -> dx, dw, db
@@ -86,15 +79,10 @@ def run_case(kernel, shape, dtype, quick=False):
     b = (0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
     inputs = [x, r, w, b] if kernel == "add_layer_norm" else [x, w, b]
     traffic = {mode: traffic_bytes(kernel, mode, shape, dtype) for mode in MODES}
-    rows = []
-    for provider in PROVIDERS:
+    rows, skip = [], unavailable()
+    for provider in [p for p in PROVIDERS if p not in skip]:
         base = dict(kernel=kernel, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""))
-        if provider == "torch.compile":
-            base["compile_backend"] = common.compile_backend()
-        try:
-            rows += time_modes(make_fn(kernel, provider), (x, r, w, b), inputs, base, quick, bytes_moved=traffic)
-        except Exception as e:  # noqa: BLE001
-            rows += error_rows(base, e)
+        rows += time_provider(lambda: make_fn(kernel, provider), (x, r, w, b), inputs, base, quick, bytes_moved=traffic)
     return rows
 
 
@@ -116,34 +104,3 @@ def run(quick=False, setr_only=False):
         print(f"{kernel} {tuple(shape)} {dtype}", flush=True)
         rows += run_case(kernel, shape, dtype, quick=quick)
     return rows
-
-
-def plot(rows, path):
-    """GB/s against width for the sweep (layer_norm, bf16, 8200 rows), one panel per mode."""
-    import matplotlib.pyplot as plt
-
-    sweep = [r for r in rows if r["kernel"] == "layer_norm" and len(r["shape"]) == 2 and r.get("gbps")]
-    if not sweep:  # no sweep in this run: plot whatever was measured, by case
-        sweep = [r for r in rows if r.get("gbps")]
-    fig, axes = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 4), squeeze=False)
-    for ax, mode in zip(axes[0], MODES):
-        for provider in PROVIDERS:
-            pts = sorted((r["shape"][-1], r["gbps"]) for r in sweep if r["mode"] == mode and r["provider"] == provider)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-        ax.set_title(f"layer_norm {mode}, {SWEEP_ROWS} rows, bf16")
-        ax.set_xlabel("width C")
-        ax.set_ylabel("GB/s")
-        ax.set_xscale("log", base=2)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    common.save_figure(fig, path)
-
-
-def main(argv=None):
-    return common.kernel_bench_main("layer_norm", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

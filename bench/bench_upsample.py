@@ -1,7 +1,5 @@
 """Bilinear upsample and the fused upsample + cross-entropy loss: ours vs torch and torch.compile.
 
-    python bench/bench_upsample.py [--quick | --setr-only] [--out DIR]
-
 "triton" (ours) and "eager" are the model's own ops, setr.layers.upsample and setr.layers.seg_loss
 with impl "triton" / "eager"; "torch.compile" compiles the eager op.
 
@@ -17,22 +15,14 @@ ignored pixels. Time and peak memory (peak_mem_mb: CUDA memory of one call above
 allocated before it). Peers: "eager" (F.interpolate then F.cross_entropy in float32, as mmseg
 computes it) and "torch.compile" (of the same function).
 `--setr-only`: bf16 only, PUP's x2 resize 128 -> 256, the x4 resize 128 -> 512 and both loss cases.
-`--quick`: a few cases (tiny ones on CPU, where ours runs under the Triton interpreter and the
-timings mean nothing).
+`--quick`: a few cases (tiny ones on CPU, where the timings mean nothing).
+Run through bench/kernels.py (`--only upsample`).
 """
-import os
-import sys
-
-if __package__ in (None, ""):  # run as `python bench/bench_upsample.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 
-from bench import common
-from bench.common import MODES, OURS, default_device, error_rows, on_gpu, time_modes
-
-common.interpret_kernels_on_cpu()
-from setr.layers import seg_loss, upsample  # noqa: E402
+from bench import OURS, common
+from bench.common import MODES, default_device, on_gpu, time_provider
+from setr.layers import seg_loss, upsample
 
 BATCH = 8
 PUP_SIZES = (32, 64, 128, 256)          # PUP decode head: 4 x [conv -> x2]
@@ -42,7 +32,11 @@ NUM_CLASSES = 150
 CHANNELS = 256
 IGNORE_INDEX = 255
 PROVIDERS = (OURS, "eager", "torch.compile")
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "peak_mem_mb", "error"]
+
+
+def unavailable():
+    """{peer: why} for the peers that cannot run on this machine: every peer here is PyTorch's."""
+    return {}
 
 
 def make_fn(kernel, provider):
@@ -54,13 +48,6 @@ def make_fn(kernel, provider):
     if kernel.startswith("upsample_bilinear"):
         return lambda x, size: upsample(x, size, provider)
     return lambda logits, labels: seg_loss(logits, labels, IGNORE_INDEX, provider)
-
-
-def _base(kernel, provider, shape, dtype):
-    base = dict(kernel=kernel, provider=provider, shape=shape, dtype=str(dtype).replace("torch.", ""))
-    if provider == "torch.compile":
-        base["compile_backend"] = common.compile_backend()
-    return base
 
 
 def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, quick=False):
@@ -75,11 +62,8 @@ def run_upsample_case(batch, channels, hw, size, dtype, channels_last=False, qui
     traffic = {"fwd": one_way, "bwd": one_way, "fwd+bwd": 2 * one_way}
     rows = []
     for provider in PROVIDERS:
-        base = _base(kernel, provider, [batch, channels, hw, hw, size, size], dtype)
-        try:
-            rows += time_modes(make_fn(kernel, provider), (x, (size, size)), x, base, quick, bytes_moved=traffic)
-        except Exception as e:  # noqa: BLE001
-            rows += error_rows(base, e)
+        base = dict(kernel=kernel, provider=provider, shape=[batch, channels, hw, hw, size, size], dtype=str(dtype)[6:])
+        rows += time_provider(lambda: make_fn(kernel, provider), (x, (size, size)), x, base, quick, bytes_moved=traffic)
     return rows
 
 
@@ -90,12 +74,10 @@ def run_loss_case(batch, classes, hw, size, dtype, quick=False):
     labels[torch.rand(batch, size, size, device=device) < 0.1] = IGNORE_INDEX
     rows = []
     for provider in PROVIDERS:
-        base = _base("upsample_cross_entropy", provider, [batch, classes, hw, hw, size, size], dtype)
-        try:
-            rows += time_modes(make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base, quick,
-                               memory_modes=MODES)
-        except Exception as e:  # noqa: BLE001
-            rows += error_rows(base, e)
+        base = dict(kernel="upsample_cross_entropy", provider=provider, shape=[batch, classes, hw, hw, size, size],
+                    dtype=str(dtype)[6:])
+        rows += time_provider(lambda: make_fn("upsample_cross_entropy", provider), (logits, labels), logits, base,
+                              quick, memory_modes=MODES)
     return rows
 
 
@@ -133,42 +115,3 @@ def run(quick=False, setr_only=False):
         else:
             rows += run_loss_case(*args, quick=quick)
     return rows
-
-
-def _case_label(r):
-    _, _, hw, _, size, _ = r["shape"]
-    name = r["kernel"].replace("upsample_bilinear", "up").replace("upsample_cross_entropy", "loss")
-    return f"{name} {hw}->{size} {r['dtype']}"
-
-
-def plot(rows, path):
-    """Upsample fwd+bwd GB/s per case; fused-loss fwd+bwd time and peak memory per case."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
-    panels = (("upsample_bilinear", "gbps", "upsample fwd+bwd GB/s"),
-              ("upsample_cross_entropy", "ms", "loss fwd+bwd ms"),
-              ("upsample_cross_entropy", "peak_mem_mb", "loss fwd+bwd peak MB"))
-    width = 0.8 / len(PROVIDERS)
-    for ax, (kernel, metric, title) in zip(axes, panels):
-        sel = [r for r in rows if r["kernel"].startswith(kernel) and r["mode"] == "fwd+bwd"]
-        labels = list(dict.fromkeys(_case_label(r) for r in sel))
-        for k, provider in enumerate(PROVIDERS):
-            vals = {_case_label(r): r.get(metric) or 0 for r in sel if r["provider"] == provider}
-            ax.bar([i + k * width for i in range(len(labels))], [vals.get(lab, 0) for lab in labels], width,
-                   label=provider)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(title)
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    common.save_figure(fig, path)
-
-
-def main(argv=None):
-    return common.kernel_bench_main("upsample", run, COLUMNS, plot, __doc__.splitlines()[0], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

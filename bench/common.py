@@ -1,23 +1,16 @@
-"""Timing, environment capture and result writing shared by every benchmark script.
-
-Every benchmark produces rows (plain dicts) with at least:
-    kernel, mode ("fwd" | "bwd" | "fwd+bwd" | ...), provider, shape, dtype, ms (median),
-    ms_p20, ms_p80, and where it applies gbps / tflops / peak_mem_mb, or "error" when the
-    provider could not run (a peer that is not installed is reported, never skipped silently).
-`write_results` adds, for each row of ours, the speed ratio to every peer measured in the same
-run, and writes JSON + markdown (+ a PNG plot when matplotlib is importable).
+"""Timing, ratios, the environment and result files, shared by the benchmark scripts: a row is a
+dict of kernel, mode ("fwd" | "bwd" | "fwd+bwd" | "train"), provider, shape, dtype, ms (median),
+ms_p20, ms_p80 and where it applies gbps / tflops / peak_mem_mb, or "error" when it failed.
 """
-import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import time
 
 import torch
 
-from bench import OURS
+from bench import OURS, gpu_results_dir
+from bench import environment as bench_environment
+from setr.files import write_atomic
 
 
 def on_gpu():
@@ -28,22 +21,19 @@ def default_device():
     return torch.device("cuda" if on_gpu() else "cpu")
 
 
-def cpu_warning():
-    return "no CUDA device: these timings come from the CPU (Triton interpreter / reference) and mean nothing"
+CPU_WARNING = "no CUDA device: these timings come from the CPU (Triton interpreter / reference) and mean nothing"
 
 
 def print_cpu_warning():
     if not on_gpu():
-        bar = "!" * 100
-        print(f"{bar}\n!! WARNING: {cpu_warning()}.\n!! This is a smoke test of the harness "
-              f"(tiny config); run on a GPU for real numbers.\n{bar}", flush=True)
+        print(f"!! WARNING: {CPU_WARNING}.\n!! A smoke test of the harness (tiny config): run on a GPU for real "
+              "numbers.", flush=True)
 
 
 def finish(failed):
     """End of a benchmark run: the CPU banner again, what failed; exit status 1 if anything did."""
     print_cpu_warning()
-    for what in failed:
-        print(f"FAILED: {what}")
+    print("".join(f"FAILED: {what}\n" for what in failed), end="")
     return 1 if failed else 0
 
 
@@ -59,86 +49,21 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False, backend=compile_backend())
 
 
-def interpret_kernels_on_cpu():
-    """Without CUDA, run our Triton kernels through the interpreter (as the tests do) rather than
-    their PyTorch references; TRITON_INTERPRET=0 keeps the references. Call before importing kernels."""
-    if not on_gpu():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def kernel_failures(rows):
-    """Rows that make a kernel benchmark fail: an error in a row of ours (a peer that cannot run,
-    e.g. not installed, is reported but is no failure)."""
-    return [r for r in rows if r.get("error") and r["provider"] == OURS]
-
-
 def failure_lines(rows):
-    """One line per failed row of ours, for finish()."""
+    """One line per row of ours with an error, for finish() (a peer's error is reported, no failure)."""
     return [f"{r.get('bench', r['kernel'])}: {r['kernel']} {r['mode']} {r['shape']} {r['dtype']}: {r['error']}"
-            for r in kernel_failures(rows)]
-
-
-def add_shape_args(parser):
-    parser.add_argument("--quick", action="store_true", help="a few cases, short timing (always on CPU)")
-    parser.add_argument("--setr-only", action="store_true", help="SETR's training shapes only, no sweeps")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
-
-
-def kernel_bench_main(name, run, columns, plot, description, argv=None):
-    """Command line of one kernel's benchmark script: run(quick, setr_only) -> <out>/<name>.{json,md,png}.
-    Without a GPU the quick cases always (the CPU run is a smoke test). Returns the exit status."""
-    parser = argparse.ArgumentParser(description=description)
-    add_shape_args(parser)
-    args = parser.parse_args(argv)
-    print_cpu_warning()
-    rows = run(quick=args.quick or not on_gpu(), setr_only=args.setr_only)
-    for path in write_results(name, rows, columns, args.out, plot):
-        print("wrote", path)
-    return finish(failure_lines(rows))
+            for r in rows if r.get("error") and r["provider"] == OURS]
 
 
 def environment():
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "git_commit": _git_commit(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    """bench.environment() with the GPU as torch sees it (None when it runs on the CPU) and its CUDA."""
+    env = bench_environment()
     if on_gpu():
         props = torch.cuda.get_device_properties(0)
-        env["gpu"] = props.name
-        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        env["cuda"] = torch.version.cuda
-        env["driver"] = _nvidia_driver()
+        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
-        env["gpu"] = None
-        env["note"] = cpu_warning()
+        env.update(gpu=None, gpu_memory_gb=None, driver=None, note=CPU_WARNING)
     return env
-
-
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _nvidia_driver():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
 
 
 def bench(fn, quick=False):
@@ -184,21 +109,14 @@ def time_modes(fn, args, leaves, base, quick=False, grads=None, bytes_moved=None
     """One row per mode of outs = fn(*args): fwd (leaves require grad), bwd (of a kept forward) and
     fwd+bwd, with gradients w.r.t. `leaves`. grads: the output gradients (random by default; None
     for a scalar). bytes_moved / flops: {mode: count} for GB/s / TFLOP/s. peak_mem_mb for
-    memory_modes. A provider that cannot run raises: the caller turns that into error_rows."""
+    memory_modes. A provider that cannot run raises (time_provider reports it)."""
     outs = fn(*args)
     outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
     if grads is None:
         grads = [torch.randn_like(o) if o.dim() else None for o in outs]
-
-    def fwd():
-        return fn(*args)
-
-    def bwd():
-        return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
-
-    def fwd_bwd():
-        return torch.autograd.grad(fn(*args), leaves, grads)
-
+    fwd = lambda: fn(*args)  # noqa: E731 - the three timed calls, side by side
+    bwd = lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)  # noqa: E731
+    fwd_bwd = lambda: torch.autograd.grad(fn(*args), leaves, grads)  # noqa: E731
     rows = []
     for mode, f in zip(MODES, (fwd, bwd, fwd_bwd)):
         ms, p20, p80 = bench(f, quick=quick)
@@ -213,33 +131,33 @@ def time_modes(fn, args, leaves, base, quick=False, grads=None, bytes_moved=None
     return rows
 
 
-def error_rows(base, exc):
-    """A provider that could not run, reported in every mode (never skipped silently)."""
-    if on_gpu():
-        torch.cuda.empty_cache()
-    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-    return [dict(base, mode=mode, ms=None, error=msg) for mode in MODES]
+def time_provider(make_fn, args, leaves, base, quick=False, **kw):
+    """time_modes(make_fn(), ...) for the provider base names, or, when it cannot run, a row per
+    mode with its error (never skipped silently); torch.compile's backend goes in the rows."""
+    if base["provider"] == "torch.compile":
+        base = dict(base, compile_backend=compile_backend())
+    try:
+        return time_modes(make_fn(), args, leaves, base, quick, **kw)
+    except Exception as e:  # noqa: BLE001 - reported in the rows
+        if on_gpu():
+            torch.cuda.empty_cache()
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return [dict(base, mode=mode, ms=None, error=error) for mode in MODES]
 
 
-def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype"), metric="ms", field="speedup_vs"):
-    """For each row whose provider is in `ours`: row[field] = {peer: peer[metric] / row[metric]} over
-    every other row with the same `keys` (a time ratio is a speedup, a memory ratio a saving)."""
+def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype")):
+    """Each row whose provider is in `ours` gets speedup_vs = {peer: peer ms / its ms} over every
+    other row with the same `keys`."""
     key = lambda r: tuple(str(r.get(k)) for k in keys)
-    groups = {}
     for r in rows:
-        groups.setdefault(key(r), []).append(r)
-    for r in rows:
-        if r["provider"] not in ours or not r.get(metric):
-            continue
-        r[field] = {p["provider"]: round(p[metric] / r[metric], 3)
-                    for p in groups[key(r)] if p is not r and p.get(metric)}
-    return rows
+        if r["provider"] in ours and r.get("ms"):
+            r["speedup_vs"] = {p["provider"]: round(p["ms"] / r["ms"], 3) for p in rows
+                               if p is not r and p.get("ms") and key(p) == key(r)}
 
 
-def results_dir(root=None):
-    base = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    name = torch.cuda.get_device_name(0) if on_gpu() else "cpu"
-    return os.path.join(base, name.replace(" ", "_").replace("/", "_"))
+def results_dir():
+    """bench/results/<gpu name> (cpu without a GPU)."""
+    return gpu_results_dir(torch.cuda.get_device_name(0) if on_gpu() else None)
 
 
 def _fmt(v):
@@ -259,44 +177,25 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
-def write_results(name, rows, columns, outdir=None, plot=None):
-    """Write <outdir>/<name>.json and <name>.md (and <name>.png via plot(rows, path)). Returns paths."""
+def write_results(name, rows, columns, outdir=None, not_run=None, cpu_timings_mean_nothing=True):
+    """Write <outdir>/<name>.json and <name>.md; not_run: {provider: why} of the peers left out on
+    this machine. Returns the paths."""
     outdir = outdir or results_dir()
     os.makedirs(outdir, exist_ok=True)
     env = environment()
-    rows = add_ratios(rows)
+    if not cpu_timings_mean_nothing:
+        env.pop("note", None)
     json_path = os.path.join(outdir, f"{name}.json")
-    from setr.files import write_atomic  # importing setr imports the kernels: not before interpret_kernels_on_cpu()
-
-    write_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=1))
+    write_atomic(json_path, json.dumps({"environment": env, "rows": rows, "not_run": not_run or {}}, indent=1))
     md_path = os.path.join(outdir, f"{name}.md")
     header = [f"# {name}", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), ""]
-    if env["gpu"] is None:
-        header += [f"**{cpu_warning()}**", ""]
-    with open(md_path, "w") as f:
-        f.write("\n".join(header) + markdown_table(rows, columns + ["speedup_vs"]) + "\n")
-    paths = [json_path, md_path]
-    if plot is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            png = os.path.join(outdir, f"{name}.png")
-            plot(rows, png)
-            paths.append(png)
-        except ImportError:
-            print("matplotlib not installed: no plot written")
-    return paths
+    if "note" in env:
+        header += [f"**{env['note']}**", ""]
+    if not_run:
+        header += [not_run_line(not_run), ""]
+    write_atomic(md_path, "\n".join(header) + markdown_table(rows, columns + ["speedup_vs"]) + "\n")
+    return [json_path, md_path]
 
 
-def save_figure(fig, path, dpi=120):
-    """Save and close a matplotlib figure; a CPU run's figure says on the picture that its
-    timings mean nothing."""
-    import matplotlib.pyplot as plt
-
-    if not on_gpu():
-        fig.text(0.5, 0.5, "CPU RUN: timings and memory mean nothing", ha="center", va="center",
-                 rotation=20, fontsize=20, color="red", alpha=0.35, weight="bold")
-        fig.text(0.01, 0.005, cpu_warning(), fontsize=7, color="red", va="bottom")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+def not_run_line(not_run):
+    return "Not run here: " + "; ".join(f"{p} ({why})" for p, why in sorted(not_run.items())) + "."

@@ -5,19 +5,16 @@ config, compiled for Hopper (sm_90a) and Ampere (sm_80) on the CPU with Triton's
     python -m bench.compile_gate           # CI: check the table is current, recompile a subset
 
 The launchers run on CPU tensors of the real shapes (never initialized, nothing executes): each
-kernel launch is captured instead of run, then bound by Triton's own argument specialization for
-a CUDA target, exactly as a real launch would be (16-byte aligned pointers, ints divisible by 16,
-the launcher's constexprs, every autotune config), and compiled with ptxas -v. Each row records
-registers, spill bytes, shared memory against the target's limit, wgmma / mma.sync counts in the
-PTX and an estimated occupancy.
-
-Gate (exit status 1): a compile error anywhere; spills in a bf16/fp16 launch the autotuner can
-pick (fits in shared memory) on sm_90a, and in bf16/fp16 attention at D=64 on sm_80; attention
-without wgmma on sm_90a or without mma on sm_80.
-Each row's key hashes the kernel's source (with the @triton.jit helpers it calls), its
-specialization, options and the Triton version: the default (CI) mode fails when the committed
-table's keys are not exactly the current launches' (run --all and commit the table), and
-`--all --reuse` recompiles only the rows whose key changed.
+launch is captured instead of run, bound by Triton's own argument specialization for a CUDA
+target as a real launch would be (16-byte aligned pointers, ints divisible by 16, the launcher's
+constexprs, every autotune config) and compiled with ptxas -v. A row records registers, spill
+bytes, shared memory against the target's limit, wgmma / mma.sync counts and an estimated
+occupancy. Gate (exit status 1): a compile error anywhere; spills in a bf16/fp16 launch the
+autotuner can pick (fits in shared memory) on sm_90a, and in bf16/fp16 attention at D=64 on sm_80;
+attention without wgmma on sm_90a or without mma on sm_80. A row's key hashes the kernel's source
+(with the @triton.jit helpers it calls), specialization, options and Triton version: CI fails
+when the committed table's keys are not exactly the current launches' (run --all and commit the
+table); `--all --reuse` recompiles only the rows whose key changed.
 """
 import argparse
 import atexit
@@ -35,13 +32,30 @@ import sys
 import tempfile
 import time
 
-# compile, never interpret; a private cache (removed at exit) so that ptxas runs and logs every kernel
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--all", action="store_true", help="compile every launch and write the table; default: check that "
+                   "the committed table is current and recompile a subset, comparing the numbers")
+    p.add_argument("--reuse", action="store_true", help="with --all: keep the rows of the existing table whose "
+                   "key (kernel source, specialization, options, Triton version) is unchanged")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")
+    p.add_argument("--out", default=RESULTS, help="table directory (default: bench/results/compile)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer before torch and triton are imported (below)
+# compile, never interpret: triton itself decides at its import whether triton.language's own jit
+# functions (tl.cdiv, ...) are interpreted; and a private cache (removed at exit) so that ptxas runs
+# and logs every kernel
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="setr_compile_gate_")
 atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
-
-if __package__ in (None, ""):  # run as `python bench/compile_gate.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -59,7 +73,6 @@ ln = importlib.import_module("kernels.layer_norm")
 up = importlib.import_module("kernels.upsample")
 uce = importlib.import_module("kernels.upsample_cross_entropy")
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile")
 # capability, SMs of the flagship part (the LayerNorm backward grid), largest opt-in shared memory
 # per block, shared memory per SM (Triton skips a config whose shared memory exceeds the block limit)
 TARGETS = {
@@ -73,11 +86,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --- the launches, as the launchers make them ---------------------------------------------------
 
+# SETR's crops and classes: ADE20K 512x512 (150), Cityscapes 768x768 (19), Pascal Context 480x480 (60)
+CROPS = ((512, 150), (768, 19), (480, 60))
+TOKENS = [(crop // 16) ** 2 + 1 for crop, _ in CROPS]  # with the class token: 1025, 2305, 901
+
+
 def attention_cases():
-    """(name, dtype, launcher call): ViT-L's attention (B=8, H=16, N=1025 with the class token and
-    1024 without, D=64), plus head dims 32 and 128, float32 for the table."""
-    cases = [(dt, 64, n) for dt in ("bf16", "fp16") for n in (1025, 1024)]
-    cases += [(dt, d, 1025) for d in (32, 128) for dt in ("bf16", "fp16")] + [("fp32", 64, 1025)]
+    """(name, dtype, launcher call): ViT-L's attention (B=8, H=16, D=64) at every crop's token count
+    and at 1024 (no class token), plus head dims 32 and 128, float32 for the table. The autotune
+    key buckets token counts; the kernels specialize on them only by divisibility by 16, so the
+    token counts of all crops share compiles."""
+    cases = [(dt, 64, n) for dt in ("bf16", "fp16") for n in TOKENS + [1024]]
+    cases += [(dt, d, TOKENS[0]) for d in (32, 128) for dt in ("bf16", "fp16")] + [("fp32", 64, TOKENS[0])]
     for dt, d, n in cases:
         def run(dt=dt, d=d, n=n):
             qkv = torch.empty(BATCH, n, 3 * HEADS * d, dtype=DTYPES[dt])
@@ -87,26 +107,34 @@ def attention_cases():
 
 
 def layer_norm_cases():
-    """The ViT's LayerNorms (8200 tokens x 1024, plain and with the residual add), widths 1500 and 8192."""
-    for dt, width in (("bf16", 1024), ("fp32", 1024), ("bf16", 1500), ("bf16", 8192)):
-        def run(dt=dt, width=width):
-            x = torch.empty(BATCH * 1025, width, dtype=DTYPES[dt])
+    """The ViT's LayerNorms (B x tokens rows x 1024, plain and with the residual add) at every crop,
+    widths 1500 and 8192."""
+    cases = [("bf16", m, 1024) for m in TOKENS] + [("fp32", TOKENS[0], 1024), ("bf16", TOKENS[0], 1500),
+                                                     ("bf16", TOKENS[0], 8192)]
+    for dt, tokens, width in cases:
+        def run(dt=dt, tokens=tokens, width=width):
+            x = torch.empty(BATCH * tokens, width, dtype=DTYPES[dt])
             w, b = torch.empty(width), torch.empty(width)
             for residual in (None, torch.empty_like(x)):
                 *_, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-6, residual=residual)
                 ln.layer_norm_bwd(torch.empty_like(x), x, w, mean, rstd, dh=residual)
-        yield f"layer_norm M={BATCH * 1025} C={width}", dt, run
+        yield f"layer_norm M={BATCH * tokens} C={width}", dt, run
 
 
-# (channels, in, out): PUP decode x2 steps, Naive/PUP aux and MLA x4 (256 channels), Naive and MLA
-# decode logits x4 before the fused loss, inference logits to the image size
-UPSAMPLE_SHAPES = ((256, 32, 64), (256, 64, 128), (256, 128, 256), (256, 32, 128), (150, 32, 128), (150, 128, 512))
-LOSS_SHAPES = ((150, 128, 512), (150, 256, 512), (150, 32, 512))  # Naive/PUP aux/MLA, PUP decode, MLA aux
+def resize_shapes(crop, classes):
+    """(channels, in, out) of the heads' bilinear resizes at this crop (features at crop / 16): PUP
+    decode x2 steps, Naive/PUP aux and MLA x4 (256 channels), Naive and MLA decode logits x4 before
+    the fused loss, inference logits to the image size; and the fused loss's (classes, logits side,
+    label side) of Naive/PUP aux/MLA, PUP decode, MLA aux."""
+    f = crop // 16
+    return (((256, f, 2 * f), (256, 2 * f, 4 * f), (256, 4 * f, 8 * f), (256, f, 4 * f), (classes, f, 4 * f),
+             (classes, 4 * f, crop)), ((classes, 4 * f, crop), (classes, 8 * f, crop), (classes, f, crop)))
 
 
 def upsample_cases():
-    for dt in ("bf16", "fp32"):
-        for c, n_in, n_out in UPSAMPLE_SHAPES:
+    for (crop, classes), dt in [(c, "bf16") for c in CROPS] + [(CROPS[0], "fp32")]:
+        upsamples, losses = resize_shapes(crop, classes)
+        for c, n_in, n_out in upsamples:
             for layout in ("nchw", "channels_last"):
                 def run(dt=dt, c=c, n_in=n_in, n_out=n_out, layout=layout):
                     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -114,7 +142,7 @@ def upsample_cases():
                     y = up.upsample_bilinear_fwd(x, n_out, n_out, False)
                     up.upsample_bilinear_bwd(y, n_in, n_in, False, layout == "channels_last")
                 yield f"upsample B={BATCH} C={c} {n_in}->{n_out} {layout}", dt, run
-        for c, n_in, n_out in LOSS_SHAPES:
+        for c, n_in, n_out in losses:
             def run(dt=dt, c=c, n_in=n_in, n_out=n_out):
                 logits = torch.empty(BATCH, c, n_in, n_in, dtype=DTYPES[dt])
                 labels = torch.empty(BATCH, n_out, n_out, dtype=torch.int64)
@@ -280,35 +308,6 @@ def compile_rows(rows, workers, known=None):
     return rows
 
 
-def public(row):
-    return {k: v for k, v in row.items() if k != "job"}
-
-
-SUMMARY_COLUMNS = ["arch", "kernel", "compiles", "max_regs", "spilling", "spilling_gated", "min_occupancy",
-                   "max_occupancy", "min_tensor_core_ops"]
-
-
-def summary(rows):
-    """One line per (arch, kernel): how many compiles, the most registers, how many spill (all, and
-    of those the gate covers: none may), occupancy range, fewest wgmma/mma instructions."""
-    out = {}
-    for r in rows:
-        s = out.setdefault((r["arch"], r["kernel"]), dict(arch=r["arch"], kernel=r["kernel"], compiles=0, max_regs=0,
-                                                          spilling=0, spilling_gated=0, min_occupancy=1.0,
-                                                          max_occupancy=0.0, min_tensor_core_ops=None))
-        s["compiles"] += 1
-        if "error" in r:
-            continue
-        s["max_regs"] = max(s["max_regs"], r["regs"])
-        s["spilling"] += r["spill_stores"] + r["spill_loads"] > 0
-        s["spilling_gated"] += "spills" in r["gate"]
-        s["min_occupancy"] = min(s["min_occupancy"], r["occupancy"])
-        s["max_occupancy"] = max(s["max_occupancy"], r["occupancy"])
-        ops = r["wgmma"] if r["arch"] == "sm_90a" else r["mma"]
-        s["min_tensor_core_ops"] = ops if s["min_tensor_core_ops"] is None else min(s["min_tensor_core_ops"], ops)
-    return list(out.values())
-
-
 def write_table(rows, outdir, seconds, compiled):
     os.makedirs(outdir, exist_ok=True)
     meta = dict(triton=triton.__version__, torch=torch.__version__, compiles=len(rows),
@@ -316,7 +315,8 @@ def write_table(rows, outdir, seconds, compiled):
                 last_run=f"{compiled} compiled, {len(rows) - compiled} reused, {seconds:.0f} s",
                 regenerate="python -m bench.compile_gate --all")
     path = os.path.join(outdir, "compile.json")
-    write_atomic(path, json.dumps({"meta": meta, "rows": [public(r) for r in rows]}, indent=1))
+    public = [{k: v for k, v in r.items() if k != "job"} for r in rows]
+    write_atomic(path, json.dumps({"meta": meta, "rows": public}, indent=1))
     lines = ["# Compile gate: every kernel launch at SETR's shapes, every autotune config", "",
              f"`{meta['regenerate']}` (Triton {meta['triton']}, {len(rows)} compiles, "
              f"{meta['compile_core_seconds']} core-seconds of compiling). "
@@ -325,18 +325,16 @@ def write_table(rows, outdir, seconds, compiled):
              "(sm_90a) or mma.sync (sm_80) instructions in the PTX.", ""]
     fmt = lambda r: {**r, "config": " ".join(f"{k}={v}" for k, v in r["config"].items())}
     write_atomic(os.path.join(outdir, "compile.md"),
-                 "\n".join(lines) + "\n" + markdown_table(summary(rows), SUMMARY_COLUMNS) + "\n\n"
-                 + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
+                 "\n".join(lines) + "\n" + markdown_table([fmt(r) for r in rows], COLUMNS) + "\n")
 
 
 def subset(committed):
-    """The CI subset: per (arch, kernel), the committed row with the most registers (the likeliest to
-    change, or to spill, after a toolchain change)."""
+    """The CI subset: per kernel, the committed row with the most registers on either arch (the
+    likeliest to change, or to spill, after a toolchain change)."""
     best = {}
     for r in committed:
-        k = (r["arch"], r["kernel"])
-        if "error" not in r and (k not in best or r["regs"] > best[k]["regs"]):
-            best[k] = r
+        if "error" not in r and (r["kernel"] not in best or r["regs"] > best[r["kernel"]]["regs"]):
+            best[r["kernel"]] = r
     return set(r["key"] for r in best.values())
 
 
@@ -364,14 +362,7 @@ def check_against(rows, committed_path, workers):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--all", action="store_true", help="compile every launch and write the table; default: check that "
-                   "the committed table is current and recompile a subset, comparing the numbers")
-    p.add_argument("--reuse", action="store_true", help="with --all: keep the rows of the existing table whose "
-                   "key (kernel source, specialization, options, Triton version) is unchanged")
-    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")
-    p.add_argument("--out", default=RESULTS, help="table directory (default: bench/results/compile)")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     t0 = time.perf_counter()
     rows = [r for arch in TARGETS for r in jobs(arch, all_cases())]
     if args.all:

@@ -1,114 +1,146 @@
-"""One command for a GPU run: the GPU tests and every benchmark, each under its own time limit,
-in at most 8 minutes on one H100 / H200.
+"""One command for a GPU run: the training command, the GPU tests, a memory check of every kernel
+and the benchmarks, each under its own time limit, in at most 8 minutes on one H100 / H200.
 
     python bench/gpu_check.py                       # everything, results in bench/results/<gpu>/
-    python bench/gpu_check.py --only train_step_compile_eager --scale 3   # rerun a part, 3x its limit
-    python bench/gpu_check.py --dry-run             # list the parts, run each in smoke mode (CPU, CI)
+    python bench/gpu_check.py --only kernels --scale 2   # rerun a part, twice its limit
+    python bench/gpu_check.py --dry-run             # every part in smoke mode on the CPU (CI)
 
-Parts, in order (PARTS below: name, time limit, command):
-  pytest_gpu       `pytest -m gpu` at real sizes (JUnit XML beside the log)
-  kernels          bench/kernels.py --setr-only: SETR's shapes, ours vs SDPA's backends,
-                   F.layer_norm, F.interpolate, torch.compile, xformers where importable
-  train_step       bench/train_step.py, SETR-PUP ViT-L 512x512 batch 8 bf16: eager, sdpa, triton
-  train_step_compile_eager / _triton
-                   the same with torch.compile, one variant per part (each compile gets its own
-                   limit), added to the same results file (--append)
-  memory_b8 / b16  bench/memory.py --estimate: the planned peak memory of PUP impl=triton next to
-                   the measured one (torch.cuda.max_memory_allocated of the real step)
-  readme_tables    bench/readme_tables.py over the results of this run
+Parts, most valuable first (PARTS below; a run cut short loses the last ones): train_run_triton
+and train_run_eager, the training command itself (`torchrun --nproc_per_node=1 train/main.py
+--preset pup`, synthetic 512x512 images, ViT-L, batch 16, 20 iterations, no evaluation; img/s, MFU,
+max allocated memory and data wait from its metrics.jsonl, the records after the first, go to
+train_run.json); pytest_gpu (`pytest -m gpu`); train_step (bench/train_step.py: training's step on
+one rank, PUP ViT-L 512x512 batch 8 bf16, eager / sdpa / triton, each compiled too); sanitizer
+(compute-sanitizer memcheck, then racecheck, over `bench/kernels.py --once`: every kernel forward
+and backward at small odd shapes; without compute-sanitizer the kernels run bare and the report
+says it is missing); kernels (--setr-only); memory (PUP impl=triton batch 16 planned and
+measured); readme_tables (the README tables of this run).
 
-Each part is a subprocess in its own process group, killed with its whole group at its limit. A
-part that fails or runs out of time is recorded as such and the next part runs; the exit status
-is 1 if any part did not pass. Triton's on-disk cache is shared by all parts, so kernels compiled
-by one part (the autotuner's configs too) are not compiled again by the next.
-
-Written to --out (default bench/results/<gpu>/): gpu_check.{json,md} (device, driver, CUDA,
-torch, triton, commit, date; per part its command, limit, wall time, status, exit code and the
-last lines of its output), rewritten after every part, the logs in gpu_check_logs/, and the
-files each part writes (kernels.*, train_step_pup.*, readme_tables.md, ...). A full run first
-moves the files of an earlier run in --out to previous/<its date>/ (--only adds to them), so
-that no result of two runs is mixed and none is lost.
-
-The budget, for a first run on a fresh machine (nothing cached):
-  - pytest_gpu pays for the first compile of every autotune config of our kernels (the attention
-    kernels have 23, 1-2 s each); later parts find them in Triton's disk cache, and the
-    autotuner's choices too (TRITON_CACHE_AUTOTUNING=1).
-  - kernels: SETR's shapes only, as each torch.compile peer compiles once per case.
-  - train_step: 2 warm-up + 8 timed steps, 4 + 8 loader-fed ones and the inference timing, per
-    variant; impl=triton tunes N = 1025 in its first warm-up step.
-  - inductor's whole-model compile of ViT-L + PUP is the largest unknown: one part per compiled
-    variant, so that one running out costs only its own numbers.
-  - out of memory: batch 8 (and 16 for impl=triton) should fit an 80 GB card; an OOM becomes a row
-    "OOM at batch B", and the scripts go on.
-This process imports no torch and touches no GPU: the environment comes from a subprocess.
+Each part is a subprocess in its own process group, killed whole at its limit; a part that fails
+or runs out of time is recorded and the next one runs (exit status 1 if one did not pass). The
+parts share Triton's disk cache and autotuning choices. Written to --out (default
+bench/results/<gpu>/) after every part: gpu_check.{json,md} (environment; per part its command,
+limit, wall time, status, exit code, last lines of output), gpu_check_logs/, each part's files. A
+full run first moves an earlier run's files to previous/<date>/ (--only adds to them). --dry-run
+runs two parts at a time (on the CPU they share only cores; a part reading the others' files
+waits for them). This process imports no torch.
 """
 import argparse
+import concurrent.futures
+import contextlib
 import ctypes
 import datetime
+import glob
 import json
 import os
-import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from bench import UsageError, environment, gpu_results_dir, run_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included (+ a few s to read the environment)
+TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included
 KILL_GRACE_S = 3  # SIGTERM, then SIGKILL this much later
 SMOKE_LIMIT_S = 120  # per part in --dry-run: a guard against a hang, not a budget
 TAIL_LINES = 25
+SUMMARY_LINES = ("estimate ", "measured ", "- PASS", "- MISS", "Not run here")  # the lines the report lists
+RUNNING = set()  # the parts' processes now running (killed with their groups when this run stops)
+SANITIZER_DIRS = ["/usr/local/cuda/bin", *sorted(glob.glob("/usr/local/cuda-*/bin"), reverse=True), "/opt/cuda/bin"]
 
-TRAIN = ["bench/train_step.py", "--head", "pup"]
-TRAIN_GPU = ["--batch", "8", "--dtype", "bf16", "--steps", "8", "--warmup", "2"]
-TRAIN_SMOKE = ["--quick", "--dtype", "fp32"]  # bf16 matmuls crawl on most CPUs
-COMPILED = ["--append", "--no-inference"]  # inference would compile the eval graph: twice the time
-COMPILED_SMOKE = COMPILED + ["--no-data-wait"]  # the train_step part smoke-tests the data wait
-# --overwrite: a full run has moved the earlier run's files aside; a rerun (--only) replaces its own
-MEMORY = ["bench/memory.py", "--estimate", "--head", "pup", "--impl", "triton", "--overwrite"]
-MEMORY_SMOKE = MEMORY + ["--backbone", "vit_tiny", "--crop", "32", "--num-classes", "8"]
+# The training command: {impl} and {out} are filled in; the smoke run is the same command, tiny.
+TRAIN_RUN = ["{torchrun}", "--standalone", "--nproc_per_node=1", "train/main.py", "--preset", "pup", "--impl", "{impl}",
+             "--dataset", "synthetic", "--eval-interval", "0", "--eval.at_end", "false", "--checkpoint.export", "false",
+             "--metrics.tensorboard", "false", "--metrics.progress_bar", "off", "--overwrite",
+             "--work-dir", "{out}/train_run/{impl}"]
+TRAIN_RUN_GPU = ["--data.synthetic_size", "512,512", "--max-iters", "20", "--log-interval", "5"]
+TRAIN_RUN_SMOKE = ["--device", "cpu", "--backbone", "vit_tiny", "--crop-size", "32", "--data.synthetic_size", "32,32",
+                   "--batch-size", "2", "--max-iters", "2", "--log-interval", "1", "--num-workers", "0",
+                   "--precision", "fp32"]
+STEP = ["{python}", "bench/train_step.py", "--head", "pup", "--out", "{out}"]
+MEMORY = ["{python}", "bench/memory.py", "--head", "pup", "--impl", "triton", "--out", "{out}/memory"]
+ONCE = ["{python}", "bench/kernels.py", "--once"]
+PYTEST = ["{python}", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+TABLES = ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"]
 
-# name, limit (s) on the GPU, GPU arguments, smoke arguments (a `{out}` is the output folder)
+# name, limit (s) on the GPU, GPU command, smoke command
 PARTS = [
-    ("pytest_gpu", 70,
-     ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfE", "--junitxml={out}/pytest_gpu.xml", "tests"],
-     ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--collect-only", "tests"]),
-    ("kernels", 70, ["bench/kernels.py", "--setr-only", "--out", "{out}"],
-     ["bench/kernels.py", "--quick", "--out", "{out}"]),
-    ("train_step", 80, TRAIN + TRAIN_GPU + ["--variants", "eager", "sdpa", "triton", "--out", "{out}"],
-     TRAIN + TRAIN_SMOKE + ["--variants", "eager", "triton", "--out", "{out}"]),  # sdpa: eager's code path
-    ("train_step_compile_eager", 90, TRAIN + TRAIN_GPU + COMPILED + ["--variants", "eager+compile", "--out", "{out}"],
-     TRAIN + TRAIN_SMOKE + COMPILED_SMOKE + ["--variants", "eager+compile", "--out", "{out}"]),
-    ("train_step_compile_triton", 70, TRAIN + TRAIN_GPU + COMPILED + ["--variants", "triton+compile", "--out", "{out}"],
-     TRAIN + TRAIN_SMOKE + COMPILED_SMOKE + ["--variants", "triton+compile", "--out", "{out}"]),
-    ("memory_b8", 30, MEMORY + ["--batch", "8", "--out", "{out}"], MEMORY_SMOKE + ["--batch", "2", "--out", "{out}"]),
-    ("memory_b16", 30, MEMORY + ["--batch", "16", "--out", "{out}"], MEMORY_SMOKE + ["--batch", "4", "--out", "{out}"]),
-    ("readme_tables", 5, ["bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"],
-     ["bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md", "--allow-cpu"]),
+    ("train_run_triton", 70, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
+    ("train_run_eager", 75, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
+    ("pytest_gpu", 60, PYTEST + ["-rfE", "--junitxml={out}/pytest_gpu.xml", "tests"],
+     PYTEST + ["--collect-only", "tests/test_upsample.py"]),  # CPU: the collection of a light file with GPU tests
+    # CPU: inductor would take minutes there, so the smoke run leaves torch.compile out
+    ("train_step", 115, STEP + ["--batch", "8", "--steps", "6", "--warmup", "2", "--compile", "both"],
+     STEP + ["--quick", "--impl", "eager", "triton"]),
+    ("sanitizer", 55, ["{sanitizer}"], ONCE),
+    ("kernels", 40, ["{python}", "bench/kernels.py", "--setr-only", "--out", "{out}"],
+     ["{python}", "bench/kernels.py", "--quick", "--out", "{out}"]),
+    ("memory", 25, MEMORY + ["--measure", "--batch", "16"],  # CPU: the measured step is tests/test_memory_plan.py's
+     MEMORY + ["--batch", "2", "--backbone", "vit_tiny", "--crop", "32", "--num-classes", "8"]),
+    ("readme_tables", 5, TABLES, TABLES + ["--allow-cpu"]),
 ]
+WAITS = ("readme_tables",)  # reads the other parts' files: in --dry-run it starts once they all ended
 PART_NAMES = [p[0] for p in PARTS]
 
 
-def part_env():
-    """The parts' environment: this repo first on the path, unbuffered output, the autotuner's choices
-    logged and kept on disk (a later part reuses them instead of timing every config again)."""
+def find_sanitizer():
+    """compute-sanitizer on PATH, in $CUDA_HOME/bin or a CUDA toolkit folder; None when missing."""
+    dirs = [os.path.join(os.environ[k], "bin") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    dirs += SANITIZER_DIRS
+    return shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path=os.pathsep.join(dirs))
+
+
+def sanitizer_command(tool):
+    """memcheck then racecheck over every kernel (`bench/kernels.py --once`), or the kernels bare
+    when compute-sanitizer is missing. Returns (command, note)."""
+    if tool is None:
+        return ONCE, (f"compute-sanitizer NOT FOUND (PATH, $CUDA_HOME/bin, {', '.join(SANITIZER_DIRS)}): the kernels "
+                      "ran once without it; install the CUDA toolkit for the memory check")
+    once = " ".join(ONCE)
+    checks = [f"{tool} --tool {t} --error-exitcode 1 {once}" for t in ("memcheck", "racecheck")]
+    return ["bash", "-c", " && ".join(checks)], f"compute-sanitizer {tool}: memcheck, then racecheck"
+
+
+def part_commands(dry_run, out, only=None, scale=1.0):
+    """[(name, limit_s, cmd, note)] of the parts to run, in order."""
+    chosen = []
+    for name, limit_s, gpu_args, smoke_args in PARTS:
+        if only and name not in only:
+            continue
+        args, note = (smoke_args if dry_run else gpu_args), None
+        if args == ["{sanitizer}"]:
+            args, note = sanitizer_command(find_sanitizer())
+        if dry_run and name == "sanitizer":
+            note = "dry run: the kernels once, without compute-sanitizer"
+        fill = dict(python=sys.executable, torchrun=f"{sys.executable} -m torch.distributed.run", out=out,
+                    impl=name.rsplit("_", 1)[-1])
+        cmd = [w for a in args for w in (a.format(**fill).split() if a == "{torchrun}" else [a.format(**fill)])]
+        chosen.append((name, SMOKE_LIMIT_S if dry_run else limit_s * scale, cmd, note))
+    return chosen
+
+
+def part_env(side_by_side):
+    """This repo first on the path, unbuffered output, the autotuner's choices logged and kept on disk
+    (a later part reuses them), one CPU thread each for parts side by side (more only spin)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_PRINT_AUTOTUNING="1", TRITON_CACHE_AUTOTUNING="1")
+    if side_by_side:
+        env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
 def kill_group(proc):
     """SIGTERM the part's process group, SIGKILL what is left after KILL_GRACE_S."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        if wait is not None:
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                pass
+    with contextlib.suppress(ProcessLookupError):  # the group is gone
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=KILL_GRACE_S)
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _own_group_dies_with_parent():
@@ -118,16 +150,16 @@ def _own_group_dies_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_part(name, cmd, limit_s, log_path):
-    """Run cmd in its own process group with output to log_path; its whole group is killed at
-    limit_s, once it exits (workers it left behind) and when this run is stopped. Returns the
-    part's record."""
-    t0, cpu0 = time.monotonic(), _children_cpu_s()
+def run_part(name, cmd, limit_s, log_path, note=None, side_by_side=False):
+    """Run cmd in its own process group, output to log_path; the group is killed at limit_s, once cmd
+    exits (workers it left) and when this run is stopped. Returns the part's record."""
+    t0 = time.monotonic()
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(),
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(side_by_side),
                                 preexec_fn=_own_group_dies_with_parent)
+        RUNNING.add(proc)
         try:
             rc = proc.wait(timeout=limit_s)
             status = "passed" if rc == 0 else "failed"
@@ -136,55 +168,62 @@ def run_part(name, cmd, limit_s, log_path):
         finally:  # at its limit, once it exited (workers it left behind), or when this run is stopped
             kill_group(proc)
             proc.wait()
+            RUNNING.discard(proc)
     with open(log_path, errors="replace") as f:
         tail = f.read().splitlines()[-TAIL_LINES:]
+    summary = [note] if note else []
+    summary += [line for line in tail if line.startswith(SUMMARY_LINES)]
     return dict(name=name, command=" ".join(cmd), limit_s=limit_s, wall_s=round(time.monotonic() - t0, 1),
-                cpu_s=round(_children_cpu_s() - cpu0, 1), status=status, returncode=rc,
-                log=os.path.relpath(log_path, REPO), tail=tail,
-                summary=[line for line in tail if line.startswith("estimate ") or "measured" in line.lower()])
+                status=status, returncode=rc, log=os.path.relpath(log_path, REPO), tail=tail, summary=summary)
 
 
-def _children_cpu_s():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def add_training_run(out, env, record):
+    """A training run's metrics.jsonl summed up (the mean img/s, MFU and data wait, and the max
+    allocated memory, of its train records after the first, which holds compiling and autotuning)
+    as a row of out/train_run.json, and a line of its record."""
+    work_dir = os.path.join(out, "train_run", record["name"].rsplit("_", 1)[-1])
+    row = dict(name=record["name"], work_dir=work_dir)
+    try:
+        with open(os.path.join(work_dir, "metrics.jsonl")) as f:
+            steady = [r for r in map(json.loads, f) if r.get("event") == "train"][1:]
+        with open(os.path.join(work_dir, "config.json")) as f:
+            cfg = json.load(f)
+        mean = lambda k: (None if not steady or None in [r[k] for r in steady]
+                          else sum(r[k] for r in steady) / len(steady))
+        row.update(impl=cfg["model"]["impl"], recompute=cfg["parallel"].get("recompute"),
+                   batch=cfg["schedule"]["batch_size"], iters=steady[-1]["iter"], img_per_s=mean("img_per_s"),
+                   mfu=mean("mfu"), data_wait=mean("data_wait"), max_mem_gib=max(r["max_mem_gib"] for r in steady))
+        mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        record["summary"].append(f"{row['impl']}: {row['img_per_s']:.1f} img/s, MFU {mfu}, max allocated "
+                                 f"{row['max_mem_gib']:.2f} GiB, data wait {100 * row['data_wait']:.0f}%")
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        row["error"] = f"no metrics: {type(e).__name__}: {e}"
+    path = os.path.join(out, "train_run.json")
+    rows = [r for r in _read(path, "rows") if r["name"] != row["name"]]
+    _write(path, json.dumps({"environment": env, "rows": rows + [row]}, indent=1))
 
 
-def probe_environment(out):
-    """Device, versions and the results folder, from a subprocess (this process never starts CUDA)."""
-    code = ("import json; from bench import common; "
-            "print(json.dumps({'environment': common.environment(), 'results_dir': common.results_dir()}))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=part_env(),
-                         timeout=120)
-    if res.returncode != 0:
-        raise SystemExit(f"gpu_check: could not read the environment (torch import failed?):\n{res.stderr[-2000:]}")
-    info = json.loads(res.stdout.strip().splitlines()[-1])
-    return info["environment"], out or info["results_dir"]
+def _read(path, key):
+    """json[key] of the file at path; [] when there is none (or it is not ours)."""
+    try:
+        with open(path) as f:
+            return json.load(f)[key]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
-def part_commands(dry_run, out, only=None, scale=1.0):
-    """[(name, limit_s, cmd)] of the parts to run, in order."""
-    chosen = []
-    for name, limit_s, gpu_args, smoke_args in PARTS:
-        if only and name not in only:
-            continue
-        args = smoke_args if dry_run else gpu_args
-        chosen.append((name, SMOKE_LIMIT_S if dry_run else limit_s * scale,
-                       [sys.executable] + [a.replace("{out}", out) for a in args]))
-    return chosen
+def _write(path, text):
+    with open(path + ".tmp", "w") as f:  # not setr.files: this process never imports torch
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def move_earlier_run(out):
-    """Move the files of an earlier run in out to out/previous/<date>/; returns that folder (or None)."""
+    """Move the files of an earlier run in out to out/previous/<now>/; returns that folder (or None)."""
     files = [f for f in os.listdir(out) if f != "previous"]
     if not files:
         return None
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    try:
-        with open(os.path.join(out, "gpu_check.json")) as f:
-            stamp = json.load(f)["environment"]["date"].replace(":", "").replace("-", "")[:15]
-    except (OSError, ValueError, KeyError):
-        pass
-    dest = os.path.join(out, "previous", stamp)
+    dest = os.path.join(out, "previous", datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S"))
     while os.path.exists(dest):
         dest += "_"
     os.makedirs(dest)
@@ -198,50 +237,58 @@ def write_report(out, env, records, dry_run):
     data = dict(environment=env, dry_run=dry_run, total_limit_s=TOTAL_LIMIT_S, parts=records)
     lines = ["# gpu_check" + (" (dry run: smoke mode, timings mean nothing)" if dry_run else ""), "",
              "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), "",
-             "| part | status | wall s | CPU s | limit s | exit code | log |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['status']} | {r['wall_s']} | {r.get('cpu_s', '-')} | {r['limit_s']} | "
-              f"{r['returncode']} | `{r['log']}` |" for r in records]
+             "| part | status | wall s | limit s | exit code | log |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['status']} | {r['wall_s']} | {r['limit_s']} | {r['returncode']} | `{r['log']}` |"
+              for r in records]
     for r in records:
         lines += ["", f"## {r['name']}: {r['status']}", "", f"`{r['command']}`", ""]
         lines += [f"- {line}" for line in r["summary"]] + ["", "```"] + r["tail"] + ["```"]
-    for name, text in (("gpu_check.json", json.dumps(data, indent=1)), ("gpu_check.md", "\n".join(lines) + "\n")):
-        path = os.path.join(out, name)
-        with open(path + ".tmp", "w") as f:  # not setr.files: this parent process never imports torch
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    _write(os.path.join(out, "gpu_check.json"), json.dumps(data, indent=1))
+    _write(os.path.join(out, "gpu_check.md"), "\n".join(lines) + "\n")
 
 
-def earlier_records(out):
-    """The part records of the report already in out (a rerun with --only keeps the others)."""
-    try:
-        with open(os.path.join(out, "gpu_check.json")) as f:
-            return json.load(f)["parts"]
-    except (OSError, ValueError, KeyError):
-        return []
-
-
-def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=()):
-    """Run the parts in order; a part's limit is cut to what is left of total_limit_s. Returns this
-    run's records; the report also keeps `earlier` records of the parts not rerun, in PARTS order."""
+def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), jobs=1):
+    """Run the parts in order, `jobs` at a time (a part in WAITS starts once every part before it
+    ended); a part's limit is cut to what is left of total_limit_s. Returns this run's
+    records; the report also keeps `earlier` records of the parts not rerun, in PARTS order."""
     logs = os.path.join(out, "gpu_check_logs")
     os.makedirs(logs, exist_ok=True)
-    start, records = time.monotonic(), []
-    rerun = {name for name, _, _ in parts}
-    kept = [r for r in earlier if r["name"] not in rerun]
+    start, records, running = time.monotonic(), {}, {}
+    kept = [r for r in earlier if r["name"] not in {p[0] for p in parts}]
     order = lambda r: PART_NAMES.index(r["name"]) if r["name"] in PART_NAMES else len(PART_NAMES)
-    for name, limit_s, cmd in parts:
-        left = total_limit_s - (time.monotonic() - start) - KILL_GRACE_S
-        if left < 1:
-            record = dict(name=name, command=" ".join(cmd), limit_s=limit_s, wall_s=0, status="not run",
-                          returncode=None, log="-", tail=[f"no time left of the {total_limit_s} s total"], summary=[])
-        else:
-            print(f"[gpu_check] {name} (limit {min(limit_s, left):.0f} s) ...", flush=True)
-            record = run_part(name, cmd, min(limit_s, left), os.path.join(logs, f"{name}.log"))
-        records.append(record)
+
+    def finished(name, record):
+        records[name] = record
+        if name.startswith("train_run_") and name in PART_NAMES:
+            add_training_run(out, env, record)
         print(f"[gpu_check] {name}: {record['status']} in {record['wall_s']} s", flush=True)
-        print("\n".join("    " + line for line in record["tail"][-8:]), flush=True)
-        write_report(out, env, sorted(kept + records, key=order), dry_run)
-    return records
+        print("\n".join("    " + line for line in record["summary"] + record["tail"][-8:]), flush=True)
+        write_report(out, env, sorted(kept + list(records.values()), key=order), dry_run)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        try:
+            for name, limit_s, cmd, note in parts:
+                if name in WAITS or len(running) >= jobs:
+                    when = "ALL_COMPLETED" if name in WAITS else "FIRST_COMPLETED"
+                    concurrent.futures.wait(running, return_when=when)
+                for future in [f for f in running if f.done()]:
+                    finished(running.pop(future), future.result())
+                left = total_limit_s - (time.monotonic() - start) - KILL_GRACE_S
+                if left < 1:
+                    finished(name, dict(name=name, command=" ".join(cmd), limit_s=limit_s, wall_s=0, status="not run",
+                                        returncode=None, log="-", tail=[f"no time left of the {total_limit_s} s total"],
+                                        summary=[]))
+                    continue
+                print(f"[gpu_check] {name} (limit {min(limit_s, left):.0f} s) ...", flush=True)
+                running[pool.submit(run_part, name, cmd, min(limit_s, left), os.path.join(logs, f"{name}.log"),
+                                    note, jobs > 1)] = name
+            for future in concurrent.futures.as_completed(list(running)):
+                finished(running.pop(future), future.result())
+        except BaseException:  # stopped (SIGTERM, Ctrl-C): the running parts go with it
+            for proc in list(RUNNING):
+                kill_group(proc)
+            raise
+    return [records[p[0]] for p in parts]
 
 
 def stop_on_sigterm():
@@ -266,21 +313,23 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     stop_on_sigterm()
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    env, out = probe_environment(args.out)
-    out = os.path.abspath(out)
-    if env.get("gpu") is None and not args.dry_run:
-        raise SystemExit("gpu_check: no CUDA device. --dry-run runs every part in smoke mode on the CPU.")
+    env = environment()
+    if env["gpu"] is None and not args.dry_run:
+        raise UsageError("no GPU (nvidia-smi finds none); --dry-run runs every part in smoke mode on the CPU")
+    if args.dry_run:
+        env["gpu"] = None  # the parts run on the CPU whatever this machine has
+    out = os.path.abspath(args.out or gpu_results_dir(env["gpu"]))
     os.makedirs(out, exist_ok=True)
     moved = None if args.only else move_earlier_run(out)
     parts = part_commands(args.dry_run, out, args.only, args.scale)
-    print(f"gpu_check {'dry run ' if args.dry_run else ''}on {env.get('gpu') or 'CPU'}, started {started}, "
-          f"results in {out}" + (f" (the earlier run's files moved to {moved})" if moved else "")
+    print(f"gpu_check {'dry run ' if args.dry_run else ''}on {env['gpu'] or 'CPU'}, started {env['date']}, results in "
+          f"{out}" + (f" (the earlier run's files moved to {moved})" if moved else "")
           + f"; parts (limit on the GPU, total {TOTAL_LIMIT_S} s):")
-    for name, limit_s, _, _ in PARTS:
+    for name, limit_s, *_ in PARTS:
         print(f"  {name:<28} {limit_s:>4} s" + ("" if not args.only or name in args.only else "  (not selected)"))
     records = run_all(parts, out, env, args.dry_run, TOTAL_LIMIT_S * args.scale,
-                      earlier_records(out) if args.only else ())
+                      _read(os.path.join(out, "gpu_check.json"), "parts") if args.only else (),  # --only: keep the rest
+                      jobs=2 if args.dry_run else 1)
     bad = [r for r in records if r["status"] != "passed"]
     print(f"[gpu_check] {len(records) - len(bad)}/{len(records)} parts passed"
           + "".join(f"\nNOT PASSED: {r['name']} ({r['status']}, log {r['log']})" for r in bad))
@@ -288,4 +337,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -1,18 +1,19 @@
-"""Every kernel microbenchmark in one run: one JSON + markdown table + PNG plot.
+"""Every kernel microbenchmark in one run: one JSON + markdown table.
 
     python bench/kernels.py              # all kernels, SETR's shapes and sweeps, on the GPU
     python bench/kernels.py --setr-only  # SETR's training shapes only (bench/gpu_check.py runs this)
-    python bench/kernels.py --quick      # small shapes, few repeats (the CPU smoke test)
+    python bench/kernels.py --quick      # small shapes, few repeats (always so on CPU: a smoke test)
     python bench/kernels.py --only attention layer_norm
+    python bench/kernels.py --once       # each kernel once, fwd + bwd, small odd shapes, nothing timed
+                                         # (what gpu_check runs under compute-sanitizer)
 
 Runs `run(quick, setr_only)` of bench/bench_layer_norm.py, bench_attention.py and bench_upsample.py,
-concatenates their rows (bench/common.py's schema: kernel, mode, provider, shape, dtype, ms,
-gbps / tflops, peak_mem_mb, error), adds to each row of ours its speedup over every peer measured
-in the same run, and writes bench/results/<gpu>/kernels.{json,md,png} with the environment (GPU,
-driver, torch, triton, commit, date), after each kernel script (a run stopped part-way keeps what
-it measured). A kernel script that is missing or raises becomes an error
-row; the run goes on and exits non-zero at the end, as it does when a row of ours has an error.
-Peers that cannot run (not installed) are error rows of their own and do not fail the run.
+gives each row of ours its speedup over every peer measured in the same run, and writes
+<out>/kernels.{json,md} (default bench/results/<gpu>/) with the environment after each kernel
+script (a run stopped part-way keeps what it measured). A kernel script that raises becomes an
+error row and the run goes on; it exits 1 at the end, as when a row of ours has an error. Peers
+that cannot run on this machine (not installed, a CUDA-only backend on CPU) are left out and
+listed once, in the output and the results.
 """
 import argparse
 import importlib
@@ -20,98 +21,98 @@ import os
 import sys
 import traceback
 
-if __package__ in (None, ""):  # run as `python bench/kernels.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import common
-
-common.interpret_kernels_on_cpu()  # before any kernel module is imported
+from bench import OURS, run_script
 
 KERNEL_BENCHES = ("layer_norm", "attention", "upsample")  # bench/bench_<name>.py
-COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "tflops",
-           "peak_mem_mb", "error"]
-REQUIRED = ("kernel", "mode", "provider", "shape", "dtype")
-
-
-def run_bench(name, quick, setr_only=False):
-    """Rows of bench/bench_<name>.py, each tagged with bench=name; an error row if it fails."""
-    module_name = f"bench.bench_{name}"
-    try:
-        module = importlib.import_module(module_name)
-        rows = module.run(quick=quick, setr_only=setr_only)
-        if not rows:
-            raise RuntimeError("run() returned no rows")
-        for r in rows:
-            missing = [k for k in REQUIRED if k not in r]
-            if missing:
-                raise ValueError(f"row {r} lacks the field(s) {missing} of bench/common.py's schema")
-    except Exception as e:  # noqa: BLE001 - reported as a row, the other kernels still run
-        missing_module = isinstance(e, ModuleNotFoundError) and e.name == module_name
-        reason = f"bench/bench_{name}.py not found" if missing_module else f"{type(e).__name__}: {e}"
-        if not missing_module:
-            traceback.print_exc()
-        return [dict(bench=name, kernel=name, mode="-", provider=common.OURS, shape="-", dtype="-",
-                     ms=None, error=f"benchmark failed: {reason}")]
-    return [dict(r, bench=name) for r in rows]
-
-
-def plot(rows, path):
-    """One panel per (kernel, mode): bars of ours' speedup over each peer, per shape and dtype."""
-    import matplotlib.pyplot as plt
-
-    ours = [r for r in rows if r["provider"] == common.OURS and r.get("speedup_vs")]
-    groups = {}
-    for r in ours:
-        groups.setdefault((r["kernel"], r["mode"]), []).append(r)
-    if not groups:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.text(0.5, 0.5, "no speedups to plot (no kernel of ours ran next to a peer)", ha="center")
-        ax.axis("off")
-        common.save_figure(fig, path, dpi=100)
-        return
-    ncols = 2 if len(groups) > 1 else 1
-    nrows = -(-len(groups) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, ((kernel, mode), group) in zip(axes.flat, groups.items()):
-        peers = list(dict.fromkeys(p for r in group for p in r["speedup_vs"]))
-        width = 0.8 / max(1, len(peers))
-        for i, peer in enumerate(peers):
-            xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(group))]
-            bars = ax.bar(xs, [r["speedup_vs"].get(peer, 0) for r in group], width, label=peer)
-            ax.bar_label(bars, fmt="%.2f", fontsize=6)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(group)))
-        ax.set_xticklabels([f"{r['shape']}\n{r['dtype']}" for r in group], fontsize=7)
-        ax.set_title(f"{kernel} {mode}: speedup of ours (x)", fontsize=9)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(groups):]:
-        ax.axis("off")
-    fig.tight_layout()
-    common.save_figure(fig, path, dpi=110)
+COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb",
+           "error"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_shape_args(p)
+    p.add_argument("--quick", action="store_true", help="a few cases, short timing (always so on CPU)")
+    p.add_argument("--setr-only", action="store_true", help="SETR's training shapes only, no sweeps")
     p.add_argument("--only", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
+    p.add_argument("--once", action="store_true", help="each kernel of ours once, fwd + bwd, small odd shapes, untimed")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
     return p.parse_args(argv)
+
+
+def run_bench(name, quick, setr_only=False):
+    """(rows, not_run) of bench/bench_<name>.py, each row tagged with bench=name; an error row if it fails."""
+    try:
+        module = importlib.import_module(f"bench.bench_{name}")
+        return [dict(r, bench=name) for r in module.run(quick=quick, setr_only=setr_only)], module.unavailable()
+    except Exception as e:  # noqa: BLE001 - reported as a row, the other kernels still run
+        traceback.print_exc()
+        return [dict(bench=name, kernel=name, mode="-", provider=OURS, shape="-", dtype="-", ms=None,
+                     error=f"benchmark failed: {type(e).__name__}: {e}")], {}
+
+
+def run_once():
+    """Each kernel of ours once, forward and backward, at small odd shapes in float32 and bfloat16:
+    every launch our ops make (attention, LayerNorm with and without the residual add, bilinear
+    upsample NCHW and channels-last, the fused upsample + cross-entropy), for compute-sanitizer."""
+    import torch
+
+    from bench.common import default_device
+    from setr import layers
+
+    device = default_device()
+    for dtype in (torch.float32, torch.bfloat16):
+        def leaf(*shape, fmt=torch.contiguous_format):
+            return torch.randn(*shape, device=device).to(dtype, memory_format=fmt).requires_grad_()
+
+        w, b = leaf(1000), leaf(1000)
+        labels = torch.randint(0, 19, (2, 29, 35), device=device)
+        labels[:, :3] = 255  # ignored pixels
+        ops = {
+            # N = 1025 (odd): the autotune bucket SETR's 512 crops and pytest -m gpu have tuned already
+            "attention": lambda: layers.attention_packed(leaf(1, 1025, 3 * 2 * 64), 2, OURS),
+            "layer_norm": lambda: layers.layer_norm(leaf(3, 37, 1000), w, b, 1e-6, OURS),
+            "add_layer_norm": lambda: sum(layers.add_layer_norm(leaf(3, 37, 1000), leaf(3, 37, 1000), w, b, 1e-6,
+                                                                OURS)),
+            "upsample": lambda: layers.upsample(leaf(3, 5, 7, 9), (13, 17), OURS),
+            "upsample channels_last": lambda: layers.upsample(leaf(3, 5, 7, 9, fmt=torch.channels_last), (13, 17),
+                                                              OURS),
+            "upsample_cross_entropy": lambda: layers.seg_loss(leaf(2, 19, 7, 9), labels, 255, OURS),
+        }
+        for name, op in ops.items():
+            out = op()
+            out.backward(torch.randn_like(out))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            print(f"ran {name} {str(dtype)[6:]}: forward and backward", flush=True)
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
-    on_cpu = not common.on_gpu()
+    from bench import common  # torch: after the arguments, so that --help answers at once
+
+    if not common.on_gpu():  # CPU: our kernels through Triton's interpreter (TRITON_INTERPRET=0: the references)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.once:
+        return run_once()
     common.print_cpu_warning()
-    quick = args.quick or on_cpu
-    rows = []
-    for i, name in enumerate(args.only):
+    quick = args.quick or not common.on_gpu()
+    rows, not_run = [], {}
+    for name in args.only:
         print(f"[{name}] ...", flush=True)
-        rows += run_bench(name, quick, args.setr_only)
-        last = i == len(args.only) - 1
-        paths = common.write_results("kernels", rows, COLUMNS, args.out, plot=plot if last else None)
+        new, skipped = run_bench(name, quick, args.setr_only)
+        rows += new
+        not_run.update(skipped)
+        common.add_ratios(rows)
+        paths = common.write_results("kernels", rows, COLUMNS, args.out, not_run=not_run)
     print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
+    if not_run:
+        print(common.not_run_line(not_run))
     print("wrote " + ", ".join(paths))
     return common.finish(common.failure_lines(rows))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -1,47 +1,41 @@
 """Peak training memory of a SETR config at its real shapes, planned without a GPU.
 
-The model is built on the meta device and parallelized with the training code's own
-`train.parallelize.parallelize` (SyncBN, activation checkpointing, FSDP2 with the mixed-precision
-policy) over a fake process group of any world size. Under FakeTensorMode (tensors with shapes,
-dtypes and storages but no data) two training steps run as `Trainer.train_step` runs them, and
-torch.distributed._tools' FSDPMemTracker counts every tensor they allocate: sharded and
-gathered parameters, gradients, SGD momentum, activations, backward temporaries and the
-all-gather / reduce-scatter buffers. The first step creates the optimizer state; the second
-is the one reported.
+The model is built on the meta device and parallelized by training's own code (bench/step.py)
+over a fake process group of any world size. Under FakeTensorMode (tensors with shapes, dtypes
+and storages but no data) training's step, `train.step.train_step`, runs twice, and
+torch.distributed._tools' FSDPMemTracker counts every tensor it allocates: sharded and gathered
+parameters, gradients, SGD momentum, activations, backward temporaries, all-gather /
+reduce-scatter buffers. The first step creates the optimizer state; the second is reported. Fake
+tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot make even for
+fake tensors); `kernels.utils.plan_as_cuda` sends them down our kernels' GPU path, so
+impl="triton" is planned through the custom ops' fake (shape-only) versions, as the GPU runs it.
+A Recorder (a dispatch mode inside the tracker) attributes the bytes to the model's parts. Not
+seen: the CUDA context, workspaces and allocator fragmentation (the caller adds an allowance),
+and torch.compile (refused). `measure` runs the same two steps for real.
 
-Fake tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot create
-even for fake tensors); `kernels.utils.plan_as_cuda` sends them down the GPU path of our
-kernels, so impl="triton" is planned through the custom ops' fake (shape-only) versions, as
-the GPU runs it, and not through the CPU references. A Recorder (a dispatch mode inside the
-tracker) attributes what it counts to the model's parts. What the plan cannot see: the CUDA
-context, cuBLAS / cuDNN / Triton workspaces and allocator fragmentation (the caller adds an
-allowance for them), and torch.compile (refused).
+Private PyTorch internals (tests/test_memory_plan.py runs on torch 2.11 and 2.13): the tracker's
+instrumentation methods and FSDP2's parameter groups, as FSDPMemTracker itself uses them.
 """
 import bisect
 import contextlib
-import copy
-import re
 
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.common_utils import get_untyped_storages
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _SavedFSDPMethods
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_state import _register_group_forward_hooks
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-import setr
+from bench import UsageError
+from bench.step import build_parallel, random_batch, run_config
 from kernels.utils import plan_as_cuda
-from setr.constants import IMPLS
-from train.config import get_preset
-from train.parallelize import parallelize
-from train.optim import sgd
+from setr.constants import IMPLS, PATCH_SIZE
+from train.step import build_step_state, train_step
 
-GIB = 2 ** 30
 # FSDPMemTracker's categories -> ours
 CATEGORIES = {
     "Sharded Param": "params", "Buffer": "params", "Unsharded Param": "gathered params",
@@ -49,22 +43,11 @@ CATEGORIES = {
     "Activation": "activations", "Temp": "temporaries", "All Gather": "all-gather/reduce-scatter",
     "Reduce Scatter": "all-gather/reduce-scatter", "Inputs": "inputs",
 }
-CATEGORY_ORDER = ["params", "gathered params", "grads", "optimizer state", "inputs", "activations",
-                  "temporaries", "all-gather/reduce-scatter"]
 MODULES = ["inputs cast", "patch embed", "blocks", "neck", "decode head", "aux heads", "loss", "step"]
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A config the planner cannot trace faithfully; the message says why."""
-
-
-def run_config(head, precision, ac):
-    """The training config of this head's recipe with the given precision and AC."""
-    cfg = get_preset(head)
-    cfg.parallel.precision = precision
-    cfg.parallel.activation_checkpointing = ac
-    cfg.parallel.compile = False
-    return cfg
 
 
 @contextlib.contextmanager
@@ -82,101 +65,72 @@ def fake_process_group(world_size):
         dist.destroy_process_group()
 
 
-def build_parallel_model(cfg, impl, crop, device, backbone="vit_large", num_classes=150, aux=True):
-    """SETR parallelized as training does, on `device` ("meta" when planning: no storage at all)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    model = setr.build_setr(cfg.model.head, backbone, num_classes, img_size=crop, impl=impl, aux=aux,
-                            device=device)
-    device = torch.device(device)
-    if device.type == "meta" and cfg.parallel.sync_bn:
-        # GPUs run torch.nn.SyncBatchNorm, which keeps for backward what BatchNorm2d keeps (its
-        # collectives add only (C,)-sized tensors) but refuses meta tensors: plan it as BatchNorm2d
-        cfg = copy.deepcopy(cfg)
-        cfg.parallel.sync_bn = False
-    mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (dist.get_world_size(),))
-    model = parallelize(model, cfg, mesh)
-    return model.train()
+def fsdp_param_groups(model):
+    """The parameter group of every fully_shard unit of model, each once (a unit of several
+    modules appears on each of them)."""
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+    return list({id(g): g for g in groups if g is not None}.values())
 
 
-def train_step(model, optimizer, images, labels, after_forward=None):
-    """Trainer.train_step's tensor work for one micro-batch, in its order, without the host reads
-    of the loss and grad norm (scalars): forward, backward, global grad norm, the all-reduce of
-    the loss terms, SGD step, zero_grad. BatchNorm statistics are saved as the trainer saves them.
-    fp16's grad scaler is left out (it scales a scalar loss and unscales the gradients in place)."""
-    optimizer.zero_grad(set_to_none=True)
-    bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                  for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    bn_state = [b.clone() for b in bn_buffers]  # noqa: F841 - held for the step, as the trainer does
-    losses = model(images, labels)
-    loss = sum(losses.values())
-    if after_forward is not None:
-        after_forward()
-    loss.backward()
-    terms = [v.detach().float() for v in losses.values()]
-    del loss, losses
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
-    local = torch.stack(terms)
-    packed = torch.cat([local, (~torch.isfinite(local)).any().float()[None], torch.zeros_like(local[:1])])
-    dist.all_reduce(packed)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+class FSDPGroupMemTracker(FSDPMemTracker):
+    """FSDPMemTracker instrumented per FSDP parameter group instead of per module.
 
-
-def _register_forward_hooks(state, pre, post):
-    """Forward hooks of an FSDP state as FSDPState.init registers them: on its one module, or as
-    a group (gathered before the first module of the group runs, resharded after the last)."""
-    mods = state._modules
-    if len(mods) == 1:
-        state._pre_forward_hook_handle = mods[0].register_forward_pre_hook(pre, prepend=True, with_kwargs=True)
-        state._post_forward_hook_handle = mods[0].register_forward_hook(post, prepend=False)
-    else:
-        handle = _register_group_forward_hooks(mods, pre, post, state._modules_to_run_forward,
-                                               state._cast_output_dtype)
-        state._pre_forward_hook_handle = state._post_forward_hook_handle = handle
-
-
-class GroupedFSDPMemTracker(FSDPMemTracker):
-    """FSDPMemTracker that keeps fully_shard's module groups.
-
-    The stock tracker re-registers every FSDP module's forward hooks module by module. Training
-    shards the neck, decode head and auxiliary-head list as one group; per-module hooks would
-    reshard it after the decode head and never gather it for the auxiliary heads (which are called
-    one by one, not through their ModuleList). Here each state's hooks are wrapped as registered."""
+    The stock tracker swaps every unit's forward hooks for per-module ones: a unit of several
+    modules (training shards the heads as one) would be resharded after its first module and
+    never gathered for the others, and how fully_shard registers a unit's hooks differs between
+    torch releases. Here fully_shard's own hooks stay. The tracker's phase, which tells
+    all-gather and reduce-scatter buffers, gathered parameters and gradients apart, is set around
+    the parameter group's pre/post forward and backward, which every unit runs (torch 2.11 and
+    2.13 alike). Activations recomputed in the backward count as temporaries."""
 
     def _instrument_fsdp_module(self):
-        states = {}
-        for module in self._root_mod.modules():
-            if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group:
-                states.setdefault(module._get_fsdp_state(), module)
-        for state, module in states.items():
-            state._pre_forward_hook_handle.remove()
-            state._post_forward_hook_handle.remove()
-            group = state._fsdp_param_group
+        self._groups = fsdp_param_groups(self._root_mod)
+        for group in self._groups:
             self._instrument_fsdp_sharded_params_grads(group)
-            _register_forward_hooks(state, self._fsdp_state_pre_forward(module, state._pre_forward),
-                                    self._fsdp_state_post_forward(module, state._post_forward))
-            self._fsdp_mod_to_saved_methods[module] = _SavedFSDPMethods(group.pre_backward, group.post_backward)
-            group.pre_backward = self._fsdp_param_group_pre_backward(module, group.pre_backward)
-            group.post_backward = self._fsdp_param_group_post_backward(module, group.post_backward)
+            group.pre_forward = self._phase(group.pre_forward, _FSDPState.PRE_FW, _FSDPState.FW,
+                                            after=lambda g=group: self._tag_params(g))
+            group.post_forward = self._phase(group.post_forward, _FSDPState.POST_FW, _FSDPState.POST_FW)
+            group.pre_backward = self._phase(group.pre_backward, _FSDPState.PRE_BW, _FSDPState.BW)
+            group.post_backward = self._phase(group.post_backward, _FSDPState.POST_BW, _FSDPState.POST_BW,
+                                              before=lambda g=group: self._tag_grads(g, sharded=False),
+                                              after=lambda g=group: self._tag_grads(g, sharded=True))
         for buffer in self._root_mod.buffers():
             self._update_and_maybe_create_winfos(buffer, _FSDPRefType.BUFFER)
 
+    def _phase(self, method, during, after_state, before=None, after=None):
+        def wrapped(*args, **kwargs):
+            if before:
+                before()
+            self._fsdp_state = during
+            out = method(*args, **kwargs)
+            if after:
+                after()
+            self._fsdp_state = after_state
+            return out
+        return wrapped
+
+    def _tag_params(self, group):
+        for p in group.fsdp_params:
+            self._update_and_maybe_create_winfos(p.unsharded_param, _FSDPRefType.UNSHARDED_PARAM)
+
+    def _tag_grads(self, group, sharded):
+        for p in group.fsdp_params:
+            grad = p.sharded_param.grad if sharded else p._unsharded_param.grad
+            if grad is not None:
+                reftype = _FSDPRefType.SHARDED_GRAD if sharded else _FSDPRefType.UNSHARDED_GRAD
+                self._update_and_maybe_create_winfos(grad, reftype, update_existing=not sharded)
+
     def _deregister_module_and_optimizer_hooks(self):
-        for module, saved in self._fsdp_mod_to_saved_methods.items():
-            state = module._get_fsdp_state()
-            state._pre_forward_hook_handle.remove()
-            state._post_forward_hook_handle.remove()
-            _register_forward_hooks(state, state._pre_forward, state._post_forward)
-            state._fsdp_param_group.pre_backward, state._fsdp_param_group.post_backward = saved
-        self._fsdp_mod_to_saved_methods.clear()
+        for group in self._groups:
+            for name in ("pre_forward", "post_forward", "pre_backward", "post_backward"):
+                del group.__dict__[name]  # the class's methods again
         for handle in self._optimizer_hook_handles or ():
             handle.remove()
         self._optimizer_hook_handles = None
+
+
+GROUPS = (("backbone.layers.", "blocks"), ("backbone", "patch embed"), ("neck", "neck"),
+          ("decode_head", "decode head"), ("auxiliary_head", "aux heads"))  # module name prefix -> MODULES
 
 
 def module_group(parents, seen_model_child):
@@ -184,13 +138,8 @@ def module_group(parents, seen_model_child):
     names = [n for n in parents if n != "Global"]
     if not names:
         return "step"
-    fqn = max(names, key=lambda n: n.count("."))
-    rel = fqn.split(".", 1)[1] if "." in fqn else ""
-    for pattern, group in ((r"backbone\.layers\.", "blocks"), (r"backbone", "patch embed"), (r"neck", "neck"),
-                           (r"decode_head", "decode head"), (r"auxiliary_head", "aux heads")):
-        if re.match(pattern, rel):
-            return group
-    return "loss" if seen_model_child else "inputs cast"
+    rel = max(names, key=lambda n: n.count(".")).partition(".")[2]
+    return next((g for prefix, g in GROUPS if rel.startswith(prefix)), "loss" if seen_model_child else "inputs cast")
 
 
 class Recorder(TorchDispatchMode):
@@ -204,18 +153,16 @@ class Recorder(TorchDispatchMode):
 
     def __init__(self, tracker):
         super().__init__()
-        self.tracker = tracker
-        self.mods = ModTracker()
+        self.tracker, self.mods = tracker, ModTracker()
         self.modules = {m: dict(saved=0, peak_forward=0, peak_backward=0, largest=None) for m in MODULES}
         self.peak, self.peak_snapshot, self.peak_at = 0, {}, None
-        self.forward_end = None
-        self.seen_child = False
+        self.forward_end, self.seen_child = None, False
         self.owner = WeakIdKeyDictionary()  # storage -> module group whose forward op allocated it
         self.node_starts, self.node_groups = [], []  # first autograd sequence number of each group run
         self.forward_end_seq, self.last_backward_group = None, "step"
 
     def current(self):
-        out = dict.fromkeys(CATEGORY_ORDER, 0)
+        out = dict.fromkeys(CATEGORIES.values(), 0)
         for dev_snap in self.tracker.get_tracker_snapshot().values():
             for k, v in dev_snap.items():
                 if k != "Total":
@@ -223,13 +170,12 @@ class Recorder(TorchDispatchMode):
         return out
 
     def forward_group(self, parents):
+        """Log the module group that runs from now on in the forward, with the next sequence number."""
         group = module_group(parents, self.seen_child)
-        if group not in ("inputs cast", "step", "loss"):
-            self.seen_child = True
-        if not self.node_groups or self.node_groups[-1] != group:
+        self.seen_child |= group not in ("inputs cast", "step", "loss")
+        if not self.mods.is_bw and (not self.node_groups or self.node_groups[-1] != group):
             self.node_starts.append(torch._C._autograd._get_sequence_nr())
             self.node_groups.append(group)
-        return group
 
     def backward_group(self):
         node = torch._C._current_autograd_node()
@@ -241,14 +187,6 @@ class Recorder(TorchDispatchMode):
         self.last_backward_group = self.node_groups[i] if i >= 0 else "step"
         return self.last_backward_group
 
-    def _pre_forward(self, module, _inputs):
-        if not self.mods.is_bw:
-            self.forward_group(self.mods.parents)
-
-    def _post_forward(self, module, _inputs, _outputs):
-        if not self.mods.is_bw:
-            self.forward_group(self.mods.parents - {self.mods.get_known_fqn(module)})
-
     def mark_forward_end(self):
         self.forward_end = self.current()
         self.forward_end_seq = torch._C._autograd._get_sequence_nr()
@@ -259,7 +197,8 @@ class Recorder(TorchDispatchMode):
                 self.modules[group]["saved"] += winfo.mem_consumed
 
     def __enter__(self):
-        self.mods.register_user_hooks(self._pre_forward, self._post_forward)
+        after = lambda m, _i, _o: self.forward_group(self.mods.parents - {self.mods.get_known_fqn(m)})  # noqa: E731
+        self.mods.register_user_hooks(lambda _m, _i: self.forward_group(self.mods.parents), after)
         self.mods.__enter__()
         return super().__enter__()
 
@@ -293,78 +232,79 @@ class Recorder(TorchDispatchMode):
         return out
 
 
-def check_plannable(impl, compile_):
+def check_config(impl, batch, world_size, crop, compile_=False):
     if compile_:
         raise PlanError("--compile on cannot be planned: FakeTensorMode and FSDPMemTracker follow eager ops, "
                         "and torch.compile fuses ops and frees tensors where they cannot see it (plan with "
                         "--compile off: the compiled step should not need more)")
     if impl not in IMPLS:
         raise PlanError(f"impl {impl!r} cannot be planned; expected one of {IMPLS}")
+    if batch < 1 or world_size < 1 or crop < PATCH_SIZE or crop % PATCH_SIZE:
+        raise PlanError(f"batch and world size must be >= 1 and the crop a multiple of {PATCH_SIZE}, got batch "
+                        f"{batch}, world size {world_size}, crop {crop}")
 
 
-def random_batch(batch, crop, num_classes, device="cpu"):
-    """images (B, 3, crop, crop) float32 and labels (B, crop, crop) int64, as the data loader gives them."""
-    images = torch.randn(batch, 3, crop, crop, device=device)
-    labels = torch.randint(0, num_classes, (batch, crop, crop), device=device)
-    return images, labels
-
-
-def plan(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, compile_=False,
-         backbone="vit_large", num_classes=150, aux=True):
-    """Plan one config (batch is per rank). Returns bytes: the second step's peak and its breakdown
-    by category, what is alive at the end of the forward, and per module what its forward keeps
-    for the backward ("saved"), its own forward / backward peak and its largest tensor."""
-    check_plannable(impl, compile_)
-    if batch < 1 or world_size < 1 or crop < 16 or crop % 16:
-        raise PlanError(f"batch and world size must be >= 1 and the crop a multiple of 16, got batch {batch}, "
-                        f"world size {world_size}, crop {crop}")
-    cfg = run_config(head, precision, ac)
+def plan(preset, impl, batch, recompute, world_size=1, precision="bf16", crop=None, compile_=False,
+         backbone="vit_large", num_classes=None, aux=True):
+    """Plan one config of a training preset (batch is per rank; crop and classes the preset's unless
+    given). Returns bytes: the second step's peak and its breakdown by category, what is alive at
+    the end of the forward, and per module what its forward keeps for the backward ("saved"), its
+    own forward / backward peak and its largest tensor."""
+    cfg = run_config(preset, impl, recompute, precision, False, backbone, crop, num_classes, aux)
+    crop, num_classes = cfg.data.crop_size[0], cfg.model.num_classes
+    check_config(impl, batch, world_size, crop, compile_)
     with fake_process_group(world_size):
-        model = build_parallel_model(cfg, impl, crop, "meta", backbone, num_classes, aux)
+        model = build_parallel(cfg, "meta")
         # allow_non_fake_inputs: the meta parameters become fake tensors in to_empty
         with FakeTensorMode(allow_non_fake_inputs=True), plan_as_cuda():
             model.to_empty(device="cpu")  # no data, so no init either
-            optimizer = sgd(model, cfg.optim)
-            images, labels = random_batch(batch, crop, num_classes)
-            tracker = GroupedFSDPMemTracker(model, optimizer)
-            tracker.track_inputs((images, labels))
+            state = build_step_state(cfg, model, "cpu")
+            batches = [random_batch(batch, crop, num_classes, "cpu")]
+            tracker = FSDPGroupMemTracker(model, state.optimizer)
+            tracker.track_inputs(batches[0])
             with tracker:
-                train_step(model, optimizer, images, labels)  # creates the momentum buffers
+                train_step(state, batches, sync=False)  # creates the momentum buffers
                 tracker.reset_mod_stats()
-                with Recorder(tracker) as rec:
-                    train_step(model, optimizer, images, labels, after_forward=rec.mark_forward_end)
+                rec = Recorder(tracker)
+                hook = model.register_forward_hook(lambda *_: rec.mark_forward_end())
+                with rec:
+                    train_step(state, batches, sync=False)
+                hook.remove()
     saved = sum(m["saved"] for name, m in rec.modules.items() if name != "step")
     return dict(peak=rec.peak, peak_at=rec.peak_at, peak_by_category=rec.peak_snapshot,
                 forward_end=rec.forward_end, saved_activations=saved, modules=rec.modules)
 
 
-def measure(head, impl, batch, world_size=1, precision="bf16", crop=512, ac=False, compile_=False,
-            backbone="vit_large", num_classes=150, aux=True, device=None):
+def measure(preset, impl, batch, recompute, world_size=1, precision="bf16", crop=None, compile_=False,
+            backbone="vit_large", num_classes=None, aux=True, device=None, snapshot=None):
     """The same two steps for real on `device` (default: CUDA when there is one), in a process
     group of `world_size` (one process, or torchrun with that many ranks). Returns the second
-    step's torch.cuda.max_memory_allocated (None on CPU, where this only checks the code path)."""
+    step's torch.cuda.max_memory_allocated (None on CPU, where this only checks the code path) and
+    grad norm; snapshot: a path for the second step's memory_viz snapshot (CUDA only)."""
     from train.parallelize import destroy_distributed, init_distributed
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = run_config(head, precision, ac)
-    cfg.parallel.compile = compile_
+    cuda = device.type == "cuda"
     _, world, local_rank = init_distributed(device.type)
     try:
         if world != world_size:
             raise PlanError(f"measuring world size {world_size} needs that many ranks (torchrun "
                             f"--nproc_per_node={world_size}); this process group has {world}")
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-        torch.manual_seed(0)
-        model = build_parallel_model(cfg, impl, crop, device, backbone, num_classes, aux)
-        optimizer = sgd(model, cfg.optim)
-        images, labels = random_batch(batch, crop, num_classes, device)
-        train_step(model, optimizer, images, labels)
-        if device.type == "cuda":
+        device = torch.device("cuda", local_rank) if cuda else device
+        cfg = run_config(preset, impl, recompute, precision, compile_, backbone, crop, num_classes, aux)
+        state = build_step_state(cfg, build_parallel(cfg, device), device)
+        batches = [random_batch(batch, cfg.data.crop_size[0], cfg.model.num_classes, device)]
+        train_step(state, batches)
+        if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        grad_norm = train_step(model, optimizer, images, labels)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return dict(measured_peak=peak, grad_norm=float(grad_norm))
+            if snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=100000, stacks="python")
+        out = train_step(state, batches)
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        if cuda and snapshot:
+            torch.cuda.memory._dump_snapshot(snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
+        return dict(measured_peak=peak, grad_norm=out["grad_norm"])
     finally:
         destroy_distributed()

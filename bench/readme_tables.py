@@ -1,160 +1,208 @@
-"""Render the README's benchmark tables from the results files of one GPU, and nothing else.
+"""Every README table, rendered from results files and nothing else.
 
-    python bench/readme_tables.py                                  # the only GPU folder in bench/results
+    python bench/readme_tables.py                        # the planned-memory table + the GPU tables
     python bench/readme_tables.py --results bench/results/NVIDIA_H100_80GB_HBM3 --out tables.md
 
-Reads train_step_<head>.json (and memory_sweep_<head>.json when present) for the model table:
-training memory and speed and inference fps per head, ours (impl=triton) vs eager, and
-kernels.json for the kernel table. Every number printed is read from those files, and each table
-names the file and the GPU, torch, triton, commit and date it came from. Results of a CPU run are
-refused (their timings mean nothing) unless --allow-cpu, which is for tests.
+Planned memory: every plan in bench/results/estimate/ (bench/memory.py --readme-table), a row per
+dataset, model, layout and recompute policy, a column per impl, beside mmseg's published Mem. From
+one GPU's folder (the only one in bench/results unless --results names it): the training run
+(train_run.json), the train step per preset (train_step_<preset>.json) and the kernels
+(kernels.json), each table naming its files and their GPU, torch, triton, commit and date. A CPU
+run's results are refused (its timings mean nothing) unless --allow-cpu, which is for tests.
 """
 import argparse
+import glob
 import json
 import os
 import sys
+import textwrap
 
-if __package__ in (None, ""):  # run as `python bench/readme_tables.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import OURS  # noqa: E402
+from bench import OURS, RESULTS, UsageError, run_script
 
 HEAD_NAMES = {"naive": "SETR-Naive", "pup": "SETR-PUP", "mla": "SETR-MLA"}
 BACKBONE_NAMES = {"vit_large": "ViT-L/16", "vit_base": "ViT-B/16", "vit_tiny": "ViT-tiny"}
-EAGER = "eager"
+IMPL_ORDER = ("eager", "sdpa", OURS)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ESTIMATE = os.path.join(RESULTS, "estimate")
+NOT_GPU_FOLDERS = ("cpu", "compile", "estimate", "memory")  # plans, compile table, CPU smoke runs
+
+# The planned table: (training preset, GPU counts, every recompute policy or training's default
+# only), and mmseg's published Mem (GB; fp32, 8 GPUs x batch / 8) of those recipes.
+TABLE = [("naive", (8,), True), ("pup", (1, 8), True), ("mla", (8,), True), ("mla_b8", (8,), True),
+         ("naive_cityscapes", (8,), True), ("pup_cityscapes", (8,), True), ("mla_cityscapes", (8,), True),
+         ("pup_pascal_context", (8,), False)]
+MMSEG_MEM_GB = {"naive": 18.40, "pup": 19.54, "mla": 17.30, "mla_b8": 10.96, "naive_cityscapes": 24.06,
+                "pup_cityscapes": 27.96, "mla_cityscapes": 24.10}
 
 
-def load(path):
+def table_configs():
+    """The planned table's configs: dict(preset, impl, recompute, world_size) (bench/memory.py
+    --readme-table fills in the rest from the preset and plans them)."""
+    from train.config import RECOMPUTE, ParallelConfig
+
+    return [dict(preset=preset, impl=impl, recompute=policy, world_size=world)
+            for preset, worlds, every in TABLE for world in worlds
+            for policy in (RECOMPUTE if every else (ParallelConfig().recompute,)) for impl in IMPL_ORDER]
+
+
+def planned_table(estimate_dir=ESTIMATE):
+    """The README's planned-memory table from every plan file in estimate_dir: a row per dataset,
+    model, layout and recompute policy (a layout's policies by planned memory, most first)."""
+    rows, envs = {}, []
+    for path in glob.glob(os.path.join(estimate_dir, "*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        r = data["row"]
+        envs.append(data["environment"])
+        key = (r["dataset"], r["crop"], r["head"], r["preset"], r["batch"] * r["world_size"], r["world_size"],
+               r["recompute"])
+        rows.setdefault(key, {})[r["impl"]] = r
+    if not rows:
+        return f"No plans in {estimate_dir}: run `python bench/memory.py --readme-table`.\n"
+    presets, heads = [t[0] for t in TABLE], list(HEAD_NAMES)
+    order = lambda k: (presets.index(k[3]) if k[3] in presets else len(presets), heads.index(k[2]), k[5],
+                       -max(r["peak_gib"] for r in rows[k].values()))
+    lines = ["| dataset, crop | model | global batch | GPUs x images | recompute | eager | sdpa | triton | "
+             "mmseg Mem (GB), theirs |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(rows, key=order):
+        dataset, crop, head, preset, batch, world, policy = key
+        mmseg = MMSEG_MEM_GB.get(preset)
+        cells = [f"{rows[key][i]['peak_gib']:.2f} ({rows[key][i]['per_image_gib']:.2f})" if i in rows[key] else "-"
+                 for i in IMPL_ORDER]
+        lines.append(f"| {dataset} {crop}x{crop} | {HEAD_NAMES[head]} | {batch} | {world} x {batch // world} | "
+                     f"{policy} | " + " | ".join(cells)
+                     + f" | {f'{mmseg:.2f} (fp32, 8 x {batch // 8})' if mmseg and world == 8 else ''} |")
+    commits = sorted({(e.get("git_commit") or "unknown")[:10] for e in envs})
+    torches = sorted({e.get("torch") for e in envs})
+    lines += ["", textwrap.fill(
+        f"Planned, not measured: GiB per GPU (per image in parentheses), ViT-L/16, bf16 (FSDP2 mixed precision), the "
+        f"peak of training's step planned on CPU by `python bench/memory.py --readme-table` (torch "
+        f"{', '.join(torches)}, commit {', '.join(commits)}); every number is read from "
+        f"`bench/results/estimate/<config>.json`. mmseg's Mem (GB) is theirs: fp32, 8 GPUs, max allocated per GPU "
+        f"(GB = 2^30 bytes).", 100)]
+    return "\n".join(lines) + "\n"
+
+
+def load(path, allow_cpu):
     with open(path) as f:
         data = json.load(f)
     if "environment" not in data or "rows" not in data:
-        raise ValueError(f"{path}: not a results file (expected keys 'environment' and 'rows')")
+        raise UsageError(f"{path}: not a results file (expected keys 'environment' and 'rows')")
+    if data["environment"].get("gpu") is None and not allow_cpu:
+        raise UsageError(f"{path} comes from a CPU run (its timings mean nothing): the README takes GPU results "
+                         "only (--allow-cpu renders it anyway, for tests)")
     return data
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def source_line(path, env):
     path = os.path.abspath(path)
-    if path.startswith(REPO + os.sep):
-        path = os.path.relpath(path, REPO)
-    commit = (env.get("git_commit") or "unknown")[:10]
-    return (f"Source: `{path}` on {env.get('gpu') or 'CPU'} (torch {env.get('torch')}, "
-            f"triton {env.get('triton')}, commit {commit}, {env.get('date')}).")
+    path = os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path
+    return (f"Source: `{path}` on {env.get('gpu') or 'CPU'} (torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"commit {(env.get('git_commit') or 'unknown')[:10]}, {env.get('date')}).")
 
 
-def _num(v, digits=2):
+def num(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _pick(rows, mode, provider, **match):
-    for r in rows:
-        if r.get("mode") == mode and r.get("provider") == provider and "error" not in r \
-                and all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
+def run_table(results_dir, allow_cpu=False):
+    """The training command itself (gpu_check's train_run parts): one row per run."""
+    path = os.path.join(results_dir, "train_run.json")
+    if not os.path.exists(path):
+        return [f"No results file `{path}`."]
+    data = load(path, allow_cpu)
+    lines = ["| run | impl | recompute | batch | iterations | img/s | MFU | max allocated (GiB) | data wait |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        pct = lambda k, digits: num(r[k] and 100 * r[k], digits) + "%"
+        lines.append(f"| {r['name']} | error: {r['error']} |||||||" if "error" in r else
+                     f"| {r['name']} | {r['impl']} | {r['recompute']} | {r['batch']} | {r['iters']} | "
+                     f"{num(r['img_per_s'], 1)} | {pct('mfu', 1)} | {num(r['max_mem_gib'])} | {pct('data_wait', 0)} |")
+    return lines + ["", "The means of the run's metrics.jsonl records after the first (which holds compiling and "
+                        "autotuning).", "", source_line(path, data["environment"])]
 
 
-def model_table(results_dir, allow_cpu=False):
-    """Markdown lines of the per-head table (ours vs eager) and the files they come from."""
-    lines = ["| model | train batch | Mem (GB) ours | Mem (GB) eager | Mem (GB), 2 img, ours | "
-             "Mem (GB), 2 img, eager | train img/s ours | train img/s eager | inf fps ours | inf fps eager |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def step_table(results_dir, allow_cpu=False):
+    """Per preset: each variant's train step (impl, recompute, compile)."""
+    lines = ["| model (preset) | impl | recompute | compile | batch | img/s | MFU | peak (GiB) | per image (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     sources = []
-    for head in HEAD_NAMES:
-        path = os.path.join(results_dir, f"train_step_{head}.json")
-        if not os.path.exists(path):
-            sources.append(f"{HEAD_NAMES[head]}: no results file `{path}`.")
-            continue
-        data = load(path)
-        check_gpu(path, data["environment"], allow_cpu)
-        rows = data["rows"]
-        ours_t, eager_t = _pick(rows, "train", OURS), _pick(rows, "train", EAGER)
-        ours_i, eager_i = _pick(rows, "inference", OURS), _pick(rows, "inference", EAGER)
-        any_row = next((r for r in rows if r.get("mode") == "train"), rows[0] if rows else {})
-        name = f"{HEAD_NAMES[head]} {BACKBONE_NAMES.get(any_row.get('backbone'), any_row.get('backbone'))}"
-        get = lambda r, k: r.get(k) if r else None
+    for path in sorted(glob.glob(os.path.join(results_dir, "train_step_*.json"))):
+        data = load(path, allow_cpu)
         sources.append(source_line(path, data["environment"]))
-        mem2 = {OURS: None, EAGER: None}
-        sweep_path = os.path.join(results_dir, f"memory_sweep_{head}.json")
-        if os.path.exists(sweep_path):
-            sweep = load(sweep_path)
-            check_gpu(sweep_path, sweep["environment"], allow_cpu)
-            for p in mem2:
-                mem2[p] = get(_pick(sweep["rows"], "batch_sweep", p, batch=2), "peak_gib")
-            sources.append(source_line(sweep_path, sweep["environment"]))
-        lines.append(f"| {name} | {get(any_row, 'batch') or '-'} | {_num(get(ours_t, 'peak_mem_gib'))} | "
-                     f"{_num(get(eager_t, 'peak_mem_gib'))} | {_num(mem2[OURS])} | {_num(mem2[EAGER])} | "
-                     f"{_num(get(ours_t, 'images_per_s'), 1)} | {_num(get(eager_t, 'images_per_s'), 1)} | "
-                     f"{_num(get(ours_i, 'fps'), 1)} | {_num(get(eager_i, 'fps'), 1)} |")
-    notes = ["", "ours = impl=triton, eager = plain PyTorch ops; bf16 autocast over fp32 weights, SGD; "
-             "Mem = peak allocated during a training step (GB = 2^30 bytes); inf fps = eval mode, "
-             "whole image, batch 1, bf16; 2 img = the memory sweep's batch 2 (mmseg's 2 img/GPU, "
-             "but bf16).", ""]
-    return lines + notes + sources
+        for r in data["rows"]:
+            cells = ([f"error: {r['error']}"] + [""] * 4 if "error" in r else
+                     [num(r["images_per_s"], 1), num(r["mfu"] and 100 * r["mfu"], 1) + "%", num(r["peak_mem_gib"]),
+                      num(r.get("mem_per_image_gib"))])
+            model = f"{HEAD_NAMES[r['head']]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} ({r['preset']})"
+            lines.append(f"| {model} "
+                         f"| {r['impl']} | {r['recompute']} | {'on' if r['compile'] else 'off'} | {r['batch']} | "
+                         + " | ".join(cells) + " |")
+    if not sources:
+        return [f"No train-step results (`train_step_<preset>.json`) in `{results_dir}`."]
+    return lines + ["", "One step of `train.step.train_step` on the model as training builds it (FSDP2 on one rank, "
+                        "bf16 mixed precision, SyncBN), fixed random batch.", ""] + sources
 
 
 def kernel_table(results_dir, allow_cpu=False):
+    """Each kernel of ours per mode, shape and dtype: time, TFLOP/s or GB/s, speedup over each peer."""
     path = os.path.join(results_dir, "kernels.json")
-    if not os.path.exists(path):
-        return [f"No kernel results file `{path}`."]
-    data = load(path)
-    check_gpu(path, data["environment"], allow_cpu)
-    rows = data["rows"]
+    data = load(path, allow_cpu) if os.path.exists(path) else dict(rows=[], environment={})
     lines = ["| kernel | mode | shape | dtype | ours ms | ours TFLOP/s | ours GB/s | speedup of ours vs peers |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("provider") != OURS or r.get("ms") is None:
-            continue
-        speedups = ", ".join(f"{p} {x:.2f}x" for p, x in (r.get("speedup_vs") or {}).items()) or "-"
-        lines.append(f"| {r['kernel']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['ms']:.4g} | "
-                     f"{_num(r.get('tflops'), 1)} | {_num(r.get('gbps'), 0)} | {speedups} |")
-    not_run = sorted({f"{r['provider']} ({r['error'][:80]})" for r in rows if r.get("error")})
-    notes = [""]
-    if not_run:
-        notes.append("Not measured in this run: " + "; ".join(not_run) + ".")
-    return lines + notes + ["", source_line(path, data["environment"])]
+    for r in data["rows"]:
+        if r["provider"] == OURS and r.get("ms") is not None:
+            speedups = ", ".join(f"{p} {x:.2f}x" for p, x in (r.get("speedup_vs") or {}).items()) or "-"
+            lines.append(f"| {r['kernel']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['ms']:.4g} | "
+                         f"{num(r.get('tflops'), 1)} | {num(r.get('gbps'), 0)} | {speedups} |")
+    missing = [f"{p} ({why})" for p, why in sorted(data.get("not_run", {}).items())]
+    missing += sorted({f"{r['provider']} ({r['error'][:80]})" for r in data["rows"] if r.get("error")})
+    if not data["rows"]:
+        return [f"No results file `{path}`."]
+    return lines + ([""] + ["Not measured in this run: " + "; ".join(missing) + "."] if missing else []) + \
+        ["", source_line(path, data["environment"])]
 
 
-def check_gpu(path, env, allow_cpu):
-    if env.get("gpu") is None:
-        if not allow_cpu:
-            raise SystemExit(f"{path} comes from a CPU run (its timings mean nothing): the README takes "
-                             "GPU results only (--allow-cpu renders it anyway, for tests)")
-        print(f"WARNING: {path} comes from a CPU run: these numbers mean nothing", file=sys.stderr)
+def gpu_results_dirs(root=RESULTS):
+    return sorted(os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                  if d not in NOT_GPU_FOLDERS and os.path.isdir(os.path.join(root, d)))
 
 
-def default_results_dir():
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    gpus = sorted(d for d in os.listdir(root) if d != "cpu" and os.path.isdir(os.path.join(root, d))) \
-        if os.path.isdir(root) else []
-    if len(gpus) != 1:
-        raise SystemExit(f"{root} holds {len(gpus)} GPU result folders {gpus}: name one with --results")
-    return os.path.join(root, gpus[0])
-
-
-def render(results_dir, allow_cpu=False):
-    return "\n".join(["### Speed and memory per model (ours vs eager)", ""]
-                     + model_table(results_dir, allow_cpu)
-                     + ["", "### Kernels", ""] + kernel_table(results_dir, allow_cpu)) + "\n"
+def render(results_dir=None, allow_cpu=False, estimate_dir=ESTIMATE):
+    parts = ["### Planned memory", "", planned_table(estimate_dir)]
+    if results_dir is None:
+        found = gpu_results_dirs()
+        if len(found) > 1:
+            raise UsageError(f"{RESULTS} holds {len(found)} GPU result folders {found}: name one with --results")
+        if not found:
+            return "\n".join(parts + [f"No GPU results in {RESULTS} yet: `python bench/gpu_check.py` on a GPU "
+                                      "writes them."]) + "\n"
+        results_dir = found[0]
+    if not os.path.isdir(results_dir):
+        raise UsageError(f"--results {results_dir}: no such folder")
+    parts += ["### Training run (train/main.py)", ""] + run_table(results_dir, allow_cpu)
+    parts += ["", "### Train step per model", ""] + step_table(results_dir, allow_cpu)
+    parts += ["", "### Kernels", ""] + kernel_table(results_dir, allow_cpu)
+    return "\n".join(parts) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--results", default=None, help="bench/results/<gpu> folder (default: the only GPU one)")
+    p.add_argument("--results", default=None, help="a bench/results/<gpu> folder (default: the only GPU one)")
+    p.add_argument("--estimate", default=ESTIMATE, help="the plans' folder (default bench/results/estimate)")
     p.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     p.add_argument("--allow-cpu", action="store_true", help="render CPU results too (tests only)")
     args = p.parse_args(argv)
-    text = render(args.results or default_results_dir(), args.allow_cpu)
+    text = render(args.results, args.allow_cpu, args.estimate)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-        print(f"wrote {args.out}")
-    else:
-        print(text)
+    print(f"wrote {args.out}" if args.out else text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

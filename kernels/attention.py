@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import INTERPRET, check_float, check_triton_op, device_guard, use_triton
+from kernels.utils import check_float, check_triton_op, device_guard, jit, launch_mode, use_triton
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -67,35 +67,32 @@ def _configs(shapes):
 
 
 ANY = 512  # any row: D=128 in float32
-if INTERPRET:
-    # One fixed small config: autotuning under the interpreter only costs time. Unequal blocks
-    # so that the tests exercise the index arithmetic of both loops.
-    _FWD_CONFIGS, _FWD_PRUNE = _configs([(64, 32, 4, 1, ANY)])
-    _BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _configs([(32, 64, 4, 1, ANY)])
-    _BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _configs([(64, 32, 4, 1, ANY)])
-else:
-    # Candidates for Hopper (H100/H200), also fine on Ampere. Compiled offline for sm_90a and sm_80
-    # (python -m bench.compile_gate --all; table in bench/results/compile/): every one uses wgmma
-    # on sm_90a and mma on sm_80, and none the autotuner tries spills registers for bf16/fp16 at
-    # D=32/64/128 on sm_90a or at D=64 on sm_80. max_row_bytes is the largest q row a config runs
-    # without spilling: 128 (D=64 in bf16/fp16) for those that spill at D=128, 64 (D=32) for dK/dV
-    # 32x128 on 4 warps (spills at D=64 on both archs) and dQ 128x128 (spills at D=64 on sm_80).
-    # Configs that do not fit in shared memory for a head dim / dtype are skipped by the autotuner.
-    _FWD_CONFIGS, _FWD_PRUNE = _configs([
-        (128, 64, 4, 3, 128), (128, 64, 8, 3, ANY), (128, 128, 8, 3, ANY), (128, 128, 8, 2, ANY),
-        (128, 64, 4, 4, 128), (128, 32, 4, 4, ANY), (64, 64, 4, 3, ANY), (64, 128, 4, 3, 128),
-        (64, 32, 4, 2, ANY),
-    ])
-    # dK/dV: BLOCK_N keys per program, loop over BLOCK_M queries.
-    _BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _configs([
-        (32, 128, 4, 3, 64), (32, 128, 8, 3, ANY), (32, 128, 8, 4, ANY), (64, 128, 8, 3, 128),
-        (64, 128, 8, 2, 128), (32, 64, 4, 3, ANY), (64, 64, 4, 3, 128),
-    ])
-    # dQ: BLOCK_M queries per program, loop over BLOCK_N keys.
-    _BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _configs([
-        (128, 32, 4, 3, 128), (128, 32, 8, 4, ANY), (128, 64, 8, 3, ANY), (128, 64, 8, 2, ANY),
-        (64, 64, 4, 3, ANY), (64, 32, 4, 3, ANY), (128, 128, 8, 2, 64),
-    ])
+# Candidates for Hopper (H100/H200), also fine on Ampere. Compiled offline for sm_90a and sm_80
+# (python -m bench.compile_gate --all; table in bench/results/compile/): every one uses wgmma
+# on sm_90a and mma on sm_80, and none the autotuner tries spills registers for bf16/fp16 at
+# D=32/64/128 on sm_90a or at D=64 on sm_80. max_row_bytes is the largest q row a config runs
+# without spilling: 128 (D=64 in bf16/fp16) for those that spill at D=128, 64 (D=32) for dK/dV
+# 32x128 on 4 warps (spills at D=64 on both archs) and dQ 128x128 (spills at D=64 on sm_80).
+# Configs that do not fit in shared memory for a head dim / dtype are skipped by the autotuner.
+_FWD_CONFIGS, _FWD_PRUNE = _configs([
+    (128, 64, 4, 3, 128), (128, 64, 8, 3, ANY), (128, 128, 8, 3, ANY), (128, 128, 8, 2, ANY),
+    (128, 64, 4, 4, 128), (128, 32, 4, 4, ANY), (64, 64, 4, 3, ANY), (64, 128, 4, 3, 128),
+    (64, 32, 4, 2, ANY),
+])
+# dK/dV: BLOCK_N keys per program, loop over BLOCK_M queries.
+_BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _configs([
+    (32, 128, 4, 3, 64), (32, 128, 8, 3, ANY), (32, 128, 8, 4, ANY), (64, 128, 8, 3, 128),
+    (64, 128, 8, 2, 128), (32, 64, 4, 3, ANY), (64, 64, 4, 3, 128),
+])
+# dQ: BLOCK_M queries per program, loop over BLOCK_N keys.
+_BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _configs([
+    (128, 32, 4, 3, 128), (128, 32, 8, 4, ANY), (128, 64, 8, 3, ANY), (128, 64, 8, 2, ANY),
+    (64, 64, 4, 3, ANY), (64, 32, 4, 3, ANY), (128, 128, 8, 2, 64),
+])
+# Under the interpreter the kernels run one fixed small config: autotuning there only
+# costs time. Unequal blocks so that the tests exercise the index arithmetic of both loops.
+INTERPRETER_CONFIGS = {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
+                       "dq": dict(BLOCK_M=64, BLOCK_N=32)}
 
 
 def tune_bucket(n):
@@ -108,7 +105,7 @@ def tune_bucket(n):
 
 # --- kernels ---------------------------------------------------------------------------------
 
-@triton.jit
+@jit
 def _dot(a, b, INTERP_BF16: tl.constexpr):
     """a @ b with float32 accumulation (TF32 for float32 operands on the GPU).
 
@@ -122,7 +119,7 @@ def _dot(a, b, INTERP_BF16: tl.constexpr):
     return tl.dot(a, b, input_precision="tf32")
 
 
-@triton.jit
+@jit
 def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
     """float32 x -> dtype, rounding to nearest even.
 
@@ -136,7 +133,7 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
     return x.to(dtype)
 
 
-@triton.jit
+@jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start, end, Nk, qk_scale,
                     offs_n, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, INTERP_BF16: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over the key blocks [start, end)."""
@@ -166,7 +163,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, star
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
                  prune_configs_by=_FWD_PRUNE)
-@triton.jit
+@jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
     O,  # (B, H, Nq, D) output, unit stride on D
@@ -221,7 +218,7 @@ def _attn_fwd_kernel(
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], o, mask=row_mask[:, None])
 
 
-@triton.jit
+@jit
 def _attn_bwd_preprocess_kernel(
     O, DO,  # (B, H, Nq, D) each, unit stride on D
     DELTA,  # (B, H, Nq) float32, contiguous
@@ -247,7 +244,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
 
 
-@triton.jit
+@jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qn, stride_don,
                          start, end, Nq, qk_scale, offs_m,
                          BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, INTERP_BF16: tl.constexpr):
@@ -282,7 +279,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, st
 
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
                  prune_configs_by=_BWD_DKDV_PRUNE)
-@triton.jit
+@jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
     DO,  # (B, H, Nq, D) output gradient, unit stride on D
@@ -343,7 +340,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv, mask=key_mask)
 
 
-@triton.jit
+@jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, start, end, Nk, qk_scale,
                        offs_n, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, INTERP_BF16: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks [start, end)."""
@@ -370,7 +367,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM"],
                  prune_configs_by=_BWD_DQ_PRUNE)
-@triton.jit
+@jit
 def _attn_bwd_dq_kernel(
     Q, K, V,  # (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, D), unit stride on D
     DO,  # (B, H, Nq, D) output gradient, unit stride on D
@@ -438,7 +435,13 @@ def _unit_stride_last(t):
 
 
 def _interp_bf16(t):
-    return INTERPRET and t.dtype == torch.bfloat16
+    return launch_mode(t) == "interpreted" and t.dtype == torch.bfloat16
+
+
+def _tuned(kernel, t, name):
+    """(kernel, launch kwargs): the autotuned kernel for a compiled launch; under the interpreter
+    the kernel itself with INTERPRETER_CONFIGS[name]."""
+    return (kernel, {}) if launch_mode(t) == "compiled" else (kernel.fn, INTERPRETER_CONFIGS[name])
 
 
 def attention_fwd(q, k, v, scale):
@@ -454,12 +457,13 @@ def attention_fwd(q, k, v, scale):
     out = torch.empty(B, Nq, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+    kernel, config = _tuned(_attn_fwd_kernel, q, "fwd")
     with device_guard(q):
-        _attn_fwd_kernel[grid](
+        kernel[grid](
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, Nq, Nk, scale * LOG2E.value, tune_bucket(Nq), tune_bucket(Nk),
-            HEAD_DIM=D, INTERP_BF16=_interp_bf16(q),
+            HEAD_DIM=D, INTERP_BF16=_interp_bf16(q), **config,
         )
     return out, lse
 
@@ -484,19 +488,21 @@ def attention_bwd(do, q, k, v, out, lse, scale, dq, dk, dv):
         )
         # dK, dV: programs over key blocks
         grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
-        _attn_bwd_dkdv_kernel[grid_kv](
+        kernel, config = _tuned(_attn_bwd_dkdv_kernel, q, "dkdv")
+        kernel[grid_kv](
             q, k, v, do, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             H, Nq, Nk, scale * LOG2E.value, scale, tune_bucket(Nq), tune_bucket(Nk),
-            HEAD_DIM=D, INTERP_BF16=interp_bf16,
+            HEAD_DIM=D, INTERP_BF16=interp_bf16, **config,
         )
         # dQ: programs over query blocks
         grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-        _attn_bwd_dq_kernel[grid_q](
+        kernel, config = _tuned(_attn_bwd_dq_kernel, q, "dq")
+        kernel[grid_q](
             q, k, v, do, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             H, Nq, Nk, scale * LOG2E.value, scale, tune_bucket(Nq), tune_bucket(Nk),
-            HEAD_DIM=D, INTERP_BF16=interp_bf16,
+            HEAD_DIM=D, INTERP_BF16=interp_bf16, **config,
         )
     return dq, dk, dv
 

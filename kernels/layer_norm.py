@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import calculate_settings, check_float, check_triton_op, device_guard, num_sms, use_triton
+from kernels.utils import calculate_settings, check_float, check_triton_op, device_guard, jit, num_sms, use_triton
 
 MAX_WIDTH = 8192            # widest row the backward holds in registers without spilling (sm_90, 16 warps)
 FWD_TILE = 1024             # forward: rows per program = max(1, FWD_TILE // next_pow2(C)); one row at C=1024
@@ -35,7 +35,7 @@ BWD_WARPS_PER_SM = 32       # backward grid: enough programs for ~32 resident wa
 
 # --- Triton kernels -----------------------------------------------------------------------
 
-@triton.jit
+@jit
 def _layer_norm_fwd_kernel(
     X,          # (M, N) input rows, row stride stride_x, unit column stride
     R,          # (M, N) residual rows (read only when HAS_RESIDUAL)
@@ -82,7 +82,7 @@ def _layer_norm_fwd_kernel(
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _layer_norm_bwd_kernel(
     DY,         # (M, N) gradient of y
     X,          # (M, N) the normalized input (h for the residual variant)

@@ -36,17 +36,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.utils import INTERPRET, check_float, check_triton_op, device_guard, use_triton
+from kernels.utils import check_float, check_triton_op, device_guard, jit, launch_mode, use_triton
 
-# Elements (channels x pixels) per program of the upsample kernels. The interpreter pays per
-# program and per op, not per element, so it gets the largest tiles (the kernels are the same).
-FWD_TILE = 1 << 16 if INTERPRET else 2048
-BWD_TILE = 1 << 16 if INTERPRET else 1024
+# Elements (channels x pixels) per program of the upsample kernels, by launch_mode. The interpreter
+# pays per program and per op, not per element, so it gets the largest tiles (the kernels are the same).
+FWD_TILE = {"compiled": 2048, "interpreted": 1 << 16}
+BWD_TILE = {"compiled": 1024, "interpreted": 1 << 16}
 
 
 # --- Triton kernels -----------------------------------------------------------------------
 
-@triton.jit
+@jit
 def pixel_tile(tile, n_rows, n_cols, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """(rows, cols, mask), each (BLOCK_H * BLOCK_W,): pixel tile number `tile` of an n_rows x n_cols
     map cut row-major into BLOCK_H x BLOCK_W tiles."""
@@ -62,7 +62,7 @@ def pixel_tile(tile, n_rows, n_cols, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexp
 
 
 
-@triton.jit
+@jit
 def window_tap(start, k, i, n_out, n_in, I0, LAM):
     """Tap k of the backward's footprint window of input index i (the window starts at output
     index `start`): (output index clamped to the map, its first source index, its weight lam,
@@ -76,7 +76,7 @@ def window_tap(start, k, i, n_out, n_in, I0, LAM):
     return oc, i0, lam, tl.where(o < n_out, weight, 0.0)
 
 
-@triton.jit
+@jit
 def blend4(a, b, c, d, lx, ly):
     """Bilinear blend of the 4 source values (float32): a, b on the first source row, c, d on the
     second; lx weights the second column (b, d), ly the second row. Along x first, then y."""
@@ -85,7 +85,7 @@ def blend4(a, b, c, d, lx, ly):
     return top + ly * (bot - top)
 
 
-@triton.jit
+@jit
 def _upsample_fwd_kernel(
     X,          # (B, C, H, W) input, strides (sxb, sxc, sxh, sxw): NCHW, channels-last or any
     Y,          # (B, C, OH, OW) out, strides (syb, syc, syh, syw)
@@ -133,7 +133,7 @@ def _upsample_fwd_kernel(
     tl.store(out, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _upsample_bwd_kernel(
     DY,         # (B, C, OH, OW) gradient of the output, strides (sdb, sdc, sdh, sdw), any (even 0)
     DX,         # (B, C, H, W) out: gradient of the input, strides (sxb, sxc, sxh, sxw)
@@ -246,7 +246,7 @@ def upsample_bilinear_fwd(x, out_h, out_w, align_corners):
         return y
     y0, ly, _, _ = axis_tables(H, out_h, align_corners, x.device)
     x0, lx, _, _ = axis_tables(W, out_w, align_corners, x.device)
-    block_c, block_h, block_w, num_warps = _tile(C, out_h, out_w, cl, FWD_TILE)
+    block_c, block_h, block_w, num_warps = _tile(C, out_h, out_w, cl, FWD_TILE[launch_mode(x)])
     tiles = triton.cdiv(out_h, block_h) * triton.cdiv(out_w, block_w)
     with device_guard(x):
         _upsample_fwd_kernel[(B * triton.cdiv(C, block_c) * tiles,)](
@@ -266,7 +266,7 @@ def upsample_bilinear_bwd(dy, in_h, in_w, align_corners, channels_last):
         return dx
     y0, ly, ys, win_y = axis_tables(in_h, OH, align_corners, dy.device)
     x0, lx, xs, win_x = axis_tables(in_w, OW, align_corners, dy.device)
-    block_c, block_h, block_w, num_warps = _tile(C, in_h, in_w, channels_last, BWD_TILE)
+    block_c, block_h, block_w, num_warps = _tile(C, in_h, in_w, channels_last, BWD_TILE[launch_mode(dy)])
     tiles = triton.cdiv(in_h, block_h) * triton.cdiv(in_w, block_w)
     with device_guard(dy):
         _upsample_bwd_kernel[(B * triton.cdiv(C, block_c) * tiles,)](

@@ -34,21 +34,21 @@ import triton
 import triton.language as tl
 
 from kernels.upsample import axis_tables, blend4, empty_in_layout, is_channels_last, pixel_tile, window_tap
-from kernels.utils import INTERPRET, check_triton_op, device_guard, use_triton
+from kernels.utils import check_triton_op, device_guard, jit, launch_mode, use_triton
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# (classes per chunk, pixels per program); the backward keeps 9 such tiles live. The interpreter
-# pays per program and per op, not per element, so it gets the largest tiles (same kernels).
-CE_FWD_BLOCK = (256, 256) if INTERPRET else (16, 128)
-CE_BWD_BLOCK = (256, 256) if INTERPRET else (16, 128)
+# (classes per chunk, pixels per program) by launch_mode; the backward keeps 9 such tiles live. The
+# interpreter pays per program and per op, not per element, so it gets the largest tiles (same kernels).
+CE_FWD_BLOCK = {"compiled": (16, 128), "interpreted": (256, 256)}
+CE_BWD_BLOCK = {"compiled": (16, 128), "interpreted": (256, 256)}
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("mean", "mean_valid", "sum")
 
 
 # --- Triton kernels -----------------------------------------------------------------------
 
-@triton.jit
+@jit
 def _upsample_ce_fwd_kernel(
     Z,          # (B, C, h, w) low-res logits, strides (szb, szc, szh, szw)
     LABELS,     # (B, H, W) contiguous integer labels
@@ -124,7 +124,7 @@ def _upsample_ce_fwd_kernel(
     tl.store(COUNT + 2 * pid + 1, tl.sum(bad.to(tl.int32), axis=0))
 
 
-@triton.jit
+@jit
 def _upsample_ce_bwd_kernel(
     Z,          # (B, C, h, w) low-res logits, strides (szb, szc, szh, szw)
     LABELS,     # (B, H, W) contiguous integer labels (validated by the forward)
@@ -232,7 +232,7 @@ def upsample_cross_entropy_fwd(logits, labels, ignore_index, align_corners):
     lse = torch.empty((B, H, W), dtype=torch.float32, device=logits.device)
     y0, ly, _, _ = axis_tables(h, H, align_corners, logits.device)
     x0, lx, _, _ = axis_tables(w, W, align_corners, logits.device)
-    block_c, block_h, block_w = _ce_tile(C, H, W, CE_FWD_BLOCK)
+    block_c, block_h, block_w = _ce_tile(C, H, W, CE_FWD_BLOCK[launch_mode(logits)])
     programs = B * triton.cdiv(H, block_h) * triton.cdiv(W, block_w)
     loss_partial = torch.empty(programs, dtype=torch.float32, device=logits.device)
     count_partial = torch.empty((programs, 2), dtype=torch.int32, device=logits.device)
@@ -262,7 +262,7 @@ def upsample_cross_entropy_bwd(logits, labels, lse, scale, ignore_index, align_c
     dz = empty_in_layout(logits.shape, logits, logits.dtype, is_channels_last(logits))
     y0, ly, ys, win_y = axis_tables(h, H, align_corners, logits.device)
     x0, lx, xs, win_x = axis_tables(w, W, align_corners, logits.device)
-    block_c, block_h, block_w = _ce_tile(C, h, w, CE_BWD_BLOCK)
+    block_c, block_h, block_w = _ce_tile(C, h, w, CE_BWD_BLOCK[launch_mode(logits)])
     grid = (B * triton.cdiv(h, block_h) * triton.cdiv(w, block_w) * triton.cdiv(C, block_c),)
     with device_guard(logits):
         _upsample_ce_bwd_kernel[grid](

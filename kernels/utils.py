@@ -1,17 +1,20 @@
 """Launch helpers shared by every kernel family.
 
-Dispatch rule: CUDA tensors run the compiled Triton kernel; CPU tensors run
+Dispatch rule, decided at each call: CUDA tensors run the compiled Triton kernel; CPU tensors run
 the same kernel through Triton's interpreter when TRITON_INTERPRET=1 (the tests), and the
-plain-PyTorch reference otherwise.
+plain-PyTorch reference otherwise. TRITON_INTERPRET is read when a kernel is called, so it may be
+set after `import kernels`.
 """
 import contextlib
+import functools
 import os
 
 import torch
 import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -31,6 +34,72 @@ def plan_as_cuda():
         _PLAN_AS_CUDA = previous
 
 
+def interpret():
+    """True when CPU tensors run the kernels through Triton's interpreter: TRITON_INTERPRET=1, now."""
+    # triton.knobs.runtime.interpret's rule, on os.environ (which torch.compile can trace)
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+_interpreted = functools.cache(InterpretedFunction)  # one per Python function
+
+
+def _call_interpreted(fn, *args, **kwargs):
+    """A @triton.jit function called from a kernel running in the interpreter. Our own helpers use
+    the triton.language module that the kernel's launch patched already; the interpreter's call
+    path would patch it again at every call (about a tenth of the interpreted model's time)."""
+    if isinstance(fn, Kernel):
+        return _interpreted(fn.fn).rewrite()(*args, **kwargs)
+    return _interpreted(fn.fn)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _interpreting():
+    """Run a kernel in Triton's interpreter as if triton had been imported with TRITON_INTERPRET=1:
+    the @triton.jit functions it calls (its helpers, and triton.language's own such as tl.sum, which
+    triton.jit built for compiling) run in the interpreter too. The interpreter patches
+    triton.language while it runs and leaves some patches behind; they are undone here, so that a
+    later compiled launch in this process sees triton.language as it was."""
+    patched = (tl, tl.core, tl.math, tl.tensor, tl.dtype, tl.core.tensor_descriptor_base)
+    saved = [(obj, dict(vars(obj))) for obj in patched]
+    compiled_call = JITFunction.__call__
+    JITFunction.__call__ = _call_interpreted
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = compiled_call
+        for obj, attrs in saved:
+            for name in set(vars(obj)) - set(attrs):
+                delattr(obj, name)
+            for name, value in attrs.items():
+                if vars(obj).get(name) is not value:
+                    setattr(obj, name, value)
+
+
+def launch_mode(t):
+    """"interpreted" when a kernel launch on tensor t runs in Triton's interpreter (a CPU tensor, with
+    TRITON_INTERPRET=1), else "compiled"; launchers pick block sizes by it."""
+    return "interpreted" if t.device.type == "cpu" and interpret() else "compiled"
+
+
+class Kernel(JITFunction):
+    """A @triton.jit kernel that picks compiled or interpreted at each launch, from its tensors.
+
+    triton.jit decides once, when it decorates, from TRITON_INTERPRET: every caller would have to
+    set the variable before importing triton. Here, with TRITON_INTERPRET=1 at the launch, CPU
+    tensors run the function through Triton's interpreter; anything else is a compiled launch."""
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if any(isinstance(a, torch.Tensor) and launch_mode(a) == "interpreted" for a in args):
+            with _interpreting():
+                return _interpreted(self.fn).run(*args, grid=grid, warmup=warmup, **kwargs)
+        return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+
+
+def jit(fn):
+    """@triton.jit with the launch-time dispatch of Kernel, for our kernels and their helpers."""
+    return Kernel(fn)
+
+
 def use_triton(*tensors):
     """True when the Triton kernel (compiled or interpreted) should handle these tensors."""
     devices = {t.device.type for t in tensors}
@@ -38,7 +107,7 @@ def use_triton(*tensors):
         return True
     if _PLAN_AS_CUDA and all(isinstance(t, FakeTensor) for t in tensors):
         return True
-    return devices == {"cpu"} and INTERPRET
+    return devices == {"cpu"} and interpret()
 
 
 def check_float(name, t):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from setr import layers
-from setr.vit import recompute_cheap, recomputes
+from setr.vit import recompute_cheap
 
 
 class ConvModule(nn.Module):
@@ -86,7 +86,7 @@ class SETRUPHead(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.in_index = in_index
         self.classify_first = classify_first
-        self.recompute = recomputes(impl)
+        self.recompute = False  # SETR.set_recompute: the convs' upsampled inputs are recomputed
         self.conv_seg = nn.Conv2d(channels, num_classes, 1, **dd)
         self.norm = layers.LayerNorm(in_channels, eps=1e-6, impl=impl["layer_norm"], **dd)
         self.up_convs = nn.ModuleList()

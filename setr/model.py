@@ -3,19 +3,26 @@
 model.eval(); model(images) -> logits at the input resolution (mmseg's encode_decode).
 model.train(); model(images, labels) -> {"decode": loss, "aux0": 0.4 * loss, ...}.
 Images arrive normalized and padded by the data pipeline; forward does neither.
+
+Memory policy is separate from impl: recompute="selective" (build_setr, or set_recompute) makes
+the backward recompute cheap intermediates instead of keeping them, for every impl, with the same
+gradients. Checkpointing whole blocks is a training setting (train.parallelize, --recompute full).
 """
 import torch.nn as nn
 
 from setr import layers
 from setr.heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUPHead
 from setr.constants import BACKBONES, HEADS, VIT_CONFIGS
-from setr.vit import build_vit
+from setr.vit import Block, build_vit
+
+RECOMPUTE = ("none", "selective")
 AUX_WEIGHT = 0.4
 
 
 class SETR(nn.Module):
     def __init__(self, head="pup", backbone="vit_large", num_classes=150, img_size=512, impl="eager",
-                 aux=True, patch_bias=True, ignore_index=255, aux_num_convs=2, device=None, dtype=None):
+                 aux=True, patch_bias=True, ignore_index=255, aux_num_convs=2, recompute="none", device=None,
+                 dtype=None):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
@@ -53,7 +60,19 @@ class SETR(nn.Module):
                                     kernel_size=1 if head == "naive" else 3, in_index=i, **head_kw)
                          for i in range(3)] if aux else []
         self.auxiliary_head = nn.ModuleList(aux_heads)
+        self.set_recompute(recompute)
         self.init_weights()
+
+    def set_recompute(self, policy):
+        """"none" keeps for the backward what autograd keeps; "selective" recomputes there, instead
+        of keeping them, each ViT block's GELU output and pre-attention LayerNorm output and the
+        Naive / PUP heads' upsampled conv inputs (elementwise ops and resizes, re-run on the kept
+        inputs: the gradients do not change). Call it before checkpointing whole blocks."""
+        if policy not in RECOMPUTE:
+            raise ValueError(f"recompute {policy!r}; expected one of {RECOMPUTE}")
+        for m in self.modules():
+            if isinstance(m, (Block, SETRUPHead)):
+                m.recompute = policy == "selective"
 
     def init_weights(self):
         """Initialize every parameter and buffer (also after `to_empty` from the meta device)."""
@@ -104,13 +123,14 @@ class SETR(nn.Module):
 
 
 def build_setr(head, backbone="vit_large", num_classes=150, img_size=512, impl="eager", aux=True,
-               patch_bias=True, ignore_index=255, aux_num_convs=2, device=None, dtype=None):
+               patch_bias=True, ignore_index=255, aux_num_convs=2, recompute="none", device=None, dtype=None):
     """Build SETR-Naive / PUP / MLA as mmseg's ADE20K configs do.
 
     head: one of HEADS; backbone: one of BACKBONES; impl: one of setr.constants.IMPLS or a per-op
     dict (the table in setr.layers says what runs). aux_num_convs: conv stages of the Naive / PUP
     auxiliary heads, 2 in every config but mmseg's Naive Cityscapes one (1: it keeps the base
     model's auxiliary heads). img_size: the pos-embed grid (768 for the Cityscapes checkpoints).
+    recompute: one of RECOMPUTE (SETR.set_recompute).
     """
     return SETR(head, backbone, num_classes, img_size, impl, aux, patch_bias, ignore_index, aux_num_convs,
-                device, dtype)
+                recompute, device, dtype)

@@ -4,6 +4,7 @@ Module and parameter names mirror mmseg's state dict (`patch_embed.projection`,
 `layers.i.attn.attn.in_proj_weight`, `layers.i.ffn.layers.0.0`, ...) so its checkpoints load
 without any key conversion. Pre-norm blocks: x = x + attn(ln1(x)); x = x + ffn(ln2(x)).
 """
+import contextlib
 import functools
 import math
 
@@ -15,15 +16,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from setr import layers
 from setr.constants import PATCH_SIZE, VIT_CONFIGS
 
-
-
-def recomputes(impl):
-    """True when the model recomputes cheap intermediates in the backward instead of keeping them
-    (GELU output, pre-attention LayerNorm output, the heads' upsampled inputs): part of
-    impl="triton", our memory-lean path. eager / sdpa keep PyTorch's autograd as it is (baselines).
-    Activation checkpointing of a whole block turns its selective recompute off (Block.recompute):
-    the kept matrix products would outlive the block's discarded activations."""
-    return all(name == "triton" for name in impl.values())
 
 
 def linear_grads(grad_out, x, weight, needs=(True, True, True)):
@@ -38,21 +30,38 @@ def linear_grads(grad_out, x, weight, needs=(True, True, True)):
     return grad_x, grad_w, grad_b
 
 
+def autocast_dtype(device_type):
+    """The dtype torch.autocast runs matrix products in on this device type; None when it is off
+    (or autocast has no such device type, e.g. meta)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 class GeluLinear(torch.autograd.Function):
     """F.linear(gelu(h), weight, bias) keeping only h for the backward: the exact GELU is
-    recomputed there (elementwise: the same values), saving the (B, N, 4C) GELU output."""
+    recomputed there (elementwise: the same values), saving the (B, N, 4C) GELU output.
+
+    Under torch.autocast the backward runs under the forward's autocast state, so that it casts
+    and multiplies as F.linear's own backward does (in the autocast dtype); every gradient comes
+    back in its input's dtype."""
 
     @staticmethod
     def forward(ctx, h, weight, bias):
         ctx.save_for_backward(h, weight)
+        ctx.autocast = autocast_dtype(h.device.type)
+        ctx.bias_dtype = bias.dtype
         return F.linear(F.gelu(h), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         h, weight = ctx.saved_tensors
-        grad_a, grad_w, grad_b = linear_grads(grad_out, F.gelu(h), weight, ctx.needs_input_grad)
-        grad_h = torch.ops.aten.gelu_backward(grad_a, h) if grad_a is not None else None
-        return grad_h, grad_w, grad_b
+        autocast = torch.autocast(h.device.type, ctx.autocast) if ctx.autocast else contextlib.nullcontext()
+        with autocast:
+            grad_a, grad_w, grad_b = linear_grads(grad_out, F.gelu(h), weight, ctx.needs_input_grad)
+        grad_h = torch.ops.aten.gelu_backward(grad_a.to(h.dtype), h) if grad_a is not None else None
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(ctx.bias_dtype) if grad_b is not None else None)
 
 
 KEPT_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.convolution.default)
@@ -160,11 +169,16 @@ class FFN(nn.Module):
 
 
 class Block(nn.Module):
+    """recompute=True (SETR.set_recompute) recomputes the GELU output and the pre-attention
+    LayerNorm output in the backward instead of keeping them, for any impl; the gradients do not
+    change. Checkpointing the whole block turns it off: the kept matrix products would outlive the
+    block's discarded activations."""
+
     def __init__(self, embed_dims, num_heads, mlp_ratio=4, impl=None, device=None, dtype=None):
         super().__init__()
         impl = layers.resolve_impl(impl or "eager")
         dd = dict(device=device, dtype=dtype)
-        self.recompute = recomputes(impl)
+        self.recompute = False
         self.ln1 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)
         self.attn = Attention(embed_dims, num_heads, impl["attention"], **dd)
         self.ln2 = layers.LayerNorm(embed_dims, eps=1e-6, impl=impl["layer_norm"], **dd)

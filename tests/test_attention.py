@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-import kernels.utils
 from kernels.attention import (SUPPORTED_HEAD_DIMS, attention, attention_qkv_packed, attention_reference,
                                merge_heads, split_heads, tune_bucket)
 from setr.data.transforms import rescale_size
@@ -201,7 +200,7 @@ def test_bad_dtypes_and_devices_raise():
 
 @pytest.mark.reference_fallback
 def test_cpu_without_interpreter_runs_reference(monkeypatch):
-    monkeypatch.setattr(kernels.utils, "INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = (torch.randn(1, 2, 9, 32, requires_grad=True) for _ in range(3))
     out = attention(q, k, v)
     assert out.grad_fn is not None and "AttentionFunction" not in type(out.grad_fn).__name__

@@ -1,13 +1,14 @@
-"""The benchmark harness: its logic (goals, batch search, ratios, data wait, merging, README
-tables, failure reporting).
+"""The benchmark harness: its logic (goals, batch search, ratios, README tables, failure
+reporting), its command lines (fast --help, one-line errors) and the one train step it shares
+with training and the planner.
 
-The scripts' end-to-end CPU smoke runs (kernels, train step, memory plan, README tables) are the
-parts of `bench/gpu_check.py --dry-run`, checked in tests/test_gpu_check.py; the measured memory
-profile (bench/memory.py without --estimate) runs on a GPU below. Timings here mean nothing.
+The scripts' end-to-end CPU smoke runs (the training command, kernels, train step, memory plan,
+README tables) are the parts of `bench/gpu_check.py --dry-run`, checked in tests/test_gpu_check.py.
+Timings here mean nothing.
 """
 import json
-import math
 import os
+import subprocess
 import sys
 import time
 import types
@@ -15,14 +16,12 @@ import types
 import pytest
 import torch
 
-from bench import common, readme_tables, step, train_step
+import train.step
+from bench import OURS, common, memory_plan, readme_tables, run_script, train_step
 from bench import kernels as kernels_bench
-from bench import memory as memory_bench
 from train.flops import model_flops_utilization, peak_flops
 
-ON_CPU = not torch.cuda.is_available()
-# CPU-path assertions; the GPU paths: test_train_step_and_memory_quick_on_gpu
-cpu_only = pytest.mark.skipif(not ON_CPU, reason="checks the CPU smoke path")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_KEYS = ("date", "torch", "triton", "git_commit", "gpu", "python")
 
 
@@ -31,125 +30,85 @@ def read_results(outdir, name):
         data = json.load(f)
     with open(os.path.join(outdir, f"{name}.md")) as f:
         md = f.read()
-    env = data["environment"]
-    assert all(k in env for k in ENV_KEYS), env
-    if ON_CPU:
-        assert env["gpu"] is None and common.cpu_warning() in md
+    assert all(k in data["environment"] for k in ENV_KEYS), data["environment"]
     return data, md
 
 
-# --- train_step ---------------------------------------------------------------------------
+# --- the one train step ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("cap", [1, 5, 16, 64])
-@pytest.mark.parametrize("start", [1, 8])
-def test_largest_batch_doubles_then_bisects(cap, start):
-    for limit in [0, 1, 2, 3, 7, 8, 9, 13, 16, 40, 64, 100]:
-        calls = []
+def test_trainer_benchmark_and_planner_run_the_one_train_step(monkeypatch, tmp_path):
+    """train.step.train_step is the step of all three: the trainer and the planner hold that very
+    function (the trainer's loop calls it: tests/test_train.py), and a spy in its place sees the
+    planner's and the benchmark's paths go through it, on the model as training builds it."""
+    from train import trainer
 
-        def fits(b):
-            assert 1 <= b <= cap
-            calls.append(b)
-            return b <= limit
+    one = train.step.train_step
+    assert trainer.train_step is one and memory_plan.train_step is one
+    calls = []
 
-        assert train_step.largest_batch(fits, start=start, cap=cap) == min(limit, cap)
-        assert len(calls) <= 2 * math.ceil(math.log2(cap + 1)) + 2, calls
+    def spy(state, micro_batches, *args, **kwargs):
+        calls.append(type(state.model).__name__)
+        return one(state, micro_batches, *args, **kwargs)
 
+    monkeypatch.setattr(train.step, "train_step", spy)  # bench/train_step.py imports it at call time
+    monkeypatch.setattr(memory_plan, "train_step", spy)
+    memory_plan.plan("pup", "eager", 1, "none", crop=32, backbone="vit_tiny", num_classes=7, aux=False)
+    assert len(calls) == 2  # the planner: a step for the momentum buffers, then the one it reports
+    assert train_step.main(["--quick", "--impl", "eager", "--out", str(tmp_path)]) == 0
+    assert len(calls) == 3 and all(name.startswith("FSDP") for name in calls)  # on the FSDP2 model
+
+
+# --- train_step -----------------------------------------------------------------------------
 
 def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
-    assert peak_flops("NVIDIA H100 NVL", "bf16") == 835e12
     assert peak_flops("NVIDIA H200", "fp32") == 67e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert peak_flops("Tesla T4", "bf16") is None and peak_flops(None, "bf16") is None
     assert model_flops_utilization(2e12, 100.0, 989e12, num_gpus=2) == pytest.approx(2e14 / (2 * 989e12))
     assert model_flops_utilization(2e12, 100.0, None) is None
 
 
-def _train_row(variant, ips, **kw):
-    return dict(mode="train", provider=variant, images_per_s=ips, batch=16, **kw)
+def _train_row(variant, ips, recompute="selective", **kw):
+    return dict(mode="train", provider=variant, images_per_s=ips, batch=16, recompute=recompute, **kw)
 
 
 def test_goal_lines_pass_and_miss():
-    cuda = torch.device("cuda")  # goal_lines only looks at the device type
     rows = [_train_row("eager", 10.0), _train_row("eager+compile", 13.0),
-            _train_row("triton", 16.0, mfu=0.55, mem_per_image_gib=2.3)]
-    lines = train_step.goal_lines("pup", rows, cuda, gpu_gib=79.1)
+            _train_row("triton", 16.0, mfu=0.55, mem_per_image_gib=2.3),
+            _train_row("eager", 30.0, recompute="none")]  # another policy: not compared with
+    lines = train_step.goal_lines("pup", rows, True, gpu_gib=79.1)
     assert len(lines) == 5 and all(line.startswith("- PASS") for line in lines), lines
+    assert "recompute=selective" in lines[0]
     rows[2].update(images_per_s=14.0, mfu=0.45, mem_per_image_gib=2.5)
-    rows.append(dict(mode="train", provider="sdpa", error="boom"))
-    lines = train_step.goal_lines("pup", rows, cuda, gpu_gib=79.1)
+    rows.append(dict(mode="train", provider="sdpa", recompute="selective", error="boom"))
+    lines = train_step.goal_lines("pup", rows, True, gpu_gib=79.1)
     assert [line.split(":")[0] for line in lines] == ["- MISS"] * 4 + ["- PASS"], lines
     assert "1.40x eager" in lines[0] and "1.08x eager+compile" in lines[1]
     # a bigger GPU cannot prove the 80 GB goal; other heads have no memory goal; CPU: no goals
-    assert train_step.goal_lines("pup", rows, cuda, gpu_gib=139.8)[-1].startswith("- n/a")
-    assert train_step.goal_lines("mla", rows, cuda, gpu_gib=79.1)[-1].startswith("- n/a")
-    assert train_step.goal_lines("pup", rows, torch.device("cpu"))[0].startswith("- n/a")
-    # batch 8 without a search: the batch-16 goal is not decided
-    rows[2]["batch"] = 8
-    assert "--find-max-batch" in train_step.goal_lines("pup", rows, cuda, gpu_gib=79.1)[-1]
-    rows[2]["max_batch"] = 12
-    assert train_step.goal_lines("pup", rows, cuda, gpu_gib=79.1)[-1].startswith("- MISS")
-    rows[2] = dict(mode="train", provider="triton", batch=16, error="OOM at batch 16")
-    lines = train_step.goal_lines("pup", rows, cuda, gpu_gib=79.1)
+    assert train_step.goal_lines("pup", rows, True, gpu_gib=139.8)[-1].startswith("- n/a")
+    assert train_step.goal_lines("mla", rows, True, gpu_gib=79.1)[-1].startswith("- n/a")
+    assert train_step.goal_lines("pup", rows, False)[0].startswith("- n/a")
+    rows[2]["batch"] = 8  # batch 8: the batch-16 goal is not decided
+    assert "rerun with --batch 16" in train_step.goal_lines("pup", rows, True, gpu_gib=79.1)[-1]
+    rows[2] = dict(mode="train", provider="triton", recompute="selective", batch=16, error="OOM at batch 16")
+    lines = train_step.goal_lines("pup", rows, True, gpu_gib=79.1)
     assert lines[-1] == "- MISS: batch 16 of PUP fits on one 80 GB GPU (impl=triton: OOM at batch 16)"
     assert all(line.startswith("- n/a") for line in lines[:-1])
 
 
 def test_oom_detection():
-    assert train_step.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    from bench.step import is_oom
+
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     try:
         try:
             raise torch.OutOfMemoryError("CUDA out of memory")
         except torch.OutOfMemoryError as e:
             raise RuntimeError("compiled graph failed") from e
     except RuntimeError as wrapped:
-        assert train_step.is_oom(wrapped)
-    assert not train_step.is_oom(ValueError("shape mismatch"))
-
-
-class _SlowSamples(torch.utils.data.Dataset):
-    def __init__(self, delay_s):
-        self.delay_s = delay_s
-
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        time.sleep(self.delay_s)
-        return torch.zeros(3, 4, 4), torch.zeros(4, 4, dtype=torch.int64)
-
-
-def test_data_wait_share_of_the_step():
-    """A loader as slow as the step waits half of each step; one much faster than the step, almost none."""
-    steps = []
-    slow = torch.utils.data.DataLoader(_SlowSamples(0.02), batch_size=2)  # 40 ms per batch
-    ms, wait_ms, share = step.time_loader_steps(lambda x, y: (steps.append(x.shape), time.sleep(0.04)), slow, 3,
-                                                torch.device("cpu"))
-    assert steps == [(2, 3, 4, 4)] * 3
-    assert 70 < ms < 200 and 30 < wait_ms < 100 and 0.3 < share < 0.7, (ms, wait_ms, share)
-    fast = torch.utils.data.DataLoader(_SlowSamples(0.0), batch_size=2)
-    _, _, share = step.time_loader_steps(lambda x, y: time.sleep(0.04), fast, 3, torch.device("cpu"))
-    assert share < 0.1
-
-
-def test_loader_is_the_training_pipeline():
-    loader = step.make_loader("pup", 2, 32, 8, 0, torch.device("cpu"))
-    images, labels = next(iter(loader))
-    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
-    assert labels.shape == (2, 32, 32) and labels.dtype == torch.int64
-    assert set(labels.unique().tolist()) <= set(range(8)) | {255}
-    assert "0 workers" in loader.description
-
-
-def test_append_keeps_other_variants_of_the_same_device(tmp_path):
-    path = tmp_path / "train_step_pup.json"
-    assert train_step.earlier_rows(str(path), ["eager"], None) == []
-    rows = [dict(mode="train", provider="eager", ms=2.0), dict(mode="train", provider="triton", ms=1.0)]
-    _write(path, dict(GPU_ENV, gpu=None), rows)
-    assert train_step.earlier_rows(str(path), ["eager"], None) == rows[1:]
-    with pytest.raises(SystemExit, match="not merged"):
-        train_step.earlier_rows(str(path), ["eager"], "NVIDIA H200")
+        assert is_oom(wrapped)
+    assert not is_oom(ValueError("shape mismatch"))
 
 
 # --- kernels ---------------------------------------------------------------------------------
@@ -157,129 +116,145 @@ def test_append_keeps_other_variants_of_the_same_device(tmp_path):
 def test_kernels_harness_reports_failures(tmp_path, monkeypatch):
     def ok_run(quick=False, setr_only=False):
         base = dict(kernel="toy", mode="fwd", shape=[4, 4], dtype="float32")
-        return [dict(base, provider=common.OURS, ms=1.0), dict(base, provider="eager", ms=3.0),
-                dict(base, provider="apex", ms=None, error="ModuleNotFoundError: No module named 'apex'")]
+        return [dict(base, provider=OURS, ms=1.0), dict(base, provider="eager", ms=3.0)]
 
     def boom_run(quick=False, setr_only=False):
         raise RuntimeError("kernel launch failed")
 
-    monkeypatch.setitem(sys.modules, "bench.bench_ok", types.SimpleNamespace(run=ok_run))
-    monkeypatch.setitem(sys.modules, "bench.bench_boom", types.SimpleNamespace(run=boom_run))
+    monkeypatch.setitem(sys.modules, "bench.bench_ok",
+                        types.SimpleNamespace(run=ok_run, unavailable=lambda: {"apex": "not installed"}))
+    monkeypatch.setitem(sys.modules, "bench.bench_boom", types.SimpleNamespace(run=boom_run, unavailable=dict))
     monkeypatch.setattr(kernels_bench, "KERNEL_BENCHES", ("ok", "boom", "nothere"))
-    rc = kernels_bench.main(["--only", "ok", "boom", "nothere", "--out", str(tmp_path)])
-    assert rc == 1
+    assert kernels_bench.main(["--only", "ok", "boom", "nothere", "--out", str(tmp_path)]) == 1
     data, md = read_results(str(tmp_path), "kernels")
-    rows = data["rows"]
-    ours = next(r for r in rows if r["bench"] == "ok" and r["provider"] == common.OURS)
+    ours = next(r for r in data["rows"] if r["bench"] == "ok" and r["provider"] == OURS)
     assert ours["speedup_vs"] == {"eager": 3.0}
-    failed = {r["bench"]: r["error"] for r in common.kernel_failures(rows)}
-    assert set(failed) == {"boom", "nothere"}  # the missing peer (apex) is not a failure
-    assert "RuntimeError: kernel launch failed" in failed["boom"] and "not found" in failed["nothere"]
+    failed = {r["bench"]: r["error"] for r in data["rows"] if r.get("error")}
+    assert set(failed) == {"boom", "nothere"} and len(common.failure_lines(data["rows"])) == 2
+    assert "RuntimeError: kernel launch failed" in failed["boom"]
+    assert "No module named 'bench.bench_nothere'" in failed["nothere"]
+    assert data["not_run"] == {"apex": "not installed"} and "Not run here: apex (not installed)." in md
     assert "kernel launch failed" in md
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
-    assert os.path.getsize(os.path.join(tmp_path, "kernels.png")) > 0
-
-
-def test_kernel_script_exits_nonzero_when_ours_fails(tmp_path):
-    def run(quick=False, setr_only=False):
-        base = dict(kernel="toy", mode="fwd", shape=[4], dtype="float32")
-        return [dict(base, provider=common.OURS, ms=None, error="RuntimeError: launch failed"),
-                dict(base, provider="eager", ms=1.0)]
-
-    assert common.kernel_bench_main("toy", run, ["kernel", "provider", "ms", "error"], None, "toy",
-                                    ["--out", str(tmp_path)]) == 1
-    data, md = read_results(str(tmp_path), "toy")
-    assert "launch failed" in md
-
-
-@cpu_only
-def test_cpu_figures_say_so_on_the_picture(tmp_path):
-    pytest.importorskip("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots()
-    ax.plot([1, 2], [3, 4])
-    common.save_figure(fig, str(tmp_path / "f.png"))
-    texts = " ".join(t.get_text() for t in fig.texts)
-    assert "CPU RUN" in texts and common.cpu_warning() in texts
-    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- README tables --------------------------------------------------------------------------
 
-GPU_ENV = dict(date="2026-01-01T00:00:00+00:00", torch="2.11.0", triton="3.6.0", python="3.11",
+GPU_ENV = dict(date="2026-01-01T00:00:00+00:00", torch="2.11.0", triton="3.6.0", python="3.12",
                git_commit="0123456789abcdef", gpu="NVIDIA H100 80GB HBM3", driver="570.1")
 
 
-def _write(path, env, rows):
+def _write(path, env, rows, **extra):
     with open(path, "w") as f:
-        json.dump({"environment": env, "rows": rows}, f)
+        json.dump({"environment": env, "rows": rows, **extra}, f)
 
 
 def test_readme_tables_quote_only_the_files(tmp_path):
-    base = dict(kernel="setr_pup_vit_large", backbone="vit_large", shape="8x3x512x512", dtype="bf16")
+    base = dict(kernel="setr_pup_vit_large", preset="pup", head="pup", backbone="vit_large", shape="8x3x512x512",
+                dtype="bf16", recompute="selective", compile=False)
+    _write(tmp_path / "train_run.json", GPU_ENV, [
+        dict(name="train_run_triton", impl="triton", recompute="selective", batch=16, iters=20, img_per_s=21.5,
+             mfu=0.456, max_mem_gib=14.25, data_wait=0.02),
+        dict(name="train_run_eager", error="no metrics: [Errno 2] No such file")])
     _write(tmp_path / "train_step_pup.json", GPU_ENV, [
-        dict(base, mode="train", provider="eager", batch=8, ms=800.0, images_per_s=10.0, peak_mem_gib=40.5),
-        dict(base, mode="train", provider="triton", batch=8, ms=400.0, images_per_s=20.0, peak_mem_gib=15.25),
-        dict(base, mode="inference", provider="eager", batch=1, ms=50.0, fps=20.0),
-        dict(base, mode="inference", provider="triton", batch=1, ms=25.0, fps=40.0),
-        dict(base, mode="train", provider="sdpa", batch=8, error="OOM at batch 8"),
-    ])
-    _write(tmp_path / "memory_sweep_pup.json", GPU_ENV, [
-        dict(base, mode="batch_sweep", provider="eager", batch=2, peak_gib=12.75),
-        dict(base, mode="batch_sweep", provider="triton", batch=2, peak_gib=6.5),
-    ])
+        dict(base, mode="train", provider="eager", impl="eager", batch=8, ms=800.0, images_per_s=10.0,
+             mfu=0.2, peak_mem_gib=40.5, mem_per_image_gib=5.0625),
+        dict(base, mode="train", provider="triton+compile", impl="triton", compile=True, batch=8, images_per_s=20.0,
+             mfu=0.4, peak_mem_gib=15.25, mem_per_image_gib=1.90625),
+        dict(base, mode="train", provider="sdpa", impl="sdpa", batch=8, error="OOM at batch 8")])
     _write(tmp_path / "kernels.json", GPU_ENV, [
         dict(kernel="attention", mode="fwd", provider="triton", shape="B=8 H=16 N=1025 D=64", dtype="bfloat16",
-             ms=0.5, tflops=420.0, speedup_vs={"sdpa_flash": 1.2}),
-        dict(kernel="attention", mode="fwd", provider="xformers", shape="B=8 H=16 N=1025 D=64",
-             dtype="bfloat16", ms=None, error="ModuleNotFoundError: No module named 'xformers'"),
-    ])
-    text = readme_tables.render(str(tmp_path))
-    pup = next(line for line in text.splitlines() if line.startswith("| SETR-PUP"))
-    assert pup == "| SETR-PUP ViT-L/16 | 8 | 15.25 | 40.50 | 6.50 | 12.75 | 20.0 | 10.0 | 40.0 | 20.0 |"
-    assert "| attention | fwd | B=8 H=16 N=1025 D=64 | bfloat16 | 0.5 | 420.0 | - | sdpa_flash 1.20x |" in text
-    assert "xformers (ModuleNotFoundError" in text
-    assert "NVIDIA H100 80GB HBM3" in text and "commit 0123456789" in text
-    assert "no results file" in text and "train_step_naive.json" in text  # naive / mla: no numbers
-    assert not any(line.startswith("| SETR-Naive") for line in text.splitlines())
+             ms=0.5, tflops=420.0, speedup_vs={"sdpa_flash": 1.2})], not_run={"xformers": "not installed"})
+    text = readme_tables.render(str(tmp_path), estimate_dir=str(tmp_path / "none"))
+    lines = text.splitlines()
+    assert "| train_run_triton | triton | selective | 16 | 20 | 21.5 | 45.6% | 14.25 | 2% |" in lines
+    assert any(line.startswith("| train_run_eager | error: no metrics") for line in lines)
+    assert "| SETR-PUP ViT-L/16 (pup) | eager | selective | off | 8 | 10.0 | 20.0% | 40.50 | 5.06 |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | triton | selective | on | 8 | 20.0 | 40.0% | 15.25 | 1.91 |" in lines
+    assert "| SETR-PUP ViT-L/16 (pup) | sdpa | selective | off | 8 | error: OOM at batch 8 |  |  |  |  |" in lines
+    assert "| attention | fwd | B=8 H=16 N=1025 D=64 | bfloat16 | 0.5 | 420.0 | - | sdpa_flash 1.20x |" in lines
+    assert "Not measured in this run: xformers (not installed)." in text
+    assert "NVIDIA H100 80GB HBM3" in text and "commit 0123456789" in text and "No plans in" in text
 
 
-def test_readme_tables_refuse_cpu_results(tmp_path):
-    row = dict(kernel="setr_pup_vit_tiny", backbone="vit_tiny", mode="train", provider="triton", batch=1, ms=9.0)
-    _write(tmp_path / "train_step_pup.json", dict(GPU_ENV, gpu=None), [row])
-    with pytest.raises(SystemExit, match="CPU run"):
-        readme_tables.render(str(tmp_path))
+def test_planned_table_rows_and_order(tmp_path):
+    def plan(impl, recompute, world, peak, crop=512):
+        preset, dataset = ("pup", "ADE20K") if crop == 512 else ("pup_cityscapes", "Cityscapes")
+        row = dict(preset=preset, dataset=dataset, head="pup", impl=impl, recompute=recompute, batch=16 // world,
+                   world_size=world, crop=crop, peak_gib=peak, per_image_gib=peak * world / 16)
+        path = tmp_path / f"{impl}_{recompute}_{world}_{crop}.json"
+        path.write_text(json.dumps({"environment": GPU_ENV, "row": row}))
+
+    for impl, scale in (("eager", 3.0), ("sdpa", 2.0), ("triton", 1.0)):
+        for recompute, peak in (("full", 4.0), ("none", 16.0), ("selective", 8.0)):
+            plan(impl, recompute, 8, scale * peak / 8)
+    plan("triton", "none", 1, 13.8)
+    plan("triton", "none", 8, 0.9, crop=768)
+    rows = [line for line in readme_tables.planned_table(str(tmp_path)).splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[3:5] for r in rows] == [["1 x 16", "none"], ["8 x 2", "none"], ["8 x 2", "selective"],
+                                                   ["8 x 2", "full"], ["8 x 2", "none"]]  # most memory first
+    assert rows[1] == "| ADE20K 512x512 | SETR-PUP | 16 | 8 x 2 | none | 6.00 (3.00) | 4.00 (2.00) | 2.00 (1.00) | " \
+                      "19.54 (fp32, 8 x 2) |"
+    assert rows[0].endswith("| - | - | 13.80 (0.86) |  |")
+    assert rows[4].startswith("| Cityscapes 768x768 | SETR-PUP | 16 | 8 x 2 |")
+
+
+def test_readme_tables_refuse_cpu_results_and_skip_folders_of_no_gpu(tmp_path, capsys):
+    row = dict(kernel="attention", mode="fwd", provider="triton", shape="B=1", dtype="float32", ms=9.0)
+    _write(tmp_path / "kernels.json", dict(GPU_ENV, gpu=None), [row])
+    assert run_script(readme_tables.main, ["--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "comes from a CPU run" in err and err.count("\n") == 1
     text = readme_tables.render(str(tmp_path), allow_cpu=True)  # for tests: renders anyway
-    assert "| SETR-PUP ViT-tiny | 1 |" in text
-    rc = readme_tables.main(["--results", str(tmp_path), "--allow-cpu", "--out", str(tmp_path / "t.md")])
-    assert rc == 0 and (tmp_path / "t.md").read_text() == text
+    assert "| attention | fwd | B=1 | float32 | 9 |" in text
+    for name in readme_tables.NOT_GPU_FOLDERS + ("NVIDIA_H100",):
+        (tmp_path / "results" / name).mkdir(parents=True)
+    assert readme_tables.gpu_results_dirs(str(tmp_path / "results")) == [str(tmp_path / "results" / "NVIDIA_H100")]
+
+
+# --- command lines ------------------------------------------------------------------------------
+
+SCRIPTS = ["bench/kernels.py", "bench/train_step.py", "bench/memory.py", "bench/readme_tables.py",
+           "bench/gpu_check.py", "bench/bench_data.py", "bench/compile_gate.py"]
+
+
+def test_every_script_answers_help_at_once():
+    """--help parses before torch is imported: well under 2 s on two loaded cores."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for script in SCRIPTS:
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and "usage:" in out.stdout, (script, out.stderr[-2000:])
+        assert time.perf_counter() - t0 < 2, script
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_step", ["--recompute", "sometimes"], "--recompute 'sometimes': expected one of none"),
+    ("train_step", ["--preset", "pup_kitti"], "--preset 'pup_kitti': expected one of naive, pup"),
+    ("readme_tables", ["--results", "/nonexistent/results"], "--results /nonexistent/results: no such folder"),
+    ("bench_data", ["--data-root", "/nonexistent/ade"], "--data-root /nonexistent/ade --split validation: "),
+])
+def test_a_mistake_is_one_line_and_exit_status_2(script, argv, message, capsys):
+    module = __import__(f"bench.{script}", fromlist=["main"])
+    assert run_script(module.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
 
 
 # --- on a GPU -------------------------------------------------------------------------------
 
 @pytest.mark.gpu
 def test_train_step_and_memory_quick_on_gpu(tmp_path):
-    """The device-only paths: peak memory, MFU, the OOM-catching batch search, the snapshot."""
-    rc = train_step.main(["--quick", "--variants", "eager", "triton", "--find-max-batch", "--max-batch", "4",
-                          "--out", str(tmp_path)])
+    """The device-only paths: peak memory, MFU, the measured step and its snapshot."""
+    from bench import memory
+
+    rc = train_step.main(["--quick", "--impl", "eager", "triton", "--recompute", "all", "--out", str(tmp_path)])
     assert rc == 0
     data, md = read_results(str(tmp_path), "train_step_pup")
-    known_gpu = peak_flops(data["environment"]["gpu"], "bf16") is not None
+    known_gpu = peak_flops(data["environment"]["gpu"], "fp32") is not None
     for r in data["rows"]:
-        assert "error" not in r and r["peak_mem_gib"] > 0
-        if r["mode"] == "train":
-            assert r["max_batch"] == 4 and (r["mfu"] is not None) == known_gpu
+        assert "error" not in r and r["peak_mem_gib"] > 0 and (r["mfu"] is not None) == known_gpu
     assert "- n/a: every goal" not in md
-    rc = memory_bench.main(["--quick", "--variants", "eager", "triton", "--snapshot", "--out", str(tmp_path)])
-    assert rc == 0
-    phases, _ = read_results(str(tmp_path), "memory_pup")
-    for r in phases["rows"]:
-        assert r["activations_gib"] > 0 and r["peak_gib"] >= r["peak_forward_gib"] > r["weights_gib"]
-        assert os.path.getsize(os.path.join(tmp_path, r["snapshot"])) > 0
+    assert memory.main(["--backbone", "vit_tiny", "--crop", "32", "--batch", "2", "--num-classes", "8", "--measure",
+                        "--snapshot", "--out", str(tmp_path / "memory")]) == 0
+    assert any(f.endswith("_snapshot.pickle") for f in os.listdir(tmp_path / "memory"))

@@ -20,6 +20,9 @@ from test_data import ade_root, shared_data  # noqa: F401 (ade_root is a fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADE_NAMES = ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
+# a tie: the top two logits closer than float32 rounding of a batched against a one-window forward
+# (measured: 1e-7 on torch 2.11); a class within TIE of the best one is an equally right answer
+TIE = 1e-5
 
 
 @pytest.fixture
@@ -48,8 +51,8 @@ def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341, nu
     """mmseg 1.2.2's ADE20K test pipeline from its published description, independently of
     setr.data / setr.inference: LoadImageFromFile (cv2, BGR) -> Resize(scale, keep_ratio) with
     mmcv's rescale rule and cv2 INTER_LINEAR -> SegDataPreProcessor (bgr_to_rgb, (x - mean) / std)
-    -> slide inference -> logits resized bilinear (align_corners=False) to the original size ->
-    argmax. Returns (H, W) class ids."""
+    -> slide inference -> logits resized bilinear (align_corners=False) to the original size.
+    Returns the (150, H, W) logits (argmax: the label map)."""
     bgr = cv2.imread(path, cv2.IMREAD_COLOR)
     h, w = bgr.shape[:2]
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
@@ -70,8 +73,7 @@ def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341, nu
                 y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
                 preds[:, :, y1:y2, x1:x2] += model(x[:, :, y1:y2, x1:x2])
                 count[:, :, y1:y2, x1:x2] += 1
-    logits = F.interpolate(preds / count, size=(h, w), mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1)[0].numpy()
+    return F.interpolate(preds / count, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
 def test_label_maps_equal_mmseg_test_pipeline_on_ade20k(ade_root, mmseg_pup, tmp_path, capsys):
@@ -81,13 +83,21 @@ def test_label_maps_equal_mmseg_test_pipeline_on_ade20k(ade_root, mmseg_pup, tmp
     assert main(["--checkpoint", ckpt, "--data-root", ade_root, "--out", str(tmp_path / "eval"), "--device", "cpu",
                  "--save-predictions", "--num-workers", "0"]) == 0
     out = capsys.readouterr().out
+    ties = 0
     for name, path in zip(ADE_NAMES, images):
-        ref = mmseg_test_pipeline(model, path)
+        logits = mmseg_test_pipeline(model, path)
+        ref, best = logits.argmax(dim=0).numpy(), logits.max(dim=0).values
         for folder in ("pred", "eval"):
             png = Image.open(tmp_path / folder / f"{name}_label.png")
             assert png.mode == "P" and tuple(png.getpalette()[3:6]) == ADE20K_PALETTE[1]
             got = np.array(png)
-            assert got.shape == ref.shape and np.array_equal(got, ref), (name, folder, (got != ref).mean())
+            assert got.shape == ref.shape, (name, folder)
+            # equal wherever the answer is defined; elsewhere another class tied with the best
+            differ = torch.from_numpy(got != ref)
+            chosen = logits.gather(0, torch.from_numpy(got).long()[None])[0]
+            assert (best - chosen)[differ].le(TIE).all(), (name, folder, int(differ.sum()))
+            ties += int(differ.sum())
+    assert ties <= 10  # ties are rare: a handful of the ~3 x 2 x 10^5 pixels
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["num_images"] == 3 and len(metrics["IoU"]) == 150 and metrics["class_names"][0] == "wall"
     assert metrics["images_per_s"] > 0 and (metrics["mode"], metrics["crop_size"], metrics["stride"]) == ("slide", 512, 341)

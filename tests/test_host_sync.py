@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import parse_config
+from train.step import train_step
 
 SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")
 TRITON = os.sep + os.path.join("site-packages", "triton") + os.sep  # the interpreter lives there
@@ -58,8 +59,9 @@ def single_process_group():
     dist.destroy_process_group()
 
 
-def tiny_trainer(tmp_path):
-    """A Trainer of the Naive head on ViT-tiny at 32x32 (decode + 3 aux losses), impl="triton"."""
+def tiny_trainer(tmp_path, precision):
+    """A Trainer of the Naive head (no aux heads: the same kernels again) on ViT-tiny at 32x32,
+    impl="triton"."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from train.parallelize import parallelize
@@ -73,9 +75,9 @@ def tiny_trainer(tmp_path):
         warning = event = progress = info
 
     cfg = parse_config(["--device", "cpu", "--head", "naive", "--preset", "demo", "--impl", "triton",
-                        "--batch-size", "2", "--crop-size", "32", "--num-workers", "0", "--work-dir", str(tmp_path),
-                        "--data.synthetic_train_samples", "4", "--data.synthetic_val_samples", "2"],
-                       cuda_available=False)
+                        "--precision", precision, "--model.aux", "false", "--batch-size", "1", "--crop-size", "32",
+                        "--num-workers", "0", "--work-dir", str(tmp_path), "--data.synthetic_train_samples", "4",
+                        "--data.synthetic_val_samples", "2"], cuda_available=False)
     cfg.validate(1)
     model = build_model(cfg, torch.device("cpu"), Log())
     eval_model = eval_copy(model)
@@ -85,13 +87,16 @@ def tiny_trainer(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the syncs of the kernels run on CPU tensors, through "
                     "the interpreter (with CUDA present, CPU tensors would take the references)")
-def test_train_step_syncs_once(tmp_path, single_process_group):
-    trainer = tiny_trainer(tmp_path)
-    assert trainer.eval_model.impl == dict.fromkeys(("attention", "layer_norm", "upsample", "loss"), "triton")
+def test_train_step_syncs_once_in_every_precision(tmp_path, single_process_group):
+    """fp32, bf16 (the default: FSDP mixed precision) and fp16 (its loss scale lives on the host)."""
     g = torch.Generator().manual_seed(0)
-    batch = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 8, (2, 32, 32), generator=g))]
-    trainer.train_step(batch)  # warm-up: index tables and other per-shape caches are built once
-    with HostSyncs() as syncs:
-        out = trainer.train_step(batch)
-    assert out["applied"]
-    assert len(syncs.calls) == 1, "\n".join(syncs.calls)  # the packed all-reduce result, read once
+    batch = [(torch.randn(1, 3, 32, 32, generator=g), torch.randint(0, 8, (1, 32, 32), generator=g))]
+    for precision in ("fp32", "bf16", "fp16"):
+        trainer = tiny_trainer(tmp_path / precision, precision)
+        assert trainer.eval_model.impl == dict.fromkeys(("attention", "layer_norm", "upsample", "loss"), "triton")
+        if precision == "fp32":  # warm-up: index tables and other per-shape caches are built once per process
+            train_step(trainer.state, batch)
+        with HostSyncs() as syncs:
+            out = train_step(trainer.state, batch)
+        assert out["applied"]
+        assert len(syncs.calls) == 1, "\n".join(syncs.calls)  # the packed all-reduce result, read once

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,10 +9,40 @@ from reference import ref_json
 from setr import layers
 from setr.constants import HEADS
 from setr.vit import resize_pos_embed
+from train.parallelize import apply_recompute
+
+# torch.autocast against float32: largest relative error of the whole gradient (all parameters as one
+# vector) and of the losses and eval logits; measured on vit_tiny up to 0.13 (bf16) and 0.03 (fp16,
+# impl=triton on torch 2.11, whose CPU fp16 ops around our kernels differ from 2.13's: 0.009 there)
+AUTOCAST_TOL = {torch.bfloat16: 0.25, torch.float16: 0.05}
 
 
 def tiny(head, impl="eager", **kw):
     return setr.build_setr(head, backbone="vit_tiny", num_classes=7, img_size=64, impl=impl, **kw)
+
+
+def tiny_batch(batch=1, size=(32, 48)):
+    """Images and labels (some ignored) of an odd size (2 x 3 tokens)."""
+    images, labels = torch.randn(batch, 3, *size), torch.randint(0, 7, (batch, *size))
+    labels[0, :3] = 255
+    return images, labels
+
+
+def losses_and_grads(model, images, labels, autocast=None):
+    """One training forward + backward, as a model-API user runs it, under torch.autocast(autocast)
+    when given: the detached loss terms and {name: gradient}."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+        losses = model(images, labels)
+    sum(losses.values()).backward()
+    return {k: v.detach() for k, v in losses.items()}, {n: p.grad for n, p in model.named_parameters()}
+
+
+def relative_error(values, ref):
+    """||values - ref|| / ||ref|| over every entry of two {name: tensor} dicts taken as one vector."""
+    flat = lambda d: torch.cat([d[k].double().flatten() for k in ref])
+    return ((flat(values) - flat(ref)).norm() / flat(ref).norm()).item()
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -237,6 +269,54 @@ def test_classify_first_equals_mmseg_order(head):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_autocast_matches_float32(head):
+    """The AMP pattern of the model API (torch.autocast around the forward, backward after it) in bf16
+    and fp16, eager and sdpa, selective recompute on: losses, gradients and eval logits close to
+    float32's, gradients in the parameters' dtype; recompute changes no bit under autocast either."""
+    torch.manual_seed(4)
+    images, labels = tiny_batch()
+    for impl in ("eager", "sdpa"):
+        model = setr.build_setr(head, "vit_tiny", 7, img_size=32, impl=impl, recompute="selective").eval()
+        ref_logits = model(images).detach()  # before any training forward moves the BatchNorm statistics
+        for dtype, tol in AUTOCAST_TOL.items():
+            with torch.autocast("cpu", dtype=dtype):
+                assert relative_error({"x": model(images)}, {"x": ref_logits}) < tol, (impl, dtype)
+        ref_losses, ref_grads = losses_and_grads(model, images, labels)
+        for dtype, tol in AUTOCAST_TOL.items():
+            losses, grads = losses_and_grads(model, images, labels, autocast=dtype)
+            assert {g.dtype for g in grads.values()} == {torch.float32}, (impl, dtype)
+            assert relative_error(losses, ref_losses) < tol and relative_error(grads, ref_grads) < tol, (impl, dtype)
+            model.set_recompute("none")
+            plain_losses, plain_grads = losses_and_grads(model, images, labels, autocast=dtype)
+            model.set_recompute("selective")
+            assert all(torch.equal(plain_grads[n], grads[n]) for n in grads), (impl, dtype)
+            assert all(torch.equal(plain_losses[k], losses[k]) for k in losses), (impl, dtype)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_recompute_keeps_less_and_changes_no_number(impl):
+    """Recompute policies (the model's selective one; full = whole blocks checkpointed, a training
+    setting) keep fewer bytes for the backward and give bitwise the losses and gradients of none.
+    Naive: its aux heads' second conv reads a recomputed upsample."""
+    torch.manual_seed(5)
+    images, labels = tiny_batch()
+    plain = setr.build_setr("naive", "vit_tiny", 7, img_size=32, impl=impl)
+    results = {}
+    for policy in ("none", "selective", "full"):
+        model = copy.deepcopy(plain)
+        apply_recompute(model, policy)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            results[policy] = losses_and_grads(model, images, labels)
+        results[policy] += (sum(saved),)
+    assert results["none"][2] > results["selective"][2] > results["full"][2]
+    for policy in ("selective", "full"):  # full renames the blocks' parameters (checkpoint wrapper): by order
+        (losses, grads, _), (ref_losses, ref_grads, _) = results[policy], results["none"]
+        assert all(torch.equal(losses[k], ref_losses[k]) for k in ref_losses), policy
+        assert all(torch.equal(g, ref) for g, ref in zip(grads.values(), ref_grads.values(), strict=True)), policy
+
+
 def test_pos_embed_resized_for_other_sizes():
     model = tiny("naive").eval()
     x = torch.randn(1, 3, 96, 32)  # 6x2 grid from the stored 4x4 grid
@@ -277,6 +357,10 @@ def test_meta_build_then_init():
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         assert torch.isfinite(t.float()).all(), name
     assert model.decode_head.up_convs[0][0].bn.running_var.eq(1).all()
+    meta = setr.build_setr("naive", backbone="vit_tiny", num_classes=5, img_size=64, recompute="selective",
+                           device="meta")  # shape-only training step (FLOP counting), recomputing as trained
+    sum(meta(torch.empty(1, 3, 64, 64, device="meta"), torch.zeros(1, 64, 64, dtype=torch.long, device="meta"))
+        .values()).backward()
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Training engine: config and presets, optimizer groups and schedule, synchronized BN,
 checkpoints, the step function, and short real runs (2-process gloo FSDP via torchrun)."""
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import setr
 from train import checkpoint as ckpt
 from train.config import ConfigError, get_preset, parse_config
 from train.optim import PolyLR, param_groups
+from train.step import train_step
 from train.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,12 +54,12 @@ def test_preset_choice_overrides_and_roundtrip(tmp_path):
     assert cfg.model.backbone == "vit_tiny" and cfg.data.dataset == "synthetic"
     assert "folder data" in parse_config(["--dataset", "folder"], cuda_available=False).notes[0]
     cfg = parse_config(["--head", "naive", "--preset", "pup", "--lr", "0.5", "--batch-size", "4", "--crop-size",
-                        "32", "--optim.momentum", "0.8", "--activation-checkpointing", "--compile", "false",
+                        "32", "--optim.momentum", "0.8", "--recompute", "full", "--compile", "false",
                         "--resume", "auto", "--data.synthetic_size", "48,64", "--precision", "fp32"],
                        cuda_available=False)
     assert cfg.preset == "pup" and cfg.model.head == "naive"
     assert (cfg.optim.lr, cfg.schedule.batch_size, cfg.data.crop_size, cfg.optim.momentum) == (0.5, 4, (32, 32), 0.8)
-    assert cfg.parallel.activation_checkpointing is True and cfg.parallel.compile is False
+    assert cfg.parallel.recompute == "full" and cfg.parallel.compile is False
     assert cfg.checkpoint.resume == "auto" and cfg.data.synthetic_size == (48, 64)
     cfg.save(tmp_path / "config.json")
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
@@ -96,6 +98,9 @@ def test_unknown_preset_and_head_on_the_command_line(capsys):
         with pytest.raises(SystemExit):
             parse_config(["--head", "fpn"], cuda_available=cuda)
         assert "unknown model.head (--head) 'fpn'; expected one of ('naive', 'pup', 'mla')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the flag --recompute replaced
+        parse_config(["--activation-checkpointing"], cuda_available=False)
+    assert "--activation-checkpointing was replaced by --recompute full" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,8 +352,8 @@ def test_step_accumulation_normalizes_by_micro_batches(tmp_path, single_process_
     one = _trainer(tmp_path / "a", [], schedule__batch_size=2)
     two = _trainer(tmp_path / "b", [], schedule__batch_size=4, schedule__micro_batch_size=2)
     assert (one.accum_steps, two.accum_steps) == (1, 2)
-    out1 = one.train_step([(x, y)])
-    out2 = two.train_step([(x, y), (x, y)])  # twice the same micro-batch: the same mean gradient
+    out1 = train_step(one.state, [(x, y)])
+    out2 = train_step(two.state, [(x, y), (x, y)])  # twice the same micro-batch: the same mean gradient
     assert out1["applied"] and out2["applied"]
     assert out2["loss"] == pytest.approx(out1["loss"], rel=1e-6)
     assert out2["grad_norm"] == pytest.approx(out1["grad_norm"], rel=1e-5)
@@ -360,23 +365,23 @@ def test_step_accumulation_normalizes_by_micro_batches(tmp_path, single_process_
 def test_non_finite_loss_skips_the_step(tmp_path, single_process_group, precision):
     lines = []
     trainer = _trainer(tmp_path, lines, schedule__batch_size=2, parallel__precision=precision)
-    assert (trainer.scaler is not None) == (precision == "fp16")
+    assert (trainer.state.scaler is not None) == (precision == "fp16")
     before = [p.full_tensor().clone() for p in trainer.model.parameters()]
     buffers = [b.clone() for b in trainer.model.buffers()]
-    assert len(trainer.bn_buffers) > 0
+    assert len(trainer.state.bn_buffers) > 0
     x, y = _batch(2)
     x[0, 0, 0, 0] = float("nan")
-    out = trainer.train_step([(x, y)])
+    out = train_step(trainer.state, [(x, y)])
     assert not out["applied"] and not math.isfinite(out["loss"])
-    assert trainer.scheduler.last_iter == 1  # the iteration is consumed, the weights are not touched
+    assert trainer.state.scheduler.last_iter == 1  # the iteration is consumed, the weights are not touched
     for b, p in zip(before, trainer.model.parameters()):
         assert torch.equal(b, p.full_tensor())
     for b, now in zip(buffers, trainer.model.buffers()):  # nor the BatchNorm running statistics
         assert torch.equal(b, now)
-    scale = trainer.scaler.get_scale() if trainer.scaler else None
-    assert trainer.train_step([_batch(2, seed=1)])["applied"]  # the next step runs (and the scaler too)
+    scale = trainer.state.scaler.get_scale() if trainer.state.scaler else None
+    assert train_step(trainer.state, [_batch(2, seed=1)])["applied"]  # the next step runs (and the scaler too)
     if scale is not None:
-        assert trainer.scaler.get_scale() == scale  # backed off once by the skipped step, not again
+        assert trainer.state.scaler.get_scale() == scale  # backed off once by the skipped step, not again
 
 
 def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
@@ -384,8 +389,8 @@ def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
     free = _trainer(tmp_path / "free", [], schedule__batch_size=2)
     clipped = _trainer(tmp_path / "clip", [], schedule__batch_size=2, optim__clip_grad=0.01)
     before = torch.cat([p.full_tensor().flatten() for p in free.model.parameters()])
-    norm = free.train_step([batch])["grad_norm"]
-    assert clipped.train_step([batch])["grad_norm"] == pytest.approx(norm)  # reported before clipping
+    norm = train_step(free.state, [batch])["grad_norm"]
+    assert train_step(clipped.state, [batch])["grad_norm"] == pytest.approx(norm)  # reported before clipping
     assert norm > 0.01
     d_free = torch.cat([p.full_tensor().flatten() for p in free.model.parameters()]) - before
     d_clip = torch.cat([p.full_tensor().flatten() for p in clipped.model.parameters()]) - before
@@ -395,7 +400,7 @@ def test_grad_clipping_scales_the_update(tmp_path, single_process_group):
 
 def test_checkpoint_of_another_head_or_corrupt_is_refused(tmp_path, single_process_group):
     trainer = _trainer(tmp_path / "run", [], schedule__batch_size=2)
-    trainer.train_step([_batch(2)])
+    train_step(trainer.state, [_batch(2)])
     trainer.iteration = 1
     trainer.save_checkpoint()
     path = ckpt.iteration_dir(str(tmp_path / "run"), 1)
@@ -413,7 +418,7 @@ def test_checkpoint_of_another_head_or_corrupt_is_refused(tmp_path, single_proce
                                                                        other.model.parameters()))
     same = _trainer(tmp_path / "same", [], schedule__batch_size=2, checkpoint__resume=path)
     same.resume()
-    assert same.iteration == 1 and same.scheduler.last_iter == 1
+    assert same.iteration == 1 and same.state.scheduler.last_iter == 1
     for p, q in zip(trainer.model.parameters(), same.model.parameters()):
         assert torch.equal(p.full_tensor(), q.full_tensor())
     with open(os.path.join(path, "__0_0.distcp"), "r+b") as f:  # damage the shard file
@@ -550,16 +555,36 @@ def test_world_size_1_and_2_give_the_same_first_step_loss(two_rank_run, tmp_path
     assert ws1[1] == pytest.approx(ws2[1], rel=1e-5, abs=0)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on CPU needs a C compiler")
-def test_activation_checkpointing_and_compile_give_the_same_step(tmp_path, single_process_group):
+def test_every_module_passed_to_fully_shard_runs_forward(tmp_path, single_process_group, monkeypatch, caplog):
+    """FSDP2 hooks the forward of the modules given to fully_shard; one that never runs forward (a
+    ModuleList) leaves its group without pre-backward and reshard (torch 2.11 warns, 2.13 not)."""
+    import torch.distributed.fsdp as fsdp
+
+    passed, ran = [], set()
+    real = fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: passed.append(module) or real(module, **kw))
+    trainer = _trainer(tmp_path, [], schedule__batch_size=2)
+    modules = [m for group in passed for m in (group if isinstance(group, list) else [group])]
+    for m in modules:
+        m.register_forward_hook(lambda module, *_: ran.add(id(module)))
+    train_step(trainer.state, [_batch(2)])
+    assert [type(m).__name__ for m in modules if id(m) not in ran] == []
+    assert "did not run forward" not in caplog.text
+
+
+def test_full_recompute_and_compile_give_the_same_step(tmp_path, single_process_group, monkeypatch):
+    """--recompute full (checkpointed blocks) and --compile: the step and the state-dict names of the
+    plain model. torch.compile runs its aot_eager backend here: what it traces (Dynamo fullgraph,
+    AOTAutograd's joint graph split around the checkpointed blocks) without Inductor's CPU C++
+    code, which a GPU never runs and which costs gcc about 20 s on 2 cores."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     x, y = _batch(2)
     plain = _trainer(tmp_path / "plain", [], schedule__batch_size=2)
-    fancy = _trainer(tmp_path / "fancy", [], schedule__batch_size=2, parallel__activation_checkpointing=True,
+    fancy = _trainer(tmp_path / "fancy", [], schedule__batch_size=2, parallel__recompute="full",
                      parallel__compile=True)
     names = [n for n, _ in fancy.model.named_parameters()]
     assert any("_checkpoint_wrapped_module" in n for n in names) and any("_orig_mod" in n for n in names)
-    a, b = plain.train_step([(x, y)]), fancy.train_step([(x, y)])
+    a, b = train_step(plain.state, [(x, y)]), train_step(fancy.state, [(x, y)])
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     fancy.sync_eval_model()  # state-dict names come out clean (no wrapper prefixes)

@@ -80,9 +80,9 @@ def test_upsample_channels_last(align_corners):
 
 def test_upsample_one_row_tiles(monkeypatch):
     # the GPU's tile shape: one output row per program (BLOCK_H == 1), several channel blocks
-    monkeypatch.setattr(up, "FWD_TILE", 32)
-    monkeypatch.setattr(up, "BWD_TILE", 16)
-    assert up._tile(3, 20, 32, False, up.FWD_TILE)[1] == 1
+    monkeypatch.setattr(up, "FWD_TILE", dict.fromkeys(up.FWD_TILE, 32))  # on every device type
+    monkeypatch.setattr(up, "BWD_TILE", dict.fromkeys(up.BWD_TILE, 16))
+    assert up._tile(3, 20, 32, False, 32)[1] == 1
     check_upsample((1, 2, 6, 16), (12, 32), False)
     check_upsample((1, 40, 3, 2), (5, 3), True, channels_last=True)
 
@@ -143,19 +143,53 @@ def test_axis_tables_match_pytorch_and_cover_footprints(align_corners):
 
 # --- reference, dispatch, bad input, torch.library -----------------------------------------
 
-def test_references_match_torch():
-    x = torch.randn(2, 3, 5, 7, device=DEVICE).to(torch.bfloat16)
-    expected = F.interpolate(x.float(), size=(9, 4), mode="bilinear", align_corners=True).to(torch.bfloat16)
-    assert torch.equal(upsample_bilinear_reference(x, (9, 4), align_corners=True), expected)
+def interpolation_matrix(n_in, n_out, align_corners):
+    """(n_out, n_in) float64 weights of 1-D linear interpolation, from PyTorch's documented source
+    index (align_corners=False: (j + 0.5) * n_in / n_out - 0.5, clamped at 0), entry by entry."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for j in range(n_out):
+        if align_corners:
+            src = j * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        else:
+            src = max((j + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(src), n_in - 1)
+        lam = src - i0
+        m[j, i0] += 1 - lam
+        m[j, min(i0 + 1, n_in - 1)] += lam
+    return m
+
+
+def bilinear64(x, size, align_corners=False):
+    """Bilinear resize of (B, C, H, W) in float64 as two matrix products: independent of F.interpolate."""
+    my = interpolation_matrix(x.shape[2], size[0], align_corners).to(x.device)
+    mx = interpolation_matrix(x.shape[3], size[1], align_corners).to(x.device)
+    return torch.einsum("yh,bchw,xw->bcyx", my, x.double(), mx)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_reference_matches_a_float64_formula(align_corners):
+    """The CPU fallback (F.interpolate in float32, float64 kept) against bilinear64, rounded once."""
+    x = torch.randn(2, 3, 5, 7, device=DEVICE, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, dict(atol=1e-12, rtol=1e-12)), (torch.float32, TOL[torch.float32]),
+                       (torch.bfloat16, TOL[torch.bfloat16])):
+        y = upsample_bilinear_reference(x.to(dtype), (9, 4), align_corners=align_corners)
+        assert y.dtype == dtype
+        assert_close(y, bilinear64(x.to(dtype), (9, 4), align_corners), tol, str(dtype))
 
 
 @pytest.mark.reference_fallback
 def test_reference_dispatch(monkeypatch):
-    # without CUDA or the interpreter, upsample_bilinear runs the reference (same semantics)
+    # without CUDA or the interpreter, upsample_bilinear runs the reference: the kernel's values
+    x = torch.randn(1, 2, 4, 5, device=DEVICE, requires_grad=True)
+    dy = torch.randn(1, 2, 8, 9, device=DEVICE)
+    kernel = upsample_bilinear(x, (8, 9))
     monkeypatch.setattr(up, "use_triton", lambda *tensors: False)
-    x = torch.randn(1, 2, 4, 4, device=DEVICE, requires_grad=True)
-    y = upsample_bilinear(x, (8, 8))
-    assert torch.equal(y, upsample_bilinear_reference(x, (8, 8)))
+    fallback = upsample_bilinear(x, (8, 9))
+    assert type(kernel.grad_fn).__name__ == "UpsampleBilinearFunctionBackward"
+    assert type(fallback.grad_fn).__name__ != "UpsampleBilinearFunctionBackward"
+    assert_close(fallback, kernel, TOL[torch.float32], "y")
+    assert_close(torch.autograd.grad(fallback, x, dy)[0], torch.autograd.grad(kernel, x, dy)[0], TOL[torch.float32],
+                 "dx")
 
 
 def test_bad_inputs():

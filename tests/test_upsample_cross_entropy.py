@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kernels.upsample import is_channels_last, upsample_bilinear
 from kernels.upsample_cross_entropy import upsample_cross_entropy, upsample_cross_entropy_reference
-from test_upsample import DEVICE, assert_close
+from test_upsample import DEVICE, assert_close, bilinear64
 
 ce = importlib.import_module("kernels.upsample_cross_entropy")
 
@@ -116,8 +116,8 @@ def test_upsample_cross_entropy_negative_ignore_index_and_channels_last():
 
 def test_upsample_cross_entropy_small_blocks(monkeypatch):
     # the GPU's tile shapes: class chunks (online log-sum-exp), several class blocks and pixel tiles
-    monkeypatch.setattr(ce, "CE_FWD_BLOCK", (4, 16))
-    monkeypatch.setattr(ce, "CE_BWD_BLOCK", (4, 8))
+    monkeypatch.setattr(ce, "CE_FWD_BLOCK", dict.fromkeys(ce.CE_FWD_BLOCK, (4, 16)))  # on every device type
+    monkeypatch.setattr(ce, "CE_BWD_BLOCK", dict.fromkeys(ce.CE_BWD_BLOCK, (4, 8)))
     check_ce(1, 9, (3, 9), (6, 18))  # one-row tiles (BLOCK_H == 1), as on the GPU
     check_ce(1, 6, (3, 4), (7, 9), align_corners=True, reduction="mean_valid")  # 2 x 4 tiles
 
@@ -145,26 +145,40 @@ def test_fused_loss_equals_classifier_after_upsample():
 
 # --- reference, dispatch, bad input, torch.library -----------------------------------------
 
-def test_reference_matches_torch():
-    logits = torch.randn(2, 4, 3, 3, device=DEVICE)
-    labels = make_labels(2, 4, (6, 6))
-    per_pixel = F.cross_entropy(F.interpolate(logits, size=(6, 6), mode="bilinear"), labels,
-                                ignore_index=255, reduction="none")
-    torch.testing.assert_close(upsample_cross_entropy_reference(logits, labels), per_pixel.sum() / labels.numel())
-    torch.testing.assert_close(upsample_cross_entropy_reference(logits, labels, reduction="mean_valid"),
-                               per_pixel.sum() / (labels != 255).sum())
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_reference_matches_a_float64_formula(align_corners):
+    """The CPU fallback against the loss written out in float64: bilinear64, then -log softmax at the
+    label, ignored pixels 0, summed, over all pixels ("mean") or the valid ones ("mean_valid")."""
+    logits = 3 * torch.randn(2, 4, 3, 5, device=DEVICE, dtype=torch.float64)
+    labels = make_labels(2, 4, (7, 9))
+    z = bilinear64(logits, (7, 9), align_corners)
+    valid = labels != 255
+    picked = z.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0] - z.exp().sum(1).log()
+    total = -(picked * valid).sum()
+    for dtype in (torch.float64, torch.float32):
+        tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else LOSS_TOL[dtype]
+        for reduction, denominator in (("mean", labels.numel()), ("mean_valid", valid.sum()), ("sum", 1)):
+            loss = upsample_cross_entropy_reference(logits.to(dtype), labels, align_corners=align_corners,
+                                                    reduction=reduction)
+            assert_close(loss, total / denominator, tol, f"{dtype} {reduction}")
 
 
 @pytest.mark.reference_fallback
 def test_reference_dispatch(monkeypatch):
-    # without CUDA or the interpreter, upsample_cross_entropy runs the reference (same semantics)
-    monkeypatch.setattr(ce, "use_triton", lambda *tensors: False)
+    # without CUDA or the interpreter, upsample_cross_entropy runs the reference: the kernel's values
     x = torch.randn(1, 2, 4, 4, device=DEVICE, requires_grad=True)
     labels = make_labels(1, 2, (8, 8))
-    loss = upsample_cross_entropy(x, labels, reduction="mean_valid")
-    assert torch.equal(loss, upsample_cross_entropy_reference(x, labels, reduction="mean_valid"))
-    loss.backward()
-    assert x.grad is not None
+    kernel = upsample_cross_entropy(x, labels, reduction="mean_valid")
+    monkeypatch.setattr(ce, "use_triton", lambda *tensors: False)
+    fallback = upsample_cross_entropy(x, labels, reduction="mean_valid")
+    assert type(kernel.grad_fn).__name__ == "UpsampleCrossEntropyFunctionBackward"
+    assert type(fallback.grad_fn).__name__ != "UpsampleCrossEntropyFunctionBackward"
+    assert_close(fallback, kernel, LOSS_TOL[torch.float32], "loss")
+    assert_close(torch.autograd.grad(fallback, x)[0], torch.autograd.grad(kernel, x)[0],
+                 dict(atol=1e-6, rtol=1e-4), "dlogits")
+    if DEVICE == "cpu":  # on CUDA a bad label is a device-side assert (test_bad_labels)
+        with pytest.raises(ValueError, match="the first is 7"):
+            upsample_cross_entropy(x, torch.full((1, 8, 8), 7, device=DEVICE))
     if DEVICE == "cpu":  # on CUDA a bad label is a device-side assert (test_bad_labels)
         with pytest.raises(ValueError, match="the first is 7"):
             upsample_cross_entropy(x, torch.full((1, 8, 8), 7, device=DEVICE))

@@ -36,6 +36,7 @@ from setr.data.datasets import DATASETS
 from setr.files import is_hub_id, write_atomic
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "selective", "full")  # train.parallelize.apply_recompute says what each keeps
 
 
 class ConfigError(ValueError):
@@ -94,8 +95,12 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    precision: str = "bf16"  # fp32 | bf16 (FSDP params bf16, reduce fp32) | fp16 (+ grad scaler)
-    activation_checkpointing: bool = False
+    precision: str = "bf16"  # fp32 | bf16 (FSDP params bf16, reduce fp32) | fp16 (+ loss scaling)
+    # none | selective | full (RECOMPUTE). selective by measurement: SETR-PUP b16 bf16 planned per image
+    # (bench/memory_plan.plan with this policy) eager 3.24 -> 3.08, sdpa 2.49 -> 2.19, triton 1.16 -> 0.86
+    # GiB for no extra matmul / conv FLOPs (it re-runs ~160 M elementwise / resize elements per image);
+    # full: 1.72 / 1.72 / 0.39 GiB for +17.5% FLOPs (2948 -> 3464 GFLOP per image, FlopCounterMode)
+    recompute: str = "selective"
     compile: bool = False
     sync_bn: bool = True  # heads' BatchNorm statistics over all ranks (mmseg SyncBN)
 
@@ -326,15 +331,14 @@ SHORT_FLAGS = {
     "lr": "optim.lr", "clip_grad": "optim.clip_grad",
     "max_iters": "schedule.max_iters", "batch_size": "schedule.batch_size",
     "micro_batch_size": "schedule.micro_batch_size",
-    "precision": "parallel.precision", "activation_checkpointing": "parallel.activation_checkpointing",
-    "compile": "parallel.compile",
+    "precision": "parallel.precision", "recompute": "parallel.recompute", "compile": "parallel.compile",
     "ckpt_interval": "checkpoint.interval", "resume": "checkpoint.resume", "overwrite": "checkpoint.overwrite",
     "eval_interval": "eval.interval", "log_interval": "metrics.log_interval",
 }
 # the fields whose value is one of a few names (checked by Config.check_choices)
 CHOICES = {"preset": tuple(PRESETS), "device": ("auto", "cpu", "cuda"), "model.head": HEADS,
            "model.backbone": BACKBONES, "model.impl": IMPLS, "data.dataset": DATASETS,
-           "parallel.precision": PRECISIONS, "eval.mode": ("slide", "whole"),
+           "parallel.precision": PRECISIONS, "parallel.recompute": RECOMPUTE, "eval.mode": ("slide", "whole"),
            "metrics.progress_bar": ("auto", "on", "off"), "data.on_bad_sample": ("error", "skip")}
 
 
@@ -412,6 +416,17 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+class _Replaced(argparse.Action):
+    """A flag that is gone: a usage error naming what replaced it."""
+
+    def __init__(self, option_strings, dest, replacement, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was replaced by {self.replacement}")
+
+
 def build_parser():
     parser = _Parser(
         prog="train/main.py", description="Train SETR (mmseg's recipe) with FSDP2.", allow_abbrev=False,
@@ -447,6 +462,9 @@ def build_parser():
         if t is bool:
             kw.update(nargs="?", const=True)
         parser.add_argument("--" + dotted, **kw)
+    parser.add_argument("--activation-checkpointing", "--parallel.activation_checkpointing", nargs="?",
+                        action=_Replaced, replacement="--recompute full (or none | selective)",
+                        help=argparse.SUPPRESS)
     return parser
 
 
@@ -511,7 +529,7 @@ def parse_config(argv=None, cuda_available=None):
 # of its fields. Every other field defines what is trained and must stay.
 RESUME_MAY_CHANGE = ("preset", "work_dir", "device", "deterministic", "notes", "model.impl", "model.pretrained",
                      "data.num_workers", "data.on_bad_sample", "data.max_bad_fraction", "schedule.max_iters",
-                     "schedule.micro_batch_size", "parallel.activation_checkpointing", "parallel.compile",
+                     "schedule.micro_batch_size", "parallel.recompute", "parallel.compile",
                      "checkpoint", "eval.interval", "eval.at_end", "eval.max_samples", "metrics", "profiler")
 
 

@@ -1,10 +1,11 @@
 """Distributed setup (process group; how long ranks and data workers live, so that a job never
-outlives a failure) and model parallelization: synchronized BatchNorm, activation checkpointing,
+outlives a failure) and model parallelization: synchronized BatchNorm, the recompute policy,
 torch.compile and FSDP2, applied in that order (the model code itself has no parallelism).
 
     model = build_setr(...)                 # plain module, the same init on every rank (seeded)
-    parallelize(model, cfg, mesh)           # SyncBN -> AC per block -> compile per block
-                                            #   -> fully_shard per block, backbone rest, heads, root
+    parallelize(model, cfg, mesh)           # SyncBN -> recompute (selective, or AC per block)
+                                            #   -> compile per block
+                                            #   -> fully_shard per block, patch embed, heads, root
 """
 import ctypes
 import datetime
@@ -186,17 +187,24 @@ def data_worker_init(parent_pid, _worker_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# AC, compile, FSDP2
+# Recompute, compile, FSDP2
 # ----------------------------------------------------------------------------------------------
 
-def apply_activation_checkpointing(model):
-    """Recompute each transformer block's activations in backward (memory for compute)."""
+def apply_recompute(model, policy):
+    """The memory policy (train.config.RECOMPUTE), for every impl; the gradients are the same:
+    none       autograd keeps what it keeps
+    selective  the blocks' GELU and pre-attention LayerNorm outputs and the Naive / PUP heads'
+               upsampled conv inputs are recomputed in the backward (SETR.set_recompute)
+    full       selective in the heads, and each transformer block checkpointed whole: it keeps only
+               its input and runs its forward again in the backward"""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    layers = model.backbone.layers
-    for i, block in enumerate(layers):
-        block.recompute = False  # the whole block is recomputed: no selective recompute inside it
-        layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    model.set_recompute("none" if policy == "none" else "selective")
+    if policy == "full":
+        layers = model.backbone.layers
+        for i, block in enumerate(layers):
+            block.recompute = False  # the whole block is recomputed: no selective recompute inside it
+            layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model):
@@ -208,7 +216,7 @@ def apply_compile(model):
 
 def apply_fsdp(model, mesh, precision):
     """FSDP2: one unit per transformer block, one for the patch embedding, one for neck + decode
-    head + auxiliary heads, then the root (cls token and pos embed: small, kept gathered).
+    head + each auxiliary head, then the root (cls token and pos embed: small, kept gathered).
     bf16 / fp16: parameters cast for compute, gradients reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -223,7 +231,9 @@ def apply_fsdp(model, mesh, precision):
     for block in model.backbone.layers:
         fully_shard(block, **kw)
     fully_shard(model.backbone.patch_embed, **kw)
-    heads = [m for m in (model.neck, model.decode_head, model.auxiliary_head)
+    # the modules that run forward themselves (not the aux heads' ModuleList: FSDP hooks a unit's
+    # forward, and a module that never runs one leaves its group without pre-backward / reshard)
+    heads = [m for m in (model.neck, model.decode_head, *model.auxiliary_head)
              if m is not None and any(True for _ in m.parameters())]
     if precision != "fp32":
         # BatchNorm keeps float32 weights beside its float32 running statistics (PyTorch's kernels
@@ -238,11 +248,10 @@ def apply_fsdp(model, mesh, precision):
 
 
 def parallelize(model, cfg, mesh):
-    """Apply, in this order: SyncBN (heads), activation checkpointing, compile, FSDP2."""
+    """Apply, in this order: SyncBN (heads), the recompute policy, compile, FSDP2."""
     if cfg.parallel.sync_bn:
         model = sync_batchnorm(model, mesh.device_type)
-    if cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_recompute(model, cfg.parallel.recompute)
     if cfg.parallel.compile:
         apply_compile(model)
     apply_fsdp(model, mesh, cfg.parallel.precision)

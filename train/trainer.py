@@ -1,14 +1,6 @@
-"""The training loop: build, resume, train_step (top to bottom), evaluate, checkpoint, export.
-
-Loss normalization. The model returns, per micro-batch, mmseg's loss: cross-entropy summed over
-the micro-batch's label pixels (ignored ones count 0) and divided by all of its label pixels.
-Every micro-batch has the same size, so dividing each by the number of accumulation steps and
-letting FSDP average the gradients over ranks gives the gradient of the mean loss over the
-global batch: the same as one process holding the whole batch (crops are equal-sized and
-padding pixels count in the denominator, as in mmseg).
-"""
+"""The training loop: build, resume, train (top to bottom), evaluate, checkpoint, export.
+The optimizer step itself is train.step.train_step; the loop reads its results."""
 import functools
-import math
 import os
 import signal
 import time
@@ -24,8 +16,8 @@ from setr.inference import evaluate
 from train.checkpoint import Checkpointer, DamagedCheckpoint, resolve_resume
 from train.flops import model_flops_utilization, peak_flops
 from train.logger import BadSamples, MetricWindow, dump_memory_snapshot, format_duration, max_memory_gib
-from train.optim import PolyLR, sgd
 from train.parallelize import DTYPES, data_worker_init
+from train.step import build_step_state, train_step
 
 MAX_SKIPPED_IN_A_ROW = 20
 
@@ -47,17 +39,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in eval_model.parameters())
         self.flops_per_image = 3 * eval_model.forward_flops(*cfg.data.crop_size)  # forward + backward
 
-        o, s = cfg.optim, cfg.schedule
-        self.optimizer = sgd(self.model, o)
-        self.scheduler = PolyLR(self.optimizer, s.max_iters, s.poly_power, s.min_lr)
-        self.scaler = None
-        if cfg.parallel.precision == "fp16":
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            self.scaler = ShardedGradScaler(device=device.type)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.bn_buffers = [b for mod in self.model.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
-                           for b in (mod.running_mean, mod.running_var, mod.num_batches_tracked) if b is not None]
+        self.state = build_step_state(cfg, model, device)  # optimizer, schedule, fp16 loss scaler
         self.checkpointer = Checkpointer(cfg.work_dir, cfg.checkpoint.keep_last)
 
         self.iteration = 0
@@ -87,7 +69,7 @@ class Trainer:
             f"{cfg.schedule.min_lr}, clip {cfg.optim.clip_grad or 'off'}",
             f"parallel: FSDP2 over {self.world_size} {self.device.type} rank(s) "
             f"({dist.get_backend()}), precision {cfg.parallel.precision}, SyncBN "
-            f"{'on' if cfg.parallel.sync_bn else 'off'}, AC {'on' if cfg.parallel.activation_checkpointing else 'off'}, "
+            f"{'on' if cfg.parallel.sync_bn else 'off'}, recompute {cfg.parallel.recompute}, "
             f"compile {'on' if cfg.parallel.compile else 'off'}",
         ]
         return "\n".join(lines)
@@ -103,9 +85,9 @@ class Trainer:
                               stride=list(cfg.eval.stride), scale=list(cfg.eval.scale)))
 
     def checkpoint_meta(self):
-        return {"model": self.identity, "scheduler": self.scheduler.state_dict(),
+        return {"model": self.identity, "scheduler": self.state.scheduler.state_dict(),
                 "data_position": self.iteration * self.global_batch,
-                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "scaler": self.state.scaler.state_dict() if self.state.scaler else None,
                 "best": self.best, "last": self.last, "skipped_total": self.skipped_total,
                 "bad_samples": self.bad_samples.count(), "export": self.model_meta(),
                 "config": self.cfg.to_dict()}
@@ -120,16 +102,16 @@ class Trainer:
             return
         for i, path in enumerate(candidates):
             try:
-                meta = self.checkpointer.load(path, self.model, self.optimizer, self.identity)
+                meta = self.checkpointer.load(path, self.model, self.state.optimizer, self.identity)
                 break
             except DamagedCheckpoint as e:
                 if i + 1 == len(candidates):
                     raise DamagedCheckpoint(f"{e}; no other complete checkpoint to resume from") from None
                 self.log.warning(f"{e}: resuming from the older {candidates[i + 1]} instead")
         self.iteration = int(meta["iteration"])
-        self.scheduler.load_state_dict(meta["scheduler"])
-        if self.scaler and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
+        self.state.scheduler.load_state_dict(meta["scheduler"])
+        if self.state.scaler and meta.get("scaler"):
+            self.state.scaler.load_state_dict(meta["scaler"])
         self.best, self.last = meta.get("best", self.best), meta.get("last", self.last)
         self.skipped_total = meta.get("skipped_total", 0)
         self.bad_samples.restored = meta.get("bad_samples", 0)
@@ -161,74 +143,6 @@ class Trainer:
             for path, problem in bad:
                 self.bad_samples.note(path, problem)
         return micro_batches
-
-    # ---------------------------------------------------------------------------------------------
-    def train_step(self, micro_batches):
-        """One optimizer step on this rank's micro-batches [(images, labels), ...].
-
-        Returns the global mean loss terms, grad norm, lr and whether the step was applied."""
-        model, opt, scaler = self.model, self.optimizer, self.scaler
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        bn_state = [b.clone() for b in self.bn_buffers]  # restored if the step is skipped
-
-        # 1. forward + backward per micro-batch; FSDP reduce-scatters (averages over ranks) each time
-        terms = {}
-        for images, labels in micro_batches:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            losses = model(images, labels)  # {"decode": ..., "aux0": 0.4 * ..., ...}
-            loss = sum(losses.values()) / self.accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in losses.items():
-                terms[k] = terms.get(k, 0.0) + v.detach().float() / self.accum_steps
-
-        # 2. global grad norm (gradients are sharded DTensors: the norm is over all shards)
-        if scaler:
-            scaler.unscale_(opt)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-
-        # 3. one all-reduce: loss terms averaged over ranks, non-finite count, stop request
-        local = torch.stack(list(terms.values()))
-        nonfinite = (~torch.isfinite(local)).any().float()
-        stop = torch.tensor(float(self.stop_signal is not None), device=local.device)
-        packed = torch.cat([local, nonfinite[None], stop[None]])
-        dist.all_reduce(packed)
-        values = torch.cat([packed, grad_norm.reshape(1).to(packed.dtype)]).tolist()  # the step's one host sync
-        k = len(terms)
-        mean_terms = {name: v / self.world_size for name, v in zip(terms, values[:k])}
-        nonfinite_loss, stop = values[k] > 0, values[k + 1] > 0
-        grad_norm = values[k + 2]
-        lr = self.scheduler.get_last_lr()
-
-        # 4. step, unless something is not finite (reported by the caller, never applied silently)
-        applied = False
-        if not nonfinite_loss and (math.isfinite(grad_norm) or scaler):
-            if self.cfg.optim.clip_grad > 0 and math.isfinite(grad_norm):
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.clip_grad,
-                                                     torch.tensor(grad_norm, device=grads[0].device))
-            if scaler:
-                scale = scaler.get_scale()
-                scaler.step(opt)
-                scaler.update()
-                applied = scaler.get_scale() >= scale  # the scaler backs off when it skipped
-            else:
-                opt.step()
-                applied = True
-        elif scaler:  # unscale_ ran: close the scaler's iteration, backing off as for an overflow
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        if not applied:  # the forward's BatchNorm statistics are not kept either
-            with torch.no_grad():
-                for b, saved in zip(self.bn_buffers, bn_state):
-                    b.copy_(saved)
-        opt.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        loss = sum(mean_terms.values())
-        return {"loss": loss, "terms": mean_terms, "grad_norm": grad_norm, "lr": lr, "applied": applied,
-                "stop": stop}
 
     # ---------------------------------------------------------------------------------------------
     def sync_eval_model(self):
@@ -267,7 +181,7 @@ class Trainer:
         return res
 
     def save_checkpoint(self):
-        path, seconds = self.checkpointer.save(self.iteration, self.model, self.optimizer, self.checkpoint_meta())
+        path, seconds = self.checkpointer.save(self.iteration, self.model, self.state.optimizer, self.checkpoint_meta())
         self.last_saved = self.iteration
         self.log.info(f"checkpoint {path} ({seconds:.1f}s)")
         self.log.event("checkpoint", self.iteration, {"path": path, "seconds": seconds})
@@ -302,7 +216,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro_batches = self.next_micro_batches(loader)
                 t1 = time.perf_counter()
-                out = self.train_step(micro_batches)
+                out = train_step(self.state, micro_batches, stop=self.stop_signal is not None)
                 self.iteration += 1
                 window.add(out, t1 - t0, time.perf_counter() - t0)
                 self._count_skipped(out)
