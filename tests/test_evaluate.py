@@ -76,6 +76,17 @@ def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341, nu
     return F.interpolate(preds / count, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
+def label_ties(got, logits, where):
+    """Check a label map against mmseg_test_pipeline's logits: equal wherever the answer is defined,
+    another class only where it ties the best logit (within TIE). Returns the number of ties."""
+    ref, best = logits.argmax(dim=0).numpy(), logits.max(dim=0).values
+    assert got.shape == ref.shape, where
+    differ = torch.from_numpy(got != ref)
+    chosen = logits.gather(0, torch.from_numpy(got).long()[None])[0]
+    assert (best - chosen)[differ].le(TIE).all(), (where, int(differ.sum()))
+    return int(differ.sum())
+
+
 def test_label_maps_equal_mmseg_test_pipeline_on_ade20k(ade_root, mmseg_pup, tmp_path, capsys):
     ckpt, model = mmseg_pup
     images = [os.path.join(ade_root, "images", "validation", f"{n}.jpg") for n in ADE_NAMES]
@@ -86,17 +97,10 @@ def test_label_maps_equal_mmseg_test_pipeline_on_ade20k(ade_root, mmseg_pup, tmp
     ties = 0
     for name, path in zip(ADE_NAMES, images):
         logits = mmseg_test_pipeline(model, path)
-        ref, best = logits.argmax(dim=0).numpy(), logits.max(dim=0).values
         for folder in ("pred", "eval"):
             png = Image.open(tmp_path / folder / f"{name}_label.png")
             assert png.mode == "P" and tuple(png.getpalette()[3:6]) == ADE20K_PALETTE[1]
-            got = np.array(png)
-            assert got.shape == ref.shape, (name, folder)
-            # equal wherever the answer is defined; elsewhere another class tied with the best
-            differ = torch.from_numpy(got != ref)
-            chosen = logits.gather(0, torch.from_numpy(got).long()[None])[0]
-            assert (best - chosen)[differ].le(TIE).all(), (name, folder, int(differ.sum()))
-            ties += int(differ.sum())
+            ties += label_ties(np.array(png), logits, (name, folder))
     assert ties <= 10  # ties are rare: a handful of the ~3 x 2 x 10^5 pixels
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["num_images"] == 3 and len(metrics["IoU"]) == 150 and metrics["class_names"][0] == "wall"
