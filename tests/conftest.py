@@ -1,17 +1,14 @@
 import importlib
 import os
-import signal
-import subprocess
-import time
 
 import torch
 
-# The interpreter must be switched on before triton is imported anywhere. With CUDA the kernels
-# compile for the GPU, and the kernel tests put their tensors on it.
+# Without CUDA the kernel tests run our kernels through Triton's interpreter (read at each launch);
+# with CUDA the kernels compile for the GPU, and the kernel tests put their tensors on it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 SHARED = os.path.normpath(SHARED)
@@ -72,32 +69,3 @@ def kernels_not_references(request, monkeypatch):
             return True
 
         monkeypatch.setattr(module, "use_triton", strict)
-
-
-def run_process_group(cmd, timeout, what, **popen_kwargs):
-    """Run `cmd` in a session of its own; (returncode, stdout, stderr). Past `timeout` seconds its
-    whole process group is killed and the test fails; after it ends, no process of the group may
-    be left (a few seconds' grace for helpers such as multiprocessing's resource tracker)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **popen_kwargs)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{what} did not finish in {timeout} s")
-    deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _group_alive(proc.pid):
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"a process of {what} was still alive after it ended")
-    return proc.returncode, stdout, stderr
-
-
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False

@@ -1,4 +1,4 @@
-"""Training jobs for the process tests (test_faults.py, test_elastic.py): started in a session
+"""Jobs for the process tests (training, evaluation, a data worker): started in a session
 of their own with a unique marker in their environment, failed (instead of hung) past a timeout,
 every process carrying the marker killed, and checked that none is left.
 
@@ -115,6 +115,24 @@ def finish(proc, marker, timeout):
     finally:
         assert_nothing_left(marker)
     return proc.returncode, out
+
+
+def run(command, timeout, cwd=REPO, **env):
+    """(exit status, stdout, stderr) of any command run to its end in a session of its own, with
+    the jobs' environment (env: extra variables); fails past the timeout; nothing may be left."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(command, env=job_env(marker, **env), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        kill_all(marker)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, command))[:200]} did not end within {timeout}s:\n{(out + err)[-4000:]}")
+    finally:
+        assert_nothing_left(marker)
+    return proc.returncode, out, err
 
 
 def run_job(command, timeout=60):

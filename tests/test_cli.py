@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import run_process_group
+from jobs import kill_leftovers, run  # noqa: F401 (kill_leftovers is a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "triton", "huggingface_hub", "matplotlib")
@@ -86,7 +86,5 @@ def test_data_workers_import_neither_triton_nor_huggingface_hub(tmp_path):
     only what the samples and the worker_init_fn need."""
     script = tmp_path / "worker_imports.py"
     script.write_text(WORKER_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    code, stdout, stderr = run_process_group([sys.executable, str(script)], 180, "a DataLoader with a spawned worker",
-                                             cwd=tmp_path, env=env)
+    code, stdout, stderr = run([sys.executable, str(script)], 180, cwd=tmp_path)
     assert code == 0 and stdout.strip() == "ok", stderr[-3000:]

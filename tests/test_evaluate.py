@@ -15,10 +15,9 @@ import setr
 from setr.data.ade20k import ADE20K_PALETTE
 from setr.evaluate import main
 from setr.predict import main as predict_main
-from conftest import run_process_group
+from jobs import kill_leftovers, run  # noqa: F401 (kill_leftovers is a fixture)
 from test_data import ade_root, shared_data  # noqa: F401 (ade_root is a fixture)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADE_NAMES = ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
 # a tie: the top two logits closer than float32 rounding of a batched against a one-window forward
 # (measured: 1e-7 on torch 2.11); a class within TIE of the best one is an equally right answer
@@ -143,10 +142,9 @@ def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
     common = ["--checkpoint", ckpt, "--dataset", "folder", "--data-root", camvid_root, "--max-samples", "5",
               "--num-workers", "0", "--save-predictions", "--device", "cpu"]
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "setr.evaluate"] + common + ["--out", str(tmp_path / "two")]
-    code, output, errors = run_process_group(cmd, 180, "the 2-process evaluation", env=env, cwd=REPO)
+    code, output, errors = run(cmd, 180)
     assert code == 0, (output + errors)[-3000:]
     one = json.load(open(tmp_path / "one" / "metrics.json"))
     two = json.load(open(tmp_path / "two" / "metrics.json"))

@@ -171,8 +171,7 @@ class Config:
 
     def validate(self, world_size=1):
         """Raise ConfigError naming the first field that cannot work."""
-        m, d, o, s, p, c, e = self.model, self.data, self.optim, self.schedule, self.parallel, \
-            self.checkpoint, self.eval
+        m, d, o, s, c, e = self.model, self.data, self.optim, self.schedule, self.checkpoint, self.eval
         self.check_choices()
         if m.num_classes < 2:
             raise ConfigError(f"model.num_classes (--num-classes) must be >= 2, got {m.num_classes}")
