@@ -293,7 +293,7 @@ def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=
 _cityscapes = dict(dataset="cityscapes", batch_size=8, crop=768, scale=(2049, 1025))
 # fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: batch 16, crops of 480
 # from (520, 520), 60 classes (background included, as the paper scores them). The models are
-# mmseg's, as for ADE20K (the SETR repository's own heads differ: ref/setr_spec.md section 11).
+# mmseg's, as for ADE20K (the SETR repository's own heads differ in detail).
 _pascal_context = dict(dataset="pascal_context", batch_size=16, crop=480, scale=(520, 520))
 
 PRESETS = {
