@@ -18,9 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.distributed.run import get_args_parser
-
 import torch.distributed as dist
+from torch.distributed.run import get_args_parser
 
 from jobs import (MAIN, REPO, TORCHRUN, finish, kill_leftovers, python_main, rank_pid, run_job,  # noqa: F401
                   start, torchrun, train_losses, train_records, wait_for_iterations)
