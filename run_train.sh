@@ -8,7 +8,9 @@
 #   MAX_RESTARTS=3 ./run_train.sh --head pup --data-root ... --resume auto   # survive 3 failed ranks
 #
 # Multi-node: run on every node with NNODES=<nodes> RDZV_ENDPOINT=<host of node 0>:29500
-# (c10d rendezvous; the --work-dir must be on storage all nodes share).
+# (c10d rendezvous; the --work-dir must be on storage all nodes share), and LOCAL_ADDR=<this node's
+# address> where hostnames do not resolve between the nodes (torchrun's --local_addr: the ranks
+# reach the store of the job's node 0 at that node's address, else at its hostname).
 set -euo pipefail
 LAUNCH="$(dirname "$0")/train/launch.py"  # relative paths in the arguments stay relative to the caller
 
@@ -22,6 +24,7 @@ export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 if [ "$NNODES" -gt 1 ]; then
     : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous (node 0) for a multi-node run}"
     exec python "$LAUNCH" --nnodes="$NNODES" --nproc_per_node="$NGPU" --max-restarts="${MAX_RESTARTS:-0}" \
-        --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-setr}" "$@"
+        --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-setr}" \
+        ${LOCAL_ADDR:+--local_addr="$LOCAL_ADDR"} "$@"
 fi
 exec python "$LAUNCH" --standalone --nproc_per_node="$NGPU" --max-restarts="${MAX_RESTARTS:-0}" "$@"

@@ -3,11 +3,12 @@ of their own with a unique marker in their environment, failed (instead of hung)
 every process carrying the marker killed, and checked that none is left.
 
     proc, marker = start(torchrun(2) + args)      # or setr_train(2), python_main(), any command
-    wait_for_iterations(work_dir, proc, 3)
+    wait_for_iterations(work_dir, proc, 3)         # or read_line(proc, timeout=30)
     code, out = finish(proc, marker, timeout=60)  # exit status and output; nothing may be left
 """
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -115,6 +116,14 @@ def finish(proc, marker, timeout):
     finally:
         assert_nothing_left(marker)
     return proc.returncode, out
+
+
+def read_line(proc, timeout):
+    """The next line of a started job's output; fails past the timeout (the job keeps running:
+    finish() ends it)."""
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        pytest.fail(f"no output from the job within {timeout}s")
+    return proc.stdout.readline()
 
 
 def run(command, timeout, cwd=REPO, **env):

@@ -1,30 +1,22 @@
 """What the command lines and the data workers import: `--help` is answered before torch loads, and a
 DataLoader worker imports neither triton nor huggingface_hub (it needs neither)."""
-import os
-import subprocess
 import sys
 import textwrap
 
-from jobs import kill_leftovers, run  # noqa: F401 (kill_leftovers is a fixture)
+from jobs import REPO, kill_leftovers, run  # noqa: F401 (kill_leftovers is a fixture)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "triton", "huggingface_hub", "matplotlib")
 
 
-def _python(code, cwd, timeout=120):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def test_help_is_answered_before_torch_is_imported(tmp_path):
-    """predict, evaluate, plot, `python train/main.py` and setr-train (train.main:run): --help parsed
-    and printed, and none of torch / triton / huggingface_hub / matplotlib imported."""
-    out = _python(f"""
+    """predict, evaluate, plot, `python train/main.py` and setr-train (train.launch:run, which names
+    itself and shows the training flags): --help parsed and printed, and none of torch / triton /
+    huggingface_hub / matplotlib imported."""
+    code, stdout, stderr = run([sys.executable, "-c", textwrap.dedent(f"""
         import contextlib, io, runpy, sys
         from setr.evaluate import main as evaluate
         from setr.predict import main as predict
-        from train.main import run as setr_train
+        from train.launch import run as setr_train
         from train.plot import main as plot
 
         def help_of(call):
@@ -42,13 +34,15 @@ def test_help_is_answered_before_torch_is_imported(tmp_path):
         pages.append(help_of(setr_train))
         sys.argv = ["train/main.py", "--help"]
         pages.append(help_of(lambda: runpy.run_path("{REPO}/train/main.py", run_name="__main__")))
-        assert all(page.startswith("usage: ") for page in pages), pages
-        assert "--checkpoint" in pages[0] and "--dataset" in pages[1] and "--preset" in pages[3]
-        assert pages[3] == pages[4]
+        header, launcher = pages[3].split("\\n\\n", 1)
+        assert header.startswith("setr-train [torchrun options") and launcher.startswith("usage: setr-train "), pages[3]
+        assert all(page.startswith("usage: ") for page in pages[:3] + pages[4:]), pages
+        assert "--checkpoint" in pages[0] and "--dataset" in pages[1] and "--preset" in pages[4]
+        assert launcher.split() == pages[4].replace("train/main.py", "setr-train").split()  # (usage wrapped anew)
         print(sorted(m for m in {HEAVY} if m in sys.modules))
-        """, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", out.stdout
+        """)], 120, cwd=tmp_path)
+    assert code == 0, stderr
+    assert stdout.strip() == "[]", stdout
 
 
 WORKER_SCRIPT = """

@@ -1,9 +1,11 @@
-"""Command-line config: defaults shown by --help, dataset-driven class counts, the demo preset's notes."""
+"""Command-line config: defaults shown by --help, dataset-driven class counts, the demo preset's notes,
+what a resumed run may change."""
 import argparse
+import json
 
 import pytest
 
-from train.config import SHORT_FLAGS, ConfigError, build_parser, parse_config
+from train.config import SHORT_FLAGS, ConfigError, build_parser, config_differences, parse_config
 
 
 def test_help_shows_a_default_for_every_flag():
@@ -49,3 +51,17 @@ def test_choices_are_checked_once_for_flags_and_fields(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--preset", "pup_b4"], cuda_available=True)
     assert "unknown preset 'pup_b4'" in capsys.readouterr().err
+
+
+def test_resume_compares_a_field_an_older_config_lacks_with_its_default():
+    """A config.json written before model.aux_num_convs existed trained 2-conv auxiliary heads (its
+    default): naive_cityscapes' 1-conv heads differ from them. data.root and parallel.recompute may
+    change."""
+    cfg = parse_config(["--preset", "naive_cityscapes", "--data-root", "/data/cityscapes"], cuda_available=True)
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    del saved["model"]["aux_num_convs"]
+    saved["data"]["root"], saved["parallel"]["recompute"] = "/staged/job-17/cityscapes", "full"
+    saved["parallel"]["gone_field"] = 1  # a field this version no longer has: ignored
+    assert config_differences(saved, cfg) == [("model.aux_num_convs", 2, 1)]
+    cfg.model.aux_num_convs = 2
+    assert config_differences(saved, cfg) == []

@@ -4,6 +4,7 @@ bit as an uninterrupted run; a checkpoint resumes on another world size; setr-tr
 
 Every job runs with tests/jobs.py: a timeout that fails the test instead of hanging, and a check
 that no process of the job is left. One uninterrupted 2-rank run is the reference of all of them."""
+import datetime
 import json
 import os
 import random
@@ -17,11 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.run import get_args_parser
 
 from jobs import (MAIN, REPO, TORCHRUN, finish, kill_leftovers, python_main, rank_pid, run_job,  # noqa: F401
                   start, torchrun, train_losses, train_records, wait_for_iterations)
-from train import launch
+from train import launch, parallelize
 from train.config import ConfigError, config_differences, parse_config
 
 # The demo model on 32 synthetic images, 12 iterations, checkpoints at 6 and 12.
@@ -94,6 +96,20 @@ def test_resume_on_another_world_size(reference, tmp_path):
     assert sorted(ours) == list(range(7, 13))
     for i in ours:  # world sizes 1 and 2 sum in another order: equal to float32 rounding
         assert ours[i] == pytest.approx(theirs[i], rel=1e-4), (i, ours[i], theirs[i])
+
+
+def test_a_new_attempt_deletes_the_nccl_dump_signal_a_failed_one_left(monkeypatch):
+    """NCCL keeps its flight-recorder dump signal in the root of torchrun's store, which outlives
+    the attempts: rank 0 of a new attempt deletes it before any rank can make its group, and
+    every attempt gets a new name."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "nccl-test")
+    store, timeout = dist.HashStore(), datetime.timedelta(seconds=5)
+    first = parallelize._attempt_name(store, 0, 1, timeout)
+    store.set("exception_dump", b"\x01\x00\x00\x00")  # what a rank whose collective timed out sets
+    store.set(f"{first}/exception_dump", b"")  # a key in the attempt's namespace stays
+    second = parallelize._attempt_name(store, 0, 1, timeout)
+    assert second != first and not store.check(["exception_dump"]) and store.check([f"{first}/exception_dump"])
+    assert parallelize.NCCL_ROOT_KEYS == ("exception_dump",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +185,7 @@ def test_setr_train_parses_once_and_refuses_abbreviations(capsys, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         launch.main(["--standalone", "--nproc-per-node=2", "--head", "pup", "--max-iter", "5"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("unrecognized arguments: --max-iter 5") == 1, err
+    assert stop.value.code == 2 and err.count("setr-train: error: unrecognized arguments: --max-iter 5") == 1, err
     assert launch.split_argv(["--nnodes", "2", "--max_restarts=3", "--standalone", "--head", "pup", "-m", "x"],
                              get_args_parser()) == (["--nnodes", "2", "--max_restarts=3", "--standalone"],
                                                   ["--head", "pup", "-m", "x"])
@@ -180,14 +196,31 @@ def test_setr_train_parses_once_and_refuses_abbreviations(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
-def test_setr_train_exits_with_the_status_of_the_rank_that_failed_first():
+def test_setr_train_exits_with_the_status_of_the_rank_of_its_node_that_failed_first():
+    """Echoes of another rank's failure: SIGTERM or 143 (torchrun stops the other ranks) beside
+    another failure or on a multi-node job, SIGKILL later than the node's first failure (torchrun's,
+    30 s after its SIGTERM). Exit 1 decides only when no other status does."""
     def failure(code, at):
         return SimpleNamespace(exitcode=code, timestamp=at, pid=100 + at)
 
-    assert launch.exit_status({0: failure(1, 5), 1: failure(2, 6)}) == (2, None)  # 1: an echo of rank 1's error
-    assert launch.exit_status({0: failure(1, 5), 1: failure(1, 6)}) == (1, None)
-    assert launch.exit_status({0: failure(143, 7), 1: failure(-9, 6)}) == (137, "setr-train: rank 1 (pid 106) "
-                                                                                 "was killed by SIGKILL")
+    def status(several_nodes, *failures):
+        return launch.exit_status(dict(enumerate(failures)), several_nodes)
+
+    killed = "setr-train: rank {} (pid {}) was killed by SIG{}".format
+    for several in (False, True):
+        assert status(several, failure(1, 5), failure(2, 6), failure(-15, 6)) == (2, None)
+        assert status(several, failure(143, 7), failure(-9, 6)) == (137, killed(1, 106, "KILL"))  # the OOM killer
+        assert status(several, failure(1, 5), failure(-9, 5)) == (137, killed(1, 105, "KILL"))
+        assert status(several, failure(-11, 5), failure(-15, 5)) == (139, killed(0, 105, "SEGV"))
+        assert status(several, failure(1, 5), failure(-15, 5), failure(-9, 36)) == (1, None)  # the rank says why
+    # one node, nothing but SIGTERMs: the ranks were signalled from outside
+    assert status(False, failure(143, 5), failure(143, 5)) == (143, None)
+    assert status(False, failure(-15, 5)) == (143, killed(0, 105, "TERM"))
+    # several nodes: a node whose ranks torchrun only stopped says so
+    elsewhere = ("setr-train: torchrun stopped the ranks of this node ({}) because a rank on another node failed; "
+                 "the setr-train of that node reports it").format
+    assert status(True, failure(-15, 5)) == (1, elsewhere("0"))
+    assert status(True, failure(143, 5), failure(-15, 5), failure(-9, 36)) == (1, elsewhere("0, 1, 2"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,6 +250,7 @@ def test_documented_commands_each_use_their_own_work_dir(monkeypatch):
     dir are the same run (one may resume the other): e.g. the CamVid example is not the demo's."""
     commands = _documented_training_flags()
     assert len(commands) >= 10 and any("camvid" in c for c, _ in commands)
+    valid = set()
     for cuda in (False, True):
         runs = {}
         for command, flags in commands:
@@ -226,10 +260,12 @@ def test_documented_commands_each_use_their_own_work_dir(monkeypatch):
                     m.setattr(os.path, name, lambda _path: True)
                 try:
                     cfg.validate()
-                except ConfigError:
+                except ConfigError:  # a GPU command (--data-root) on the CPU demo preset, or the reverse
                     continue
+            valid.add(command)
             runs.setdefault(os.path.normpath(cfg.work_dir), []).append((command, cfg))
         for same_dir in runs.values():
             (first, cfg), *others = same_dir
             for command, other in others:
                 assert not config_differences(json.loads(json.dumps(cfg.to_dict())), other), (first, command)
+    assert [command for command, _ in commands if command not in valid] == []  # each one valid somewhere

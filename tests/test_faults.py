@@ -8,10 +8,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -26,7 +24,7 @@ from train import checkpoint as ckpt
 from train.logger import BadSamples
 from train.main import main
 
-from jobs import (REPO, children, finish, job_env, job_pids, kill_leftovers, python_main, rank_pid,  # noqa: F401
+from jobs import (children, finish, job_pids, kill_leftovers, python_main, rank_pid, read_line,  # noqa: F401
                   run_job, setr_train, start, torchrun, train_losses, train_records, wait_for_iterations)
 
 NUM_CLASSES = 4
@@ -179,17 +177,22 @@ def test_a_killed_launcher_leaves_no_process(tmp_path, how, launcher):
 
 
 @pytest.mark.parametrize("how, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signals_checkpoint_and_exit_128_plus_signal(tmp_path, how, status):
+def test_stop_signals_checkpoint_and_exit_128_plus_signal(tmp_path, capsys, how, status):
     """A plain process with a data worker: Ctrl-C (SIGINT to the whole foreground process group,
-    workers included) or SIGTERM: final checkpoint, then exit 130 / 143."""
+    workers included) or SIGTERM: final checkpoint, then exit 130 / 143; --resume auto continues
+    from that checkpoint."""
     root, work = _dataset(tmp_path), str(tmp_path / "run")
     proc, marker = start(python_main() + ARGS + ["--data-root", root, "--max-iters", "100000", "--ckpt-interval",
                                                  "0", "--work-dir", work])
     wait_for_iterations(work, proc, 2)
     os.killpg(proc.pid, how)  # the process group of the job, as a terminal does
     code, out = finish(proc, marker, timeout=60)
+    stopped = max(train_losses(work))
     assert code == status and f"stopped by {how.name}" in out, out[-3000:]
-    assert ckpt.latest_checkpoint(work).endswith(f"iter_{max(train_losses(work)):08d}")
+    assert ckpt.latest_checkpoint(work).endswith(f"iter_{stopped:08d}")
+    assert _main(tmp_path, "--resume", "auto", "--eval.at_end", "false", "--checkpoint.export", "false",
+                 iters=stopped + 1) == 0  # (the max_iters of a run may change)
+    assert f"at iteration {stopped}:" in capsys.readouterr().out and max(train_losses(work)) == stopped + 1
 
 
 def test_a_data_worker_is_stopped_by_a_plain_kill(tmp_path):
@@ -211,14 +214,12 @@ def test_a_rank_stuck_after_another_rank_failed_exits():
     """The safety net for a rank waiting in a collective that never fails (NCCL across nodes):
     once a rank has reported an error in the launcher's store, the others exit after a grace."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    marker = uuid.uuid4().hex
-    env = dict(job_env(marker), TORCHELASTIC_RUN_ID="fault-test", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
-               RANK="1")
     stuck = ("import time; from train import parallelize; parallelize._attempt = 'setr/fault-test/7'; "
              "parallelize.watch_job(grace=1.0); print('up', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", stuck], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    assert proc.stdout.readline().strip() == "up"
+    proc, marker = start([sys.executable, "-c", stuck], TORCHELASTIC_RUN_ID="fault-test",
+                         TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                         RANK="1")
+    assert read_line(proc, timeout=30).strip() == "up"
     store.add("setr/fault-test/7/errors", 1)  # what a failing rank does before it prints its error
     begin = time.time()
     code, out = finish(proc, marker, timeout=30)
@@ -255,7 +256,11 @@ def test_a_work_dir_holding_a_run_is_never_reused_silently(tmp_path, capsys):
     assert _main(tmp_path, "--resume", "auto", "--num-classes", "5", "--lr", "0.5", "--log-interval", "2") == 2
     err = capsys.readouterr().err  # another run's config: refused, naming what differs (log_interval may)
     assert "has another config (model.num_classes 4 there, 5 here; optim.lr 0.02 there, 0.5 here)" in err, err
-    assert _snapshot(tmp_path / "run") == files
+    newest = ckpt.iteration_dir(str(tmp_path / "run"), 2)  # a checkpoint of another work dir: its meta's config
+    assert _main(tmp_path, "--resume", newest, "--work-dir", str(tmp_path / "new"), "--lr", "0.5") == 2
+    assert f"--resume {newest}: the checkpoint {newest} has another config (optim.lr 0.02 there, 0.5 here)" \
+        in capsys.readouterr().err
+    assert _snapshot(tmp_path / "run") == files and not (tmp_path / "new").exists()
     (tmp_path / "run" / "curves.png").write_bytes(b"train.plot's default output")
     assert _main(tmp_path, "--overwrite", "--eval.at_end", "false", iters=1) == 0  # asked: a fresh run
     with open(tmp_path / "run" / "metrics.jsonl") as f:
@@ -278,7 +283,7 @@ def test_a_start_that_fails_before_training_leaves_no_trace(tmp_path, capsys, mo
     _break_image(str(tmp_path / "data"), first)
     assert _main(tmp_path) == 2
     assert "cannot decode image" in capsys.readouterr().err
-    assert not os.listdir(tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # not even created
     _write_sample(str(tmp_path / "data"), "training", first, int(first[1:]))
     assert _main(tmp_path) == 0
 

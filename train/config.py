@@ -24,6 +24,7 @@ each one's default per preset). The resolved config is written to `<work_dir>/co
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -201,6 +202,13 @@ class Config:
         if m.pretrained and not is_hub_id(m.pretrained) and not os.path.isfile(m.pretrained):
             raise ConfigError(f"--pretrained {m.pretrained!r}: no such file (a .safetensors / .pth / .bin file, "
                               f"or timm/<model> from the Hugging Face hub)")
+        if d.dataset == "synthetic" and (len(d.synthetic_size) != 2 or min(d.synthetic_size) < 16):
+            raise ConfigError(f"data.synthetic_size must be two sizes >= 16 (H,W: setr.data.SyntheticSegmentation "
+                              f"draws its shapes at least that large), got {tuple(d.synthetic_size)}")
+        for name, value in (("data.synthetic_train_samples", d.synthetic_train_samples),
+                            ("data.synthetic_val_samples", d.synthetic_val_samples)):
+            if d.dataset == "synthetic" and value < 1:
+                raise ConfigError(f"{name} must be >= 1 (images in the split), got {value}")
         if not 0 <= d.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.num_workers < 0:
@@ -216,10 +224,16 @@ class Config:
             raise ConfigError(f"schedule.micro_batch_size (--micro-batch-size) {s.micro_batch_size} "
                               f"must divide the per-rank batch {per_rank} (= {s.batch_size} / "
                               f"{world_size} ranks)")
-        if o.lr <= 0 or s.min_lr < 0:
-            raise ConfigError(f"optim.lr (--lr) must be > 0 and schedule.min_lr >= 0, got {o.lr}, {s.min_lr}")
-        if o.clip_grad < 0:
-            raise ConfigError(f"optim.clip_grad (--clip-grad) must be >= 0 (0 = off), got {o.clip_grad}")
+        for name, value, expected, ok in (("optim.lr (--lr)", o.lr, "> 0", o.lr > 0),
+                                          ("schedule.min_lr", s.min_lr, ">= 0", s.min_lr >= 0),
+                                          ("optim.clip_grad (--clip-grad, 0 = off)", o.clip_grad, ">= 0",
+                                           o.clip_grad >= 0),
+                                          ("optim.momentum", o.momentum, "in [0, 1)", 0 <= o.momentum < 1),
+                                          ("optim.weight_decay", o.weight_decay, ">= 0", o.weight_decay >= 0),
+                                          ("optim.head_lr_mult", o.head_lr_mult, "> 0", o.head_lr_mult > 0),
+                                          ("schedule.poly_power", s.poly_power, "> 0", s.poly_power > 0)):
+            if not (math.isfinite(value) and ok):  # nan fails every comparison; inf is not finite
+                raise ConfigError(f"{name} must be a finite number {expected}, got {value}")
         for name, value, least in (("metrics.log_interval (--log-interval)", self.metrics.log_interval, 1),
                                    ("eval.interval (--eval-interval, 0 = only at the end)", e.interval, 0),
                                    ("checkpoint.interval (--ckpt-interval, 0 = only at the end)", c.interval, 0),
@@ -426,9 +440,9 @@ class _Replaced(argparse.Action):
         parser.error(f"{option_string} was replaced by {self.replacement}")
 
 
-def build_parser():
+def build_parser(prog="train/main.py"):
     parser = _Parser(
-        prog="train/main.py", description="Train SETR (mmseg's recipe) with FSDP2.", allow_abbrev=False,
+        prog=prog, description="Train SETR (mmseg's recipe) with FSDP2.", allow_abbrev=False,
         epilog="Defaults come from the preset: --head's ADE20K preset on a GPU, 'demo' without one. "
                "Every field has a --section.field flag too (e.g. --optim.momentum 0.8, "
                "--data.synthetic_size 96,128); see train/config.py.")
@@ -479,10 +493,11 @@ def _set(cfg, dotted, value):
     setattr(_get(cfg, ".".join(path)) if path else cfg, leaf, value)
 
 
-def parse_config(argv=None, cuda_available=None):
+def parse_config(argv=None, cuda_available=None, prog="train/main.py"):
     """Preset (chosen as documented above) + CLI overrides -> Config (choices checked, the rest
-    not yet validated). A bad choice is a usage error (exit 2) naming the flag."""
-    parser = build_parser()
+    not yet validated). A bad choice is a usage error (exit 2) naming the flag; prog: the command
+    the usage and errors name."""
+    parser = build_parser(prog)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if cuda_available is None:
         import torch  # after parsing: --help never waits for it
@@ -522,13 +537,15 @@ def parse_config(argv=None, cuda_available=None):
 # Resuming: what a resumed run may change
 # ----------------------------------------------------------------------------------------------
 
-# where and how fast it runs, how often it logs, evaluates and checkpoints, how long it trains (the
-# poly schedule follows a new max_iters from the resumed iteration on) and what it does with bad
-# samples (a run stopped by one resumes with --data.on_bad_sample skip); a section name covers all
-# of its fields. Every other field defines what is trained and must stay.
+# where and how fast it runs (the memory policy --recompute gives the same gradients), where the
+# data lies (clusters stage it to a path of each job), how often it logs, evaluates and
+# checkpoints, how long it trains (the poly schedule follows a new max_iters from the resumed
+# iteration on) and what it does with bad samples (a run stopped by one resumes with
+# --data.on_bad_sample skip); a section name covers all of its fields. Every other field defines
+# what is trained and must stay (model.aux_num_convs too: the auxiliary heads' layers).
 RESUME_MAY_CHANGE = ("preset", "work_dir", "device", "deterministic", "notes", "model.impl", "model.pretrained",
-                     "data.num_workers", "data.on_bad_sample", "data.max_bad_fraction", "schedule.max_iters",
-                     "schedule.micro_batch_size", "parallel.recompute", "parallel.compile",
+                     "data.root", "data.num_workers", "data.on_bad_sample", "data.max_bad_fraction",
+                     "schedule.max_iters", "schedule.micro_batch_size", "parallel.recompute", "parallel.compile",
                      "checkpoint", "eval.interval", "eval.at_end", "eval.max_samples", "metrics", "profiler")
 
 
@@ -552,14 +569,19 @@ def read_saved_config(path):
     return saved
 
 
+def _as_json(cfg):
+    return json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON lists
+
+
 def config_differences(saved, cfg):
     """[(dotted field, value in saved, value in cfg)] for the fields that differ between a saved
-    config (to_dict() as JSON) and cfg, RESUME_MAY_CHANGE left out (and fields only one knows)."""
-    theirs = dict(_flat(saved))
-    ours = dict(_flat(json.loads(json.dumps(cfg.to_dict()))))  # tuples as JSON lists
+    config (to_dict() as JSON) and cfg, RESUME_MAY_CHANGE left out. A field that the saved config
+    lacks (written before the field existed) counts with its default, which keeps the behaviour it
+    had before; a field that only the saved config has is gone and ignored."""
+    theirs = {**dict(_flat(_as_json(Config()))), **dict(_flat(saved))}
+    ours = dict(_flat(_as_json(cfg)))
     free = {name for name in ours if any(name == f or name.startswith(f + ".") for f in RESUME_MAY_CHANGE)}
-    return [(name, theirs[name], value) for name, value in ours.items()
-            if name in theirs and name not in free and theirs[name] != value]
+    return [(name, theirs[name], value) for name, value in ours.items() if name not in free and theirs[name] != value]
 
 
 if __name__ == "__main__":  # print the resolved config

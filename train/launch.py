@@ -4,15 +4,18 @@
     setr-train --standalone --nproc-per-node=2 --head pup                  # the CPU demo, 2 processes
     setr-train --nproc-per-node=8 --max-restarts=3 --head pup --data-root ... --resume auto
     setr-train --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 \\
-        --rdzv-id=setr --head pup --data-root ... --work-dir /shared/runs/pup   # on every node
+        --rdzv-id=setr --local-addr=ADDR --head pup --data-root ... --work-dir /shared/runs/pup   # every node
 
 It runs exactly `torchrun [torchrun options] train/main.py [training flags]` (`torchrun --help`
 lists the options; -m, --no-python and --run-path are not taken), and differs at the ends: the
 training flags are parsed here first, so a usage error is printed once, before any process
-starts; and it exits with the status of the rank that failed first (2 bad input, 130 / 143
-stopped by SIGINT / SIGTERM after the final checkpoint, 1 any other failure; a rank that only
-stopped because a peer failed exits 1, so it decides only when no rank says more), after the
-rank's own one-line error, without torchrun's log lines and ChildFailedError traceback.
+starts (`--help` answers before torch loads); and it exits with the status of the rank of this
+node that failed first (2 bad input, 130 / 143 stopped by SIGINT / SIGTERM after the final
+checkpoint, 1 any other failure; see exit_status for the ranks that only echo another's
+failure), after the rank's own one-line error, without torchrun's log lines and
+ChildFailedError traceback. Each node reports its own ranks: on a multi-node job, the node of
+the rank that failed first gives its status, and a node whose ranks torchrun only stopped says
+that a rank elsewhere failed.
 """
 import os
 import signal
@@ -23,6 +26,7 @@ if __package__ in (None, ""):  # `python train/launch.py` (run_train.sh)
 
 MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
 NOT_TAKEN = ("-h", "--help", "-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path")
+USAGE = "setr-train [torchrun options (torchrun --help)] [training flags, below]"
 
 
 def split_argv(argv, torchrun_parser):
@@ -37,11 +41,35 @@ def split_argv(argv, torchrun_parser):
     return argv[:i], argv[i:]
 
 
-def exit_status(failures):
-    """(status, what to say) from torchrun's {rank: ProcessFailure}: the first failure by time
-    whose status is not 1 (1: probably an echo of a peer's failure), else the first one."""
+def exit_status(failures, several_nodes):
+    """(status, what to say) from torchrun's {rank: ProcessFailure} of this node, torchrun itself
+    not signalled (that is SignalException). After a rank failed, torchrun stops the node's other
+    ranks: SIGTERM (they end by it, or exit 143 after their final checkpoint), then SIGKILL for
+    those still running 30 s later. So these failures are echoes of another one:
+      SIGTERM, 143   when the node holds another failure, or the job spans several nodes
+      SIGKILL        when it came later than the node's first failure (the kernel's OOM killer
+                     or a user kills first; torchrun only 30 s after its SIGTERM)
+    The answer is the first of the other failures by time whose status is not 1 (a rank exits 1
+    also when its collective failed because a peer went down: it says so), else the first one;
+    a signal gets a line. When every failure is an echo: on a multi-node job, torchrun stopped
+    this node's ranks because a rank on another node failed (that node reports it): 1 and a
+    line; on one node, the first failure (its ranks were signalled from outside)."""
     ordered = sorted(failures.items(), key=lambda item: item[1].timestamp)
-    rank, failure = next(((r, f) for r, f in ordered if f.exitcode != 1), ordered[0])
+    first = ordered[0][1].timestamp
+
+    def echo(failure):
+        if failure.exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM):
+            return len(failures) > 1 or several_nodes
+        return failure.exitcode == -signal.SIGKILL and failure.timestamp > first
+
+    own = [(rank, failure) for rank, failure in ordered if not echo(failure)]
+    if own:
+        rank, failure = next(((r, f) for r, f in own if f.exitcode != 1), own[0])
+    elif several_nodes:
+        return 1, (f"setr-train: torchrun stopped the ranks of this node ({', '.join(map(str, sorted(failures)))}) "
+                   f"because a rank on another node failed; the setr-train of that node reports it")
+    else:
+        rank, failure = ordered[0]
     if failure.exitcode < 0:  # killed by a signal: the rank could say nothing itself
         name = signal.Signals(-failure.exitcode).name
         return 128 - failure.exitcode, f"setr-train: rank {rank} (pid {failure.pid}) was killed by {name}"
@@ -49,28 +77,35 @@ def exit_status(failures):
 
 
 def main(argv=None):
+    from train.config import parse_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:  # before torch (torchrun's parser) loads
+        print(USAGE + "\n")
+        parse_config(["--help"], prog="setr-train")  # exits 0
+
     import logging
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from train.config import parse_config
-
-    argv = sys.argv[1:] if argv is None else argv
     options, flags = split_argv(argv, torchrun.get_args_parser())
-    if "-h" in flags or "--help" in flags:
-        print("setr-train [torchrun options (torchrun --help)] [training flags, below]\n")
-    parse_config(flags)  # exits 2 with the usage error (0 after --help)
+    parse_config(flags, prog="setr-train")  # exits 2 with the usage error
+    args = torchrun.parse_args(options + [MAIN] + flags)
     logging.disable(logging.ERROR)  # torchrun's own lines: what the ranks say, and its traceback
     try:
-        torchrun.run(torchrun.parse_args(options + [MAIN] + flags))
+        torchrun.run(args)
     except ChildFailedError as e:
-        status, note = exit_status(e.failures)
+        nodes = int(args.nnodes.split(":")[-1])  # --nnodes 2, or 1:4 (elastic): the most
+        status, note = exit_status(e.failures, several_nodes=nodes > 1)
     except SignalException as e:  # forwarded to the ranks, which checkpoint and exit with 128 + signal
         status, note = 128 + int(e.sigval), None
     except Exception as e:  # noqa: BLE001 - rendezvous timeouts, a bad option value, ...
-        status, note = 1, f"setr-train: error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        text = str(e).strip()
+        if type(e).__name__ == "RendezvousClosedError":  # another node's torchrun ended the job
+            text = "another node closed the job's rendezvous (its ranks failed, or it was stopped: it reports why)"
+        status, note = 1, f"setr-train: error: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
     else:
         status, note = 0, None
     if note:

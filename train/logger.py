@@ -80,9 +80,9 @@ class Logger:
 
     def _open_files(self):
         self.files_pending = False
+        os.makedirs(self.work_dir, exist_ok=True)  # the run's first files create its work dir
         if self.before_files:
             self.before_files()
-        os.makedirs(self.work_dir, exist_ok=True)
         self.jsonl = open(os.path.join(self.work_dir, "metrics.jsonl"), "a", buffering=1)
         self.logfile = open(os.path.join(self.work_dir, "train.log"), "a", buffering=1)
         self.logfile.writelines(self.early_lines)

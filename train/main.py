@@ -8,9 +8,10 @@
     torchrun --nproc_per_node=8 train/main.py --head pup \
         --data-root /data/ADEChallengeData2016 --pretrained vit_large_p16_384.pth
 
-    # multi-node (run on every node; the work dir must be on storage all nodes share)
+    # multi-node (run on every node; the work dir must be on storage all nodes share; --local_addr:
+    # this node's address, where hostnames do not resolve between the nodes)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-        --rdzv_id=setr train/main.py --head pup --data-root ... --work-dir /shared/runs/pup
+        --rdzv_id=setr --local_addr=ADDR train/main.py --head pup --data-root ... --work-dir /shared/runs/pup
 
     # continue a stopped run exactly where it was (--overwrite instead: delete it, start again)
     torchrun --nproc_per_node=8 train/main.py --head pup --data-root ... --resume auto
@@ -32,28 +33,28 @@ import traceback  # noqa: E402
 
 # torch-free modules only here: the command line is parsed (and --help answered) before torch and the
 # model load; the functions below import the rest where they need it.
+from setr.cli import BAD_INPUT, FAILED  # noqa: E402
 from setr.data.datasets import DataError  # noqa: E402
 from setr.run_dir import FINAL, CheckpointError, DamagedCheckpoint, read_meta  # noqa: E402
 from train.config import ConfigError, config_differences, parse_config, read_saved_config  # noqa: E402
 
 EXIT_CODES = {"finished": 0, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal number after a stop
-BAD_INPUT = 2  # bad input or configuration (any rank)
-FAILED = 1  # anything else, e.g. a checkpoint that could not be written
 RUN_FILES = ("config.json", "checkpoints", FINAL)  # any of them: the work dir holds a run
 
 
 def check_work_dir(cfg):
-    """Fail now, not at the first checkpoint, when the run directory is not writable, and never
-    start over in a directory that holds a run unless asked to."""
+    """Fail now, not at the first checkpoint, when the run directory cannot be written (checked on
+    the work dir, or the nearest folder above it that exists: nothing is created here; the first
+    files of the run create it), and never start over in a directory that holds a run unless
+    asked to."""
     work_dir, c = cfg.work_dir, cfg.checkpoint
-    try:
-        os.makedirs(work_dir, exist_ok=True)
-        probe = os.path.join(work_dir, f".write_test{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--work-dir {work_dir!r} is not writable ({e.strerror or e})") from None
+    existing = os.path.abspath(work_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--work-dir {work_dir!r} is not writable: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--work-dir {work_dir!r} is not writable: no write permission in {existing}")
     if c.resume and c.overwrite:
         raise ConfigError(f"--resume {c.resume} and --overwrite contradict each other: continue the run in "
                           f"{work_dir} or delete it, not both")
@@ -64,35 +65,49 @@ def check_work_dir(cfg):
                           f"another --work-dir)")
 
 
-def finished_iteration(cfg):
-    """With --resume auto: the iteration of the run in work_dir when it already reached max_iters
-    and exported its model."""
+def resumed_checkpoint(cfg):
+    """(path, meta) of the checkpoint --resume will load (with 'auto', the first one whose
+    meta.json reads: the trainer falls back past a damaged one, saying so), or None."""
     from train.checkpoint import resolve_resume
 
-    if cfg.checkpoint.resume != "auto":
-        return None
-    for path in resolve_resume("auto", cfg.work_dir):
+    for path in resolve_resume(cfg.checkpoint.resume, cfg.work_dir):
         try:
-            it = int(read_meta(path)["iteration"])
+            return path, read_meta(path)
         except DamagedCheckpoint:
-            continue  # the trainer falls back past it, saying so
-        exported = not cfg.checkpoint.export or os.path.isfile(os.path.join(cfg.work_dir, FINAL))
-        return it if it >= cfg.schedule.max_iters and exported else None  # else: finish (evaluate, export)
+            continue
     return None
 
 
-def check_same_run(cfg):
-    """--resume into a work dir that holds a run: refused when the run's config.json differs
-    from this config in a field that defines what is trained (train/config.py, RESUME_MAY_CHANGE)."""
-    path = os.path.join(cfg.work_dir, "config.json")
-    if not cfg.checkpoint.resume or not os.path.isfile(path):
+def finished_iteration(cfg, resumed):
+    """With --resume auto: the iteration of the run in work_dir when it already reached max_iters
+    and exported its model. resumed: resumed_checkpoint(cfg)."""
+    if cfg.checkpoint.resume != "auto" or resumed is None:
+        return None
+    it = int(resumed[1]["iteration"])
+    exported = not cfg.checkpoint.export or os.path.isfile(os.path.join(cfg.work_dir, FINAL))
+    return it if it >= cfg.schedule.max_iters and exported else None  # else: finish (evaluate, export)
+
+
+def check_same_run(cfg, resumed):
+    """--resume: refused when the config of the checkpoint it loads (its meta.json keeps it), or
+    the config.json of the run in the work dir it writes into, differs from this config in a
+    field that defines what is trained (train/config.py, RESUME_MAY_CHANGE). resumed:
+    resumed_checkpoint(cfg)."""
+    if not cfg.checkpoint.resume:
         return
-    differences = config_differences(read_saved_config(path), cfg)
-    if differences:
-        what = "; ".join(f"{name} {theirs!r} there, {ours!r} here" for name, theirs, ours in differences)
-        raise ConfigError(f"--resume {cfg.checkpoint.resume}: the run in {cfg.work_dir} has another config "
-                          f"({what}): resume it with its own settings, or start a new run (another "
-                          f"--work-dir, or --overwrite to delete it)")
+    saved = []
+    if resumed is not None and isinstance(resumed[1].get("config"), dict):
+        saved.append((f"the checkpoint {resumed[0]}", resumed[1]["config"]))
+    path = os.path.join(cfg.work_dir, "config.json")
+    if os.path.isfile(path):
+        saved.append((f"the run in {cfg.work_dir}", read_saved_config(path)))
+    for where, config in saved:
+        differences = config_differences(config, cfg)
+        if differences:
+            what = "; ".join(f"{name} {theirs!r} there, {ours!r} here" for name, theirs, ours in differences)
+            raise ConfigError(f"--resume {cfg.checkpoint.resume}: {where} has another config ({what}): resume it "
+                              f"with its own settings, or start a new run (another --work-dir, or --overwrite "
+                              f"to delete the run in it)")
 
 
 def start_run_files(cfg):
@@ -141,8 +156,9 @@ def setup(cfg, rank, world_size, device):
     try:
         cfg.validate(world_size)
         check_work_dir(cfg)
-        check_same_run(cfg)
-        finished = finished_iteration(cfg)
+        resumed = resumed_checkpoint(cfg)
+        check_same_run(cfg, resumed)
+        finished = finished_iteration(cfg, resumed)
         if finished is None:
             data = build_data(cfg)  # before any model work, so that a bad dataset fails fast
     except (ConfigError, CheckpointError, DataError) as e:

@@ -36,7 +36,8 @@ def init_distributed(device_type):
 
     Under torchrun the group meets in a namespace of torchrun's store that belongs to this
     attempt of the job (see _attempt_name), so that a job restarted by --max-restarts never
-    reads the addresses (gloo) or unique id (NCCL) that the ranks of a failed attempt left there."""
+    reads the addresses (gloo) or unique id (NCCL) that the ranks of a failed attempt left there.
+    What NCCL keeps outside that namespace is in NCCL_ROOT_KEYS."""
     global _attempt
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=30)
@@ -49,13 +50,12 @@ def init_distributed(device_type):
                 raise ConfigError(f"{per_node} processes per node (--nproc_per_node) but this node has "
                                   f"{gpus} GPU(s): start at most {gpus}, or pass --device cpu")
             torch.cuda.set_device(local_rank)
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, kept across restarts
-            store = _job_store(timeout)
+        store = _job_store(timeout)
+        if store is not None:  # torchrun's store, kept across restarts
             _attempt = _attempt_name(store, rank, world_size, timeout)
             dist.init_process_group(backend, store=dist.PrefixStore(f"{_attempt}/", store), rank=rank,
                                     world_size=world_size, timeout=timeout)
         else:  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or not torchrun: rank 0 hosts a new store each attempt
-            _attempt = _job_prefix() + "attempt"
             dist.init_process_group(backend, timeout=timeout)
     else:
         local_rank = 0
@@ -72,14 +72,26 @@ def destroy_distributed():
 
 _attempt = None  # the namespace of this attempt of the job in torchrun's store: "setr/<run id>/<ticket>"
 
+# What ProcessGroupNCCL writes outside the namespace it is given: it keeps a client of the root of
+# the store (PrefixStore::getUnderlyingNonPrefixStore, its globalStore_) for "exception_dump"
+# (kStoreDumpKey in ProcessGroupNCCL.hpp, torch 2.11 and 2.13 alike), the flight-recorder dump
+# signal that a rank sets when one of its collectives times out (broadcastDumpSignal) and that the
+# heartbeat monitor of every rank polls each second: it dumps, then aborts its process
+# (TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC, 8 min, later). Left in torchrun's store by a failed attempt,
+# it would abort every later one. Its other keys (the unique id, "remote_error:<group>") are
+# under the namespace. Read in the headers and binaries, not run: no GPU here.
+NCCL_ROOT_KEYS = ("exception_dump",)
+
 
 def _job_prefix():
     return f"setr/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
 
 
 def _job_store(timeout=datetime.timedelta(seconds=5)):
-    """A client of torchrun's key-value store, which outlives the ranks (None outside torchrun)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or "MASTER_ADDR" not in os.environ:
+    """A client of torchrun's key-value store, which outlives the ranks; None outside torchrun and
+    when torchrun does not share it with the ranks (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: MASTER_PORT
+    is then a store that rank 0 starts in init_process_group, new at each attempt)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=timeout)
@@ -91,11 +103,23 @@ def _attempt_name(store, rank, world_size, timeout):
 
     torchrun keeps its store, and every key in it, across the restarts of --max-restarts, and
     TORCHELASTIC_RESTART_COUNT counts the restarts of one node only (a node restarted because
-    another one failed keeps its count), so neither can name an attempt. What holds: torchrun
-    starts the ranks of an attempt only after every rank of the previous one has ended, so a
-    ticket drawn from one counter of the store (which every node shares) is newer than every
-    ticket drawn before. Rank 0's ticket names the attempt; every other rank reads it under a key
-    made of its own ticket, which no earlier attempt can have written."""
+    another one failed keeps its count), so neither can name an attempt. A ticket drawn from one
+    counter of the store (which every node shares) is newer than every ticket drawn before it:
+    rank 0's ticket names the attempt, and every other rank reads the name under a key made of its
+    own ticket, which no earlier attempt can have written. Rank 0 answers every ticket drawn since
+    the previous attempt's rank 0 drew its own, and first deletes NCCL_ROOT_KEYS: no rank of the
+    new attempt makes its process group before it has an answer.
+
+    Which old ranks may still run: with the c10d rendezvous (also --standalone), torchrun restarts
+    every node together (each node stops its ranks before it joins the next round, which closes
+    only when every node joined), so no rank of an earlier attempt is alive when one of the new
+    attempt starts, and nothing stale can be written after the delete. With the static rendezvous
+    (torchrun's default backend, --master_addr and --node_rank), a node restarts only its own
+    ranks, at once; the other nodes' ranks run on until they fail by themselves: gloo's next
+    collective fails within seconds, NCCL's may only at the collective timeout (30 min), which
+    also sets "exception_dump" again, after the delete: the new attempt's ranks then abort once
+    more. Meanwhile the new ranks wait here (up to the same 30 min) for every node to restart,
+    and each node spends its own --max-restarts. Multi-node restarts: use the c10d rendezvous."""
     prefix = _job_prefix()
     ticket = store.add(prefix + "tickets", 1)
     if rank != 0:
@@ -106,6 +130,8 @@ def _attempt_name(store, rank, world_size, timeout):
         return name
     # rank 0: answer every ticket drawn since the previous attempt's rank 0 drew its own (older
     # ones belong to that attempt or earlier ones: answered, or dead), until every rank joined
+    for key in NCCL_ROOT_KEYS:
+        store.delete_key(key)
     name, leader = f"{prefix}{ticket}", prefix + "leader"
     answered = int(store.get(leader)) if store.check([leader]) else 0
     store.set(leader, str(ticket))
@@ -130,7 +156,8 @@ def _errors_key():
 def first_to_report():
     """True for the first rank of the job that reports an error, so that an error every rank hits,
     or its echo on the ranks that were waiting for the failed one, is printed once. True as
-    well without a store to ask (a single process, or the launcher is gone)."""
+    well without a store to ask (a single process, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: every
+    rank says it; or the launcher is gone)."""
     try:
         store = _job_store()
         return store is None or _errors_key() is None or store.add(_errors_key(), 1) == 1
@@ -140,19 +167,26 @@ def first_to_report():
 
 def watch_job(grace=10.0):
     """Under torchrun, end this process when the launcher dies (it starts every rank in a session
-    of its own, so a launcher killed with SIGKILL would otherwise leave its ranks running), or
-    `grace` seconds after another rank reported an error (this one may be stuck in a collective
-    that waits for the failed rank, e.g. NCCL across nodes)."""
+    of its own, so a launcher killed with SIGKILL would otherwise leave its ranks running), and,
+    where the ranks share torchrun's store, `grace` seconds after another rank reported an error
+    (this one may be stuck in a collective that waits for the failed rank, e.g. NCCL across nodes)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
     try:
-        parent, store = os.getppid(), _job_store()
-    except Exception:  # noqa: BLE001 - no store to watch: torchrun's own checks remain
-        return
-    if store is None:
-        return
+        store = _job_store()
+    except Exception:  # noqa: BLE001 - no store to watch: the launcher is still watched
+        store = None
 
     def end(why):
         print(f"rank {os.environ.get('RANK', '?')}: {why}: exiting", file=sys.stderr, flush=True)
         os._exit(1)
+
+    def reported():
+        try:
+            return store.add(_errors_key(), 0) if store is not None and _errors_key() else 0  # once joined
+        except Exception:  # noqa: BLE001 - the store is the launcher's: its death is caught next time
+            return 0
 
     def watch():
         failed_at = None
@@ -160,11 +194,7 @@ def watch_job(grace=10.0):
             time.sleep(1.0)
             if os.getppid() != parent:
                 end(f"the launcher (pid {parent}) is gone")
-            try:
-                reported = store.add(_errors_key(), 0) if _errors_key() else 0  # once the group is joined
-            except Exception:  # noqa: BLE001 - the store is the launcher's: caught above next time
-                reported = 0
-            failed_at = failed_at or (time.monotonic() if reported else None)
+            failed_at = failed_at or (time.monotonic() if reported() else None)
             if failed_at and time.monotonic() - failed_at > grace:
                 end("another rank failed")
     threading.Thread(target=watch, name="watch-job", daemon=True).start()
