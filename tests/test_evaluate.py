@@ -146,6 +146,9 @@ def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
            "setr.evaluate"] + common + ["--out", str(tmp_path / "two")]
     code, output, errors = run(cmd, 180)
     assert code == 0, (output + errors)[-3000:]
+    code, _, errors = run(cmd[:-1] + [str(tmp_path / "refused"), "--max-samples", "0"], 180)
+    assert code != 0 and errors.count("error: --max-samples must be >= 1") == 1, errors[-3000:]  # said by rank 0
+    assert "exitcode  : 2" in errors and not (tmp_path / "refused").exists()
     one = json.load(open(tmp_path / "one" / "metrics.json"))
     two = json.load(open(tmp_path / "two" / "metrics.json"))
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["num_images"] == one["num_images"] == 5
@@ -162,6 +165,12 @@ def test_bad_input_is_named(camvid_root, ade_root, tmp_path, capsys):
     args = ["--checkpoint", ckpt, "--num-workers", "0", "--device", "cpu", "--max-samples", "1"]
     assert main(args + ["--data-root", ade_root, "--out", str(tmp_path / "a")]) == 2
     assert "ADE20K has 150 classes" in capsys.readouterr().err
+    for flags, expected in [(["--max-samples", "0"], "--max-samples must be >= 1"),
+                            (["--max-samples", "-1"], "--max-samples must be >= 1"),
+                            (["--num-workers", "-1"], "--num-workers must be >= 0")]:
+        assert main(args + flags + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "a")]) == 2
+        _one_line_error(capsys, expected)
+    assert not (tmp_path / "a").exists()  # refused starts leave no output folder behind
     assert main(args + ["--dataset", "folder", "--data-root", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "--data-root" in capsys.readouterr().err
     assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "c")]) == 0
