@@ -42,6 +42,7 @@ from setr.predict import (PredictError, add_model_args, build_model, check_outpu
 from setr.run_dir import CheckpointError, run_config
 
 METRICS = "metrics.json"  # in --out
+MISTAKES = (PredictError, CheckpointError, DataError)  # the user's: one line, exit 2 (setr.cli)
 
 
 def parse_args(argv=None):
@@ -224,9 +225,6 @@ def _run(args, job, rank, world_size):
               f"{result['num_images']} images in {result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s, "
               f"{world_size} process(es))  -> {metrics_path}")
     return result
-
-
-MISTAKES = (PredictError, CheckpointError, DataError)  # the user's: one line, exit 2 (setr.cli)
 
 
 def main(argv=None):

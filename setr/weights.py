@@ -31,6 +31,14 @@ def hub_weights(name):
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     repo = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
+
+    def not_cached(why):
+        return FileNotFoundError(
+            f"weights {name}: {HUB_FILES[0]} of {repo} is not in the Hugging Face cache "
+            f"{huggingface_hub.constants.HF_HUB_CACHE} and {why}. Fetch "
+            f"https://huggingface.co/{repo}/resolve/main/{HUB_FILES[0]} and pass the file itself, or run "
+            f"`hf download {repo} {HUB_FILES[0]}` (cache set by HF_HOME / HF_HUB_CACHE) where the hub is reachable")
+
     for filename in HUB_FILES:
         try:
             return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
@@ -39,7 +47,7 @@ def hub_weights(name):
         except ValueError as e:  # not a repository name
             raise ValueError(f"weights {name}: {_first_line(e)}") from None
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(_not_cached(name, repo, "HF_HUB_OFFLINE is set"))
+        raise not_cached("HF_HUB_OFFLINE is set")
     for filename in HUB_FILES:
         try:
             huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, filename))  # one try
@@ -48,19 +56,9 @@ def hub_weights(name):
         except HfHubHTTPError as e:  # no such repository, gated, server error
             raise ValueError(f"weights {name}: {type(e).__name__}: {_first_line(e)}") from None
         except Exception as e:  # noqa: BLE001 - no answer: the HTTP client's connection, DNS or timeout error
-            raise FileNotFoundError(_not_cached(name, repo, f"the hub cannot be reached ({type(e).__name__}: "
-                                                            f"{_first_line(e)})")) from None
+            raise not_cached(f"the hub cannot be reached ({type(e).__name__}: {_first_line(e)})") from None
         return huggingface_hub.hf_hub_download(repo, filename)
     raise FileNotFoundError(f"weights {name}: the hub repository {repo} has none of {', '.join(HUB_FILES)}")
-
-
-def _not_cached(name, repo, why):
-    import huggingface_hub
-
-    return (f"weights {name}: {HUB_FILES[0]} of {repo} is not in the Hugging Face cache "
-            f"{huggingface_hub.constants.HF_HUB_CACHE} and {why}. Fetch "
-            f"https://huggingface.co/{repo}/resolve/main/{HUB_FILES[0]} and pass the file itself, or run "
-            f"`hf download {repo} {HUB_FILES[0]}` (cache set by HF_HOME / HF_HUB_CACHE) where the hub is reachable")
 
 
 def _is_safetensors(path):
