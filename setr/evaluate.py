@@ -19,7 +19,9 @@ runs under bf16 autocast (--precision fp32 turns it off). Writes <out>/metrics.j
 --save-predictions, <out>/<image name>_label.png as setr.predict writes them.
 
 Exit status: 0 done, 2 bad arguments, checkpoint or dataset (also a bad file met during the
-evaluation), 1 a failure while running.
+evaluation), 1 a failure while running. Under torchrun every rank exits so, and a mistake that
+every rank meets before the evaluation is said once, by rank 0. --out is created when the first
+file is written: a refused start leaves no folder behind.
 """
 
 import argparse
@@ -35,9 +37,12 @@ from setr import cli
 from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
 from setr.data.datasets import DATASETS, DataError, LabelValueError, build_dataset
 from setr.files import write_atomic
-from setr.predict import (PredictError, add_model_args, build_model, make_output_dir, pipeline_settings,
+from setr.predict import (PredictError, add_model_args, build_model, check_output_dir, pipeline_settings,
                           resolve_device, save_label)
 from setr.run_dir import CheckpointError, run_config
+
+METRICS = "metrics.json"  # in --out
+MISTAKES = (PredictError, CheckpointError, DataError)  # the user's: one line, exit 2 (setr.cli)
 
 
 def parse_args(argv=None):
@@ -68,12 +73,12 @@ def parse_args(argv=None):
 
 def _distributed():
     """(rank, world_size, device) under torchrun (process group initialized), else (0, 1, None)."""
-    import torch
-    import torch.distributed as dist
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, None
+    import torch
+    import torch.distributed as dist
+
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     device = None
@@ -135,53 +140,86 @@ def write_metrics(path, result, settings):
     write_atomic(path, json.dumps(record, indent=1))
 
 
-def _run(args, rank, world_size, device):
-    """Load, evaluate, report; returns the result dict (rank 0 writes the files)."""
+def check_flags(args):
+    """Refuse flag values that cannot work, before anything loads."""
+    if args.max_samples is not None and args.max_samples < 1:
+        raise PredictError(f"--max-samples must be >= 1 (leave it out for the whole split), got {args.max_samples}")
+    if args.num_workers < 0:
+        raise PredictError(f"--num-workers must be >= 0 (0: read the images in this process), got {args.num_workers}")
+
+
+def _prepare(args, device):
+    """Everything before the first image, where a user's mistake shows: flags, checkpoint, dataset, --out.
+    Returns (model, info, the raw split, ignore_index, the settings for metrics.json, --out)."""
+    check_flags(args)
+    out = args.out or f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]}"
+    metrics_path = os.path.join(out, METRICS)
+    if os.path.exists(metrics_path) and not args.overwrite:  # before any loading
+        raise PredictError(f"{metrics_path} exists (another evaluation's); pass --overwrite or another --out")
+    run = run_config(args.checkpoint)
+    dataset_name, data_kwargs = dataset_settings(args, run)
+    check_output_dir(out)  # created when the first file is written: a refused start leaves no folder
+    device = device or resolve_device(args.device)
+    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl,
+                              dataset_name)
+    ignore_index = args.ignore_index if args.ignore_index is not None else model.ignore_index
+    mode, scale, crop, stride = pipeline_settings(args, info)
+    dataset = _dataset(args, info, ignore_index, dataset_name, data_kwargs)
+    bf16 = device.startswith("cuda") and args.precision == "bf16"
+    settings = dict(checkpoint=args.checkpoint, dataset=dataset_name, data_root=data_kwargs["root"],
+                    split=args.split, mode=mode, aug=args.aug, scale=list(scale), crop_size=crop,
+                    stride=stride, impl=args.impl, precision="bf16" if bf16 else "fp32")
+    return model, info, dataset, ignore_index, settings, out
+
+
+def _setup_failed(failed, rank, world_size):
+    """Under torchrun, once every rank has set up (a collective: each rank calls it once): (whether any
+    rank failed, whether this rank says why). The ranks meet the same mistakes alike, so rank 0 says it
+    alone; a mistake that rank 0 did not meet (a file missing on one node) is said by the ranks that did."""
+    if world_size == 1:
+        return failed, failed
+    import torch.distributed as dist
+
+    outcomes = [None] * world_size
+    dist.all_gather_object(outcomes, failed)
+    return any(outcomes), failed and (rank == 0 or not outcomes[0])
+
+
+def _run(args, job, rank, world_size):
+    """Evaluate, report; returns the result dict (rank 0 writes metrics.json)."""
     import torch
     import torch.distributed as dist
 
     from setr.data import EvalSamples
     from setr.inference import evaluate
 
-    out = args.out or f"eval_{os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]}"
-    metrics_path = os.path.join(out, "metrics.json")
-    if os.path.exists(metrics_path) and not args.overwrite:  # before any loading
-        raise PredictError(f"{metrics_path} exists (another evaluation's); pass --overwrite or another --out")
-    run = run_config(args.checkpoint)
-    dataset_name, data_kwargs = dataset_settings(args, run)
-    make_output_dir(out)
-    model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl,
-                              dataset_name)
-    ignore_index = args.ignore_index if args.ignore_index is not None else model.ignore_index
-    mode, scale, crop, stride = pipeline_settings(args, info)
-    data_root, dataset = data_kwargs["root"], _dataset(args, info, ignore_index, dataset_name, data_kwargs)
+    model, info, dataset, ignore_index, settings, out = job
+    scale, crop, stride = settings["scale"], settings["crop_size"], settings["stride"]
     samples = EvalSamples(dataset, scale=scale, aug_short_min=info["test"].aug_short_min if info["test"] else 0)
     save = None
     if args.save_predictions:
         def save(name, pred):
+            os.makedirs(out, exist_ok=True)
             save_label(pred.numpy(), info["palette"], os.path.join(out, f"{name}_label.png"))
-    autocast = torch.bfloat16 if torch.device(device).type == "cuda" and args.precision == "bf16" else None
+    autocast = torch.bfloat16 if settings["precision"] == "bf16" else None
     try:
-        result = evaluate(model, samples, info["num_classes"], ignore_index, mode=mode, crop_size=(crop, crop),
-                          stride=(stride, stride), class_names=info["class_names"] or samples.class_names,
-                          rank=rank, world_size=world_size, max_samples=args.max_samples, aug=args.aug,
-                          num_workers=args.num_workers, autocast_dtype=autocast, on_prediction=save)
+        result = evaluate(model, samples, info["num_classes"], ignore_index, mode=settings["mode"],
+                          crop_size=(crop, crop), stride=(stride, stride),
+                          class_names=info["class_names"] or samples.class_names, rank=rank, world_size=world_size,
+                          max_samples=args.max_samples, aug=args.aug, num_workers=args.num_workers,
+                          autocast_dtype=autocast, on_prediction=save)
     except LabelValueError as e:
         raise PredictError(f"{e}: the checkpoint {args.checkpoint} predicts {info['num_classes']} classes "
                            f"(ignore_index {ignore_index}); evaluate it on the data it was trained on") from None
-    except DataError as e:
-        raise PredictError(str(e)) from None
     if world_size > 1:  # the evaluation took as long as its slowest rank
-        seconds = torch.tensor([result["seconds"]], dtype=torch.float64, device=device)
+        seconds = torch.tensor([result["seconds"]], dtype=torch.float64, device=next(model.parameters()).device)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         result["seconds"] = float(seconds)
     result["images_per_s"] = result["num_images"] / max(result["seconds"], 1e-9)
     if rank == 0:
-        settings = dict(checkpoint=args.checkpoint, dataset=dataset_name, data_root=data_root,
-                        split=args.split, mode=mode, aug=args.aug, scale=list(scale), crop_size=crop,
-                        stride=stride, impl=args.impl, precision="bf16" if autocast else "fp32",
-                        world_size=world_size)
-        write_metrics(metrics_path, result, settings)
+        metrics_path = os.path.join(out, METRICS)
+        os.makedirs(out, exist_ok=True)
+        write_metrics(metrics_path, result, dict(settings, world_size=world_size))
         print(result["table"])
         print(f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}  "
               f"{result['num_images']} images in {result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s, "
@@ -191,14 +229,23 @@ def _run(args, rank, world_size, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    return cli.run("setr.evaluate", lambda: _evaluate(args), (PredictError, CheckpointError))
+    return cli.run("setr.evaluate", lambda: _evaluate(args), MISTAKES)
 
 
 def _evaluate(args):
     """One process of the evaluation (of several under torchrun); returns the exit code."""
     rank, world_size, device = _distributed()
     try:
-        _run(args, rank, world_size, device or resolve_device(args.device))
+        try:
+            job, problem = _prepare(args, device), None
+        except MISTAKES as e:
+            job, problem = None, e
+        any_failed, say = _setup_failed(problem is not None, rank, world_size)
+        if say:
+            raise problem
+        if any_failed:
+            return cli.BAD_INPUT  # another rank said why
+        _run(args, job, rank, world_size)
         return 0
     finally:
         if world_size > 1:

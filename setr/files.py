@@ -2,6 +2,7 @@
 folders checked before work starts, and telling a local weights file from a Hugging Face hub name.
 Imports nothing heavy: the command lines use it before torch is loaded."""
 import contextlib
+import errno
 import os
 import tempfile
 
@@ -12,6 +13,18 @@ def is_hub_id(name):
     """True for `hf-hub:<org>/<model>`, and for `timm/<model>` unless that is a local path."""
     name = os.fspath(name)
     return name.startswith(HUB_PREFIX) or (name.startswith("timm/") and not os.path.exists(name))
+
+
+def check_writable_dir(path):
+    """Prove that folder `path` exists and takes files, or can be created, without creating it (a refused
+    command leaves no empty folder behind): its nearest existing ancestor must be a folder in which a
+    (nameless, at once removed) file can be made. OSError saying why if not."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder", existing)
+    tempfile.TemporaryFile(dir=existing).close()
 
 
 def make_writable_dir(path):

@@ -15,7 +15,9 @@ into (2048, 512), sliding 512 windows at stride 341, or --aug for multi-scale (0
 Images are read as mmseg reads them (setr.data.read_image). A model trained on the built-in
 synthetic data (the demo preset) knows only synthetic scenes, and the command says so.
 
-Exit status: 0 all written, 1 some images failed, 2 bad arguments or checkpoint.
+Exit status: 0 all written; 2 bad arguments or checkpoint, or an image path that is not a file
+(all checked before the model loads); 1 some images failed: a file that cannot be decoded
+(damaged, not an image) or whose outputs cannot be written is named, the others are still done.
 """
 
 import argparse
@@ -32,7 +34,7 @@ from setr import cli
 from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE, VIT_CONFIGS
 from setr.data.catalog import NAMED_DATASETS, dataset_with_classes
 from setr.data.datasets import DataError, random_palette, read_image
-from setr.files import make_writable_dir
+from setr.files import check_writable_dir
 from setr.run_dir import model_source, read_sharded_model
 
 SYNTHETIC_NOTE = ("was trained on the built-in synthetic data (the demo preset): it knows only synthetic "
@@ -159,10 +161,11 @@ def save_label(label, palette, path):
 
 
 def save_outputs(image, label, palette, out_dir, stem):
-    """Write <stem>_label.png and <stem>_overlay.png; returns their paths.
+    """Write <stem>_label.png and <stem>_overlay.png into out_dir (created if need be); returns their paths.
 
     image: (H, W, 3) uint8; label: (H, W) class ids.
     """
+    os.makedirs(out_dir, exist_ok=True)
     label_path = save_label(label, palette, os.path.join(out_dir, f"{stem}_label.png"))
     overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
     colour = colorize(label, palette)
@@ -224,9 +227,11 @@ def pipeline_settings(args, info):
     img_size = info["img_size"]
     mode = args.mode or saved.get("mode", "slide")
     scale = tuple(args.scale or saved.get("scale", (2048, 512)))
-    crop = args.crop_size or max(saved.get("crop_size") or [img_size if isinstance(img_size, int) else max(img_size)])
-    stride = args.stride or (max(saved["stride"]) if args.crop_size is None and saved.get("stride")
-                             else max(crop * 2 // 3, 1))
+    crop, stride = args.crop_size, args.stride
+    if crop is None:
+        crop = max(saved.get("crop_size") or [img_size if isinstance(img_size, int) else max(img_size)])
+    if stride is None:  # the saved stride goes with the saved crop only
+        stride = max(saved["stride"]) if args.crop_size is None and saved.get("stride") else max(crop * 2 // 3, 1)
     try:
         check_crop_size(crop, name="--crop-size")
         if min(scale) < 1:
@@ -268,25 +273,33 @@ def resolve_device(name):
     return name
 
 
-def make_output_dir(path, flag="--out"):
-    """Create the output folder and prove it writable, before any model loads."""
+def check_output_dir(path):
+    """Prove, before any model loads, that --out can be created and written. It is created when the
+    first output is written: a refused start leaves no empty folder behind."""
     try:
-        make_writable_dir(path)
+        check_writable_dir(path)
     except OSError as e:
-        raise PredictError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+        raise PredictError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
-def predict(args):
-    """Segment args.images; returns the exit code. Raises PredictError before any image is done."""
-    device = resolve_device(args.device)
+def check_images(paths):
+    """Every image path names a file, and no two write the same outputs; PredictError if not."""
     stems = {}
-    for path in args.images:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise PredictError(f"image {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
         stem = os.path.splitext(os.path.basename(path))[0]
         if stem in stems:
             raise PredictError(f"images {stems[stem]} and {path} would write the same "
                                f"outputs {stem}_*.png; rename one")
         stems[stem] = path
-    make_output_dir(args.out)
+
+
+def predict(args):
+    """Segment args.images; returns the exit code. Raises PredictError before any image is done."""
+    check_images(args.images)
+    check_output_dir(args.out)
+    device = resolve_device(args.device)
     model, info = build_model(args.checkpoint, args.head, args.backbone, args.num_classes, device, args.impl,
                               args.dataset)
     mode, scale, crop, stride = pipeline_settings(args, info)

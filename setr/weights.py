@@ -22,29 +22,43 @@ HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm repository
 def hub_weights(name):
     """Local path of the weights of hub model `name` (timm/<model> or hf-hub:<org>/<model>):
     model.safetensors, else pytorch_model.bin, from the Hugging Face cache, downloaded into it
-    when the hub is reachable and HF_HUB_OFFLINE is not set."""
+    when the hub is reachable and HF_HUB_OFFLINE is not set.
+
+    The cache is read first, without the network. Then one request per file asks the hub whether
+    it has it: without a network that fails at once, where hf_hub_download would retry for
+    half a minute per file, logging each try."""
     import huggingface_hub  # only for hub names: local files never pay its import
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     repo = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
-    offline = False
+
+    def not_cached(why):
+        return FileNotFoundError(
+            f"weights {name}: {HUB_FILES[0]} of {repo} is not in the Hugging Face cache "
+            f"{huggingface_hub.constants.HF_HUB_CACHE} and {why}. Fetch "
+            f"https://huggingface.co/{repo}/resolve/main/{HUB_FILES[0]} and pass the file itself, or run "
+            f"`hf download {repo} {HUB_FILES[0]}` (cache set by HF_HOME / HF_HUB_CACHE) where the hub is reachable")
+
     for filename in HUB_FILES:
         try:
-            return huggingface_hub.hf_hub_download(repo, filename)
-        except LocalEntryNotFoundError:  # not cached, and offline or the hub unreachable
-            offline = True
+            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
+        except EntryNotFoundError:  # LocalEntryNotFoundError: not in the cache
+            continue
+        except ValueError as e:  # not a repository name
+            raise ValueError(f"weights {name}: {_first_line(e)}") from None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise not_cached("HF_HUB_OFFLINE is set")
+    for filename in HUB_FILES:
+        try:
+            huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, filename))  # one try
         except EntryNotFoundError:  # the repository has no such file
             continue
-        except (HfHubHTTPError, ValueError) as e:  # no such repository, bad name, server error
-            raise ValueError(f"weights {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not offline:
-        raise FileNotFoundError(f"weights {name}: the hub repository {repo} has none of {', '.join(HUB_FILES)}")
-    why = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-    raise FileNotFoundError(
-        f"weights {name}: {HUB_FILES[0]} of {repo} is not in the Hugging Face cache "
-        f"{huggingface_hub.constants.HF_HUB_CACHE} and {why}. Fetch "
-        f"https://huggingface.co/{repo}/resolve/main/{HUB_FILES[0]} and pass the file itself, or run "
-        f"`hf download {repo} {HUB_FILES[0]}` (cache set by HF_HOME / HF_HUB_CACHE) where the hub is reachable")
+        except HfHubHTTPError as e:  # no such repository, gated, server error
+            raise ValueError(f"weights {name}: {type(e).__name__}: {_first_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - no answer: the HTTP client's connection, DNS or timeout error
+            raise not_cached(f"the hub cannot be reached ({type(e).__name__}: {_first_line(e)})") from None
+        return huggingface_hub.hf_hub_download(repo, filename)
+    raise FileNotFoundError(f"weights {name}: the hub repository {repo} has none of {', '.join(HUB_FILES)}")
 
 
 def _is_safetensors(path):

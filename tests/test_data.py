@@ -56,8 +56,9 @@ def test_ade20k_class_names_match_official_csv(ade_root):
 
 
 def test_ade20k_palette_matches_color150(ade_root):
-    scipy_io = pytest.importorskip("scipy.io")
-    colors = scipy_io.loadmat(os.path.join(ade_root, "meta", "color150.mat"))["colors"]
+    import scipy.io  # pinned in requirements.txt; imported here, where a .mat file is read
+
+    colors = scipy.io.loadmat(os.path.join(ade_root, "meta", "color150.mat"))["colors"]
     assert np.array_equal(np.asarray(ADE20K_PALETTE), colors)
 
 

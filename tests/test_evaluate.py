@@ -2,6 +2,7 @@
 the same numbers on two processes as on one, and clear errors."""
 import json
 import os
+import socket
 import sys
 
 import cv2
@@ -15,7 +16,7 @@ import setr
 from setr.data.ade20k import ADE20K_PALETTE
 from setr.evaluate import main
 from setr.predict import main as predict_main
-from jobs import kill_leftovers, run  # noqa: F401 (kill_leftovers is a fixture)
+from jobs import finish, kill_leftovers, run, start  # noqa: F401 (kill_leftovers is a fixture)
 from test_data import ade_root, shared_data  # noqa: F401 (ade_root is a fixture)
 
 ADE_NAMES = ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
@@ -157,11 +158,37 @@ def test_two_processes_equal_one(camvid_root, tmp_path, capsys):
         assert np.array_equal(np.array(Image.open(tmp_path / "one" / p)), np.array(Image.open(tmp_path / "two" / p)))
 
 
+def test_a_mistake_under_torchrun_is_said_once(tmp_path):
+    """Two ranks (the environment torchrun gives them, without its launcher's start-up time) that
+    both fail to set up (rank 1 on the checkpoint, rank 0 on a flag before it): rank 0 says why, rank
+    1 exits as silently; neither leaves --out behind."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jobs = []
+    for rank, mistake in enumerate([["--max-samples", "0"], []]):
+        cmd = [sys.executable, "-m", "setr.evaluate", "--checkpoint", str(tmp_path / "absent.pth"), "--dataset",
+               "synthetic", "--device", "cpu", "--out", str(tmp_path / "out"), *mistake]
+        jobs.append(start(cmd, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port)))
+    results = [finish(proc, marker, timeout=120) for proc, marker in jobs]
+    output = "".join(out for _, out in results)
+    assert [code for code, _ in results] == [2, 2], output[-3000:]
+    assert output.count("error: ") == 1 and "error: --max-samples must be >= 1" in output, output[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_is_named(camvid_root, ade_root, tmp_path, capsys):
     ckpt = _tiny_export(tmp_path / "tiny.pth")
     args = ["--checkpoint", ckpt, "--num-workers", "0", "--device", "cpu", "--max-samples", "1"]
     assert main(args + ["--data-root", ade_root, "--out", str(tmp_path / "a")]) == 2
     assert "ADE20K has 150 classes" in capsys.readouterr().err
+    for flags, expected in [(["--max-samples", "0"], "--max-samples must be >= 1"),
+                            (["--max-samples", "-1"], "--max-samples must be >= 1"),
+                            (["--num-workers", "-1"], "--num-workers must be >= 0")]:
+        assert main(args + flags + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "a")]) == 2
+        _one_line_error(capsys, expected)
+    assert not (tmp_path / "a").exists()  # refused starts leave no output folder behind
     assert main(args + ["--dataset", "folder", "--data-root", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "--data-root" in capsys.readouterr().err
     assert main(args + ["--dataset", "folder", "--data-root", camvid_root, "--out", str(tmp_path / "c")]) == 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from setr.files import check_writable_dir
 from setr.predict import main, save_outputs
 
 NAMES = ["ADE_val_00000002", "ADE_val_00000003"]
@@ -144,14 +145,44 @@ def test_user_mistakes_are_one_line_and_bugs_say_so(tmp_path, images, checkpoint
     (tmp_path / "file").write_text("")
     cases = [(["--checkpoint", tmp_path / "hello.pth"], "hello.pth: not a readable PyTorch checkpoint"),
              (["--checkpoint", tmp_path / "lines.pth"], "lines.pth: not a readable PyTorch checkpoint"),
-             (["--checkpoint", checkpoint, "--out", tmp_path / "file" / "o"], "cannot write there (Not a directory)"),
+             (["--checkpoint", checkpoint, "--out", tmp_path / "file" / "o"],
+              f"--out {tmp_path / 'file' / 'o'}: cannot write there ({tmp_path / 'file'} is a file, not a folder)"),
              (["--checkpoint", checkpoint, "--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
-             (["--checkpoint", checkpoint, "--scale", 0, 64], "--scale must be two positive sizes")]
+             (["--checkpoint", checkpoint, "--scale", 0, 64], "--scale must be two positive sizes"),
+             (["--checkpoint", checkpoint, "--crop-size", 0], "--crop-size must be positive multiples of the patch"),
+             (["--checkpoint", checkpoint, "--stride", 0], "--stride must be in [1, crop size 64], got 0")]
     for args, expected in cases:
         code, _, err = _run([images[0], "--out", tmp_path / "o", *args], capsys)
         assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()  # refused starts leave no output folder behind
     import setr.predict
 
     monkeypatch.setattr(setr.predict, "predict_image", lambda *a: 1 / 0)  # a bug of ours
     code, _, err = _run([images[0], "--checkpoint", checkpoint, "--out", tmp_path / "o", "--scale", 96, 64], capsys)
     assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err and "a bug in this program" in err
+
+
+def test_image_paths_are_checked_before_the_model_loads(tmp_path, images, checkpoint, capsys, monkeypatch):
+    import setr.predict
+
+    monkeypatch.setattr(setr.predict, "build_model", lambda *a: pytest.fail("the model was loaded"))
+    for bad, expected in [(tmp_path / "absent.jpg", f"image {tmp_path / 'absent.jpg'}: no such file"),
+                          (tmp_path, f"image {tmp_path}: a folder, not a file")]:
+        code, _, err = _run([images[0], bad, "--checkpoint", checkpoint, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and err == f"error: {expected}\n", err
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_writable_dir_creates_nothing(tmp_path):
+    check_writable_dir(tmp_path)
+    check_writable_dir(tmp_path / "new" / "deeper")
+    assert os.listdir(tmp_path) == []  # neither the folders nor the probe file
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "file", tmp_path / "file" / "o"):
+        with pytest.raises(NotADirectoryError) as caught:
+            check_writable_dir(path)
+        assert caught.value.strerror == f"{tmp_path / 'file'} is a file, not a folder"
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o500)
+        with pytest.raises(PermissionError):
+            check_writable_dir(tmp_path / "locked" / "o")

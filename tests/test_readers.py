@@ -129,11 +129,41 @@ def test_exif_orientation_is_applied_to_images_not_to_labels(tmp_path, orientati
     assert np.array_equal(label, ids) and np.array_equal(label, mmseg_load_annotations(tmp_path / "label.png"))
 
 
-@pytest.mark.parametrize("fmt,mode", [("jpg", "L"), ("jpg", "RGB"), ("jpg", "CMYK"), ("tif", "RGBA"),
-                                      ("tif", "I;16"), ("tif", "P"), ("webp", "RGBA"), ("bmp", "P"), ("bmp", "1")])
+OTHER_FORMATS = [("jpg", "L"), ("jpg", "RGB"), ("jpg", "CMYK"), ("tif", "RGBA"), ("tif", "I;16"), ("tif", "P"),
+                 ("webp", "RGBA"), ("bmp", "P"), ("bmp", "1")]
+LOSSY = ("jpg", "webp")  # as Pillow writes them by default
+
+
+def two_halves(mode, height=16, width=32):
+    """(Pillow image of `mode`, the (H, W, 3) uint8 RGB it shows): the left half red (dark grey, black
+    for 1 bit), the right half blue (light grey, white). Halves of whole 16x16 JPEG blocks, so that
+    lossy codecs keep their colours away from the edge."""
+    left = np.arange(width) < width // 2
+    rgb = np.where(left[:, None], [255, 0, 0], [0, 0, 255]).astype(np.uint8)
+    grey = np.where(left, 30, 200).astype(np.uint8)
+    if mode in ("RGB", "RGBA"):
+        pixels = np.concatenate([rgb, np.full((width, 1), 255, np.uint8)], 1) if mode == "RGBA" else rgb
+        image = Image.fromarray(np.broadcast_to(pixels, (height, width, len(mode))).copy())
+    elif mode == "CMYK":
+        cmyk = np.where(left[:, None], [0, 255, 255, 0], [255, 255, 0, 0]).astype(np.uint8)
+        image = Image.frombytes("CMYK", (width, height), np.broadcast_to(cmyk, (height, width, 4)).tobytes())
+    elif mode == "1":
+        image, grey = Image.fromarray(np.broadcast_to(~left, (height, width)).copy()), np.where(left, 0, 255)
+    elif mode == "I;16":  # the low byte differs from the high one: a decoder that clips or scales shows it
+        image = Image.fromarray(np.broadcast_to(grey.astype(np.uint16) * 256 + 255 - grey, (height, width)).copy())
+    else:
+        image = Image.fromarray(np.broadcast_to(grey, (height, width)).copy()).convert(mode)  # L, or P with grey entries
+    shown = rgb if mode in ("RGB", "RGBA", "CMYK") else np.repeat(grey[:, None], 3, axis=1).astype(np.uint8)
+    assert image.mode == mode
+    return image, np.broadcast_to(shown, (height, width, 3))
+
+
+@pytest.mark.parametrize("fmt,mode", OTHER_FORMATS)
 def test_other_formats_read_as_mmcv_reads_them(tmp_path, fmt, mode):
     """Decoders other than PNG's: whatever OpenCV makes of them (e.g. a CMYK JPEG's conversion, an
-    RGBA TIFF's premultiplied colours) is what mmseg trains on, so it is what we read."""
+    RGBA TIFF's premultiplied colours) is what mmseg trains on, so it is what we read. Checked
+    independently of OpenCV too: known colours in RGB order (exact for lossless formats), and
+    Pillow's decoding of the same random file within 2 for lossy ones."""
     rng = np.random.default_rng(len(mode))
     channels = {"L": 1, "P": 1, "1": 1, "I;16": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
     high = 2 if mode == "1" else 65536 if mode == "I;16" else 256
@@ -152,6 +182,16 @@ def test_other_formats_read_as_mmcv_reads_them(tmp_path, fmt, mode):
     got = read_image(path)
     assert got.shape == (6, 9, 3) and got.dtype == np.uint8
     assert np.array_equal(got, mmcv_imread_rgb(path))
+    if fmt in LOSSY:  # (CMYK: Pillow and OpenCV round their CMYK -> RGB conversions differently)
+        assert np.abs(got.astype(int) - np.asarray(Image.open(path).convert("RGB"))).max() <= 2
+    image, shown = two_halves(mode)
+    image.save(path)
+    got = read_image(path).astype(int)
+    if fmt in LOSSY:  # away from the colour edge, where chroma subsampling blurs
+        far = np.abs(np.arange(shown.shape[1]) - shown.shape[1] // 2) >= 4
+        assert np.abs(got - shown)[:, far].max() <= 3, got[0]
+    else:
+        assert np.array_equal(got, shown), got[0]
 
 
 def test_labels_read_as_mmseg_reads_them(tmp_path):

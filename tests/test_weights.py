@@ -1,5 +1,6 @@
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -224,7 +225,7 @@ def test_safetensors_and_bin_files_load_without_torch_load(tmp_path, monkeypatch
 
 
 HUB_SCRIPT = """
-import os, sys, torch, setr
+import os, sys, torch, huggingface_hub, setr
 sd_file, commit = sys.argv[1], sys.argv[2]
 expected = setr.weights.hub_weights("timm/vit_tiny_fake")
 assert expected.endswith(os.path.join("snapshots", commit, "model.safetensors")), expected
@@ -235,16 +236,19 @@ for name in ("timm/vit_tiny_fake", "hf-hub:timm/vit_tiny_fake"):
     ref = setr.build_setr("pup", backbone="vit_tiny", num_classes=3, img_size=48)
     setr.load_timm_vit(ref, sd_file)
     assert all(torch.equal(v, ref.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items())
-try:
-    setr.load_timm_vit(model, "timm/vit_absent")
-except FileNotFoundError as e:
-    print(e)
+for offline in (False, True):
+    huggingface_hub.constants.HF_HUB_OFFLINE = offline  # what HF_HUB_OFFLINE=1 sets at import
+    try:
+        setr.load_timm_vit(model, "timm/vit_absent")
+    except FileNotFoundError as e:
+        print(e)
 """
 
 
-def test_hub_names_resolve_through_the_local_cache_offline(tmp_path):
-    """timm/<model> and hf-hub:timm/<model> read a fabricated HF cache under HF_HOME, offline; an
-    uncached model fails naming the file to fetch and where it goes."""
+def test_hub_names_resolve_through_the_local_cache_and_fail_fast_without_network(tmp_path):
+    """timm/<model> and hf-hub:timm/<model> read a fabricated HF cache under HF_HOME, with the hub
+    unreachable (HF_ENDPOINT: a closed local port); an uncached model fails at once, in one line
+    naming the file to fetch and where it goes: no retries, no logging of them."""
     sd_file = tmp_path / "vit.safetensors"
     safetensors.torch.save_file(tiny_timm_state(seed=1), sd_file)
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -253,15 +257,21 @@ def test_hub_names_resolve_through_the_local_cache_offline(tmp_path):
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
     shutil.copy(sd_file, repo / "snapshots" / commit / "model.safetensors")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(sd_file), commit], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    with socket.socket() as closed:  # bound, never listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+        env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}",
+                   PYTHONPATH=ROOT)
+        out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(sd_file), commit], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    message = out.stdout
-    assert "model.safetensors of timm/vit_absent is not in the Hugging Face cache" in message, message
-    assert str(tmp_path / "hf" / "hub") in message and "HF_HUB_OFFLINE is set" in message
-    assert "https://huggingface.co/timm/vit_absent/resolve/main/model.safetensors" in message
+    assert "Retrying" not in out.stderr and "thrown while requesting" not in out.stderr, out.stderr
+    unreachable, offline = out.stdout.splitlines()  # one line each
+    for message in (unreachable, offline):
+        assert "model.safetensors of timm/vit_absent is not in the Hugging Face cache" in message, message
+        assert str(tmp_path / "hf" / "hub") in message
+        assert "https://huggingface.co/timm/vit_absent/resolve/main/model.safetensors" in message
+    assert "the hub cannot be reached (" in unreachable and "HF_HUB_OFFLINE is set" in offline
 
 
 def test_pretrained_flag_accepts_hub_names_and_checks_files(tmp_path):

@@ -27,6 +27,9 @@ from .synthetic import SyntheticSegmentation
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": "training", "training": "train", "val": "validation",
                  "validation": "val"}
+# OpenCV's log level (get/setLogLevel): cv2.utils.logging from 5.0, the cv2 module itself in 4.x
+CV2_LOGGING = getattr(cv2.utils, "logging", cv2)
+CV2_LOG_SILENT = 0  # cv::utils::logging::LOG_LEVEL_SILENT
 
 
 class DataError(ValueError):
@@ -76,14 +79,14 @@ def read_image(path):
         raise DataError(path, f"cannot read image ({e.strerror or e})") from None
     if data.size == 0:
         raise DataError(path, "cannot decode image (empty file)")
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a damaged file: our one-line error only
+    level = CV2_LOGGING.getLogLevel()
+    CV2_LOGGING.setLogLevel(CV2_LOG_SILENT)  # a damaged file: our one-line error only
     try:
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     except cv2.error as e:
         raise DataError(path, f"cannot decode image ({str(e).strip().splitlines()[-1]})") from None
     finally:
-        cv2.utils.logging.setLogLevel(level)
+        CV2_LOGGING.setLogLevel(level)
     if bgr is None:
         raise DataError(path, "cannot decode image (not an image format OpenCV reads, or damaged)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
