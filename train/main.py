@@ -35,6 +35,7 @@ import traceback  # noqa: E402
 # model load; the functions below import the rest where they need it.
 from setr.cli import BAD_INPUT, FAILED  # noqa: E402
 from setr.data.datasets import DataError  # noqa: E402
+from setr.files import check_writable_dir  # noqa: E402
 from setr.run_dir import FINAL, CheckpointError, DamagedCheckpoint, read_meta  # noqa: E402
 from train.config import ConfigError, config_differences, parse_config, read_saved_config  # noqa: E402
 
@@ -48,13 +49,10 @@ def check_work_dir(cfg):
     files of the run create it), and never start over in a directory that holds a run unless
     asked to."""
     work_dir, c = cfg.work_dir, cfg.checkpoint
-    existing = os.path.abspath(work_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"--work-dir {work_dir!r} is not writable: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--work-dir {work_dir!r} is not writable: no write permission in {existing}")
+    try:
+        check_writable_dir(work_dir)
+    except OSError as e:
+        raise ConfigError(f"--work-dir {work_dir!r} is not writable ({e.strerror or e})") from None
     if c.resume and c.overwrite:
         raise ConfigError(f"--resume {c.resume} and --overwrite contradict each other: continue the run in "
                           f"{work_dir} or delete it, not both")
