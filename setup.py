@@ -9,8 +9,8 @@ setup(
     # OpenCV applies the EXIF orientation of PNG files from 4.11 on (opencv PR #26181), as mmcv's reads do
     install_requires=["torch>=2.6", "triton>=3.2", "numpy", "pillow", "opencv-python-headless>=4.11",
                       "safetensors>=0.4", "huggingface_hub>=0.24"],
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"], "plot": ["matplotlib"], "tb": ["tensorboard"],
-                    "all": ["matplotlib", "tensorboard", "pytest"]},
+    extras_require={"test": ["pytest", "scipy"], "bench": ["matplotlib"], "plot": ["matplotlib"], "tb": ["tensorboard"],
+                    "all": ["matplotlib", "tensorboard", "pytest", "scipy"]},
     entry_points={"console_scripts": ["setr-train=train.launch:run", "setr-predict=setr.predict:main",
                                       "setr-eval=setr.evaluate:main", "setr-plot=train.plot:main"]},
 )
