@@ -1,7 +1,7 @@
 """Benchmarks: kernels, the training step, planned and measured memory, the one-GPU check.
 
-What every bench script shares without importing torch (so that `--help` and a bad flag answer
-at once): the name of our implementation, GiB, and how a user's mistake ends a script.
+What the bench scripts share without importing torch (so that `--help` and a bad flag answer at
+once): names, where results go, how a user's mistake ends a script, the training configs they run.
 """
 import datetime
 import os
@@ -16,13 +16,28 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def gpu_results_dir(gpu):
-    """bench/results/<gpu name> (bench/results/cpu for None)."""
+    """bench/results/<gpu name> (bench/results/cpu for None): gpu_check's default folder."""
     return os.path.join(RESULTS, (gpu or "cpu").replace(" ", "_").replace("/", "_"))
 
 
+def new_results_dir(script, root=RESULTS):
+    """root/<script>/<date and time, to the microsecond>/: a run's own folder (default under bench/results)."""
+    return os.path.join(root, script, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
+
+
+def writable_dir(path, flag="--out"):
+    """setr.files.make_writable_dir(path) before any work, a UsageError naming it if it fails; path."""
+    from setr.files import make_writable_dir
+
+    try:
+        make_writable_dir(path)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
 class UsageError(ValueError):
-    """A user's mistake (a flag value, a missing or foreign file); the message names it and what
-    was expected."""
+    """A user's mistake (a flag value, a missing or foreign file); the message names it and what was expected."""
 
 
 def choose(flag, value, names):
@@ -35,11 +50,16 @@ def choose(flag, value, names):
 
 
 def run_script(main, argv=None):
-    """main(argv) as a script's exit status, by setr.cli's policy: a UsageError is one line on
-    stderr and status 2, anything else a bug (its traceback, status 1)."""
+    """main(argv) as an exit status by setr.cli's policy: a UsageError one line and 2, else a bug (traceback, 1)."""
     from setr.cli import run
 
     return run(os.path.basename(sys.argv[0]), lambda: main(argv), (UsageError,))
+
+
+def error_text(exc):
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def environment():
@@ -67,3 +87,47 @@ def _output(cmd):
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# --- the configs benchmarks run ----------------------------------------------------------------
+
+def run_config(preset, impl, recompute, precision="bf16", compile_=False, backbone="vit_large", crop=None,
+               num_classes=None, aux=True):
+    """The training config of a preset (train/config.py: "pup" is SETR-PUP's ADE20K recipe, ...)
+    with these settings changed (crop and classes: the preset's unless given)."""
+    from train.config import get_preset
+
+    cfg = get_preset(preset)
+    cfg.model.impl, cfg.model.backbone, cfg.model.aux = impl, backbone, aux
+    cfg.model.num_classes = num_classes or cfg.model.num_classes
+    cfg.parallel.recompute, cfg.parallel.precision, cfg.parallel.compile = recompute, precision, compile_
+    cfg.data.crop_size = (crop, crop) if crop else tuple(cfg.data.crop_size)
+    return cfg
+
+
+def plan_config(preset, impl, recompute, world_size=1, batch=None, precision="bf16", crop=None, num_classes=None,
+                backbone="vit_large"):
+    """A config of the memory planner (bench/memory.py): run_config's, batch the preset's over the GPUs."""
+    from setr.data.catalog import NAMED_DATASETS
+
+    cfg = run_config(preset, impl, recompute, precision, backbone=backbone, crop=crop, num_classes=num_classes)
+    return dict(preset=preset, head=cfg.model.head, dataset=NAMED_DATASETS[cfg.data.dataset].title, impl=impl,
+                recompute=recompute, world_size=world_size, precision=precision, crop=cfg.data.crop_size[0],
+                batch=batch or max(1, cfg.schedule.batch_size // world_size), backbone=backbone,
+                num_classes=cfg.model.num_classes)
+
+
+def plan_name(c):
+    """The file name (without .json) of a plan_config's results."""
+    return (f"{c['preset']}_{c['backbone']}_{c['crop']}_{c['impl']}_{c['precision']}_recompute-{c['recompute']}"
+            f"_b{c['batch']}_w{c['world_size']}")
+
+
+def setr_crops():
+    """(crop, classes) of the training presets of the named datasets, each once, in train/config.py's
+    order: ADE20K 512x512 (150 classes), Cityscapes 768x768 (19), Pascal Context 480x480 (60)."""
+    from setr.data.catalog import NAMED_DATASETS
+    from train.config import PRESETS, get_preset
+
+    presets = [c for c in map(get_preset, PRESETS) if c.data.dataset in NAMED_DATASETS]
+    return tuple(dict.fromkeys((c.data.crop_size[0], c.model.num_classes) for c in presets))

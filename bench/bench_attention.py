@@ -1,33 +1,31 @@
 """Attention benchmark: our Triton kernels vs the model's eager math, each PyTorch SDPA backend,
 torch.compile of the eager math, and xformers.
 
-Every provider is timed as the ViT calls it: from the packed in-projection output qkv
-(B, N, 3*H*D) to the (B, N, H*D) input of the out-projection, with the layout work each one
-needs around it (splitting heads, merging heads, and in the backward the gradient of qkv).
-Modes: fwd (the training forward, inputs require grad), bwd (backward of a kept forward), fwd+bwd.
-TFLOP/s: 4*B*H*N^2*D for the forward, x2.5 for the backward, x3.5 for fwd+bwd; peak_mem_mb is the
-peak CUDA memory of one call above what was allocated before it.
-
-Providers "triton" (ours), "eager", "sdpa_*" are the model's own op, setr.layers.attention_packed
-with impl "triton" / "eager" / "sdpa" (the last under one SDPA backend each).
-Shapes: SETR's (B = 1, 2, 8, 16; N = 1024, 1025, 2305, 901; H = 16; D = 64; bf16) and a sweep of
-N at B = 4. setr_only: ViT-L's training shapes (N = 1025 at 512x512, batch 8 and 16; N = 2305 at
-768x768, batch 8). quick: a few shapes (a tiny one on CPU, where the timings mean nothing).
-Run through bench/kernels.py (`--only attention`).
+Every provider is timed as the ViT calls it: from the packed qkv (B, N, 3*H*D) to the (B, N, H*D)
+input of the out-projection, with the layout work each one needs (splitting and merging heads, the
+gradient of qkv). Modes fwd (inputs require grad), bwd (of a kept forward), fwd+bwd. TFLOP/s:
+4*B*H*N^2*D forward, x2.5 backward, x3.5 fwd+bwd; peak_mem_mb: CUDA memory of one call above what
+was allocated before. "triton" (ours), "eager", "sdpa_*" are setr.layers.attention_packed with that
+impl (sdpa under one SDPA backend each). Shapes: SETR's (B = 1, 2, 8, 16; N = 1024, 1025, 2305,
+901; H = 16; D = 64; bf16) and a sweep of N at B = 4; setr_only: ViT-L's training shapes (N = 1025,
+batch 8 and 16; N = 2305, batch 8); quick: a few (a tiny one on CPU). Run through bench/kernels.py.
 """
 import importlib.util
 
 import torch
 
-from bench import OURS, common
+from bench import OURS, common, setr_crops
 from bench.common import MODES, default_device, on_gpu, time_provider
 from kernels.utils import use_triton
+from setr.constants import PATCH_SIZE
 from setr.layers import attention_packed
 
 KERNEL = "attention"
 SETR_BATCHES = (1, 2, 8, 16)
-SETR_TOKENS = (1024, 1025, 2305, 901)
-TRAIN_SHAPES = ((8, 1025), (16, 1025), (8, 2305))  # (B, N): 512x512 crops (ADE20K), 768x768 (Cityscapes)
+# with the class token at each preset's crop (ADE20K 1025, Cityscapes 2305, Pascal Context 901); and 1024
+TOKENS = [(crop // PATCH_SIZE) ** 2 + 1 for crop, _ in setr_crops()]
+SETR_TOKENS = (TOKENS[0] - 1, *TOKENS)
+TRAIN_SHAPES = ((8, TOKENS[0]), (16, TOKENS[0]), (8, TOKENS[1]))  # (B, N): ADE20K's crops, Cityscapes
 SWEEP_BATCH = 4
 SWEEP_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 PEERS = ("eager", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "torch.compile", "xformers")

@@ -6,8 +6,8 @@
 One worker, one thread (torch and OpenCV), as a DataLoader worker runs: the time per sample of
 the full ADE20K training pipeline (read jpg + png, random rescale 0.5-2.0 of (2048, 512), random
 crop 512 with cat_max_ratio 0.75, flip, photometric distortion, normalize, pad), and of each step
-alone on the decoded sample. Results: bench/results/<device>/bench_data.{json,md}. (The data
-wait of the real training loop: bench/gpu_check.py's training runs.)
+alone on the decoded sample. Results: bench_data.{json,md} in --out (default a new
+bench/results/bench_data/<date>/). The training loop's data wait: bench/gpu_check.py's training runs.
 """
 import argparse
 import os
@@ -17,7 +17,7 @@ import time
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import UsageError, run_script  # noqa: E402
+from bench import UsageError, new_results_dir, run_script, writable_dir  # noqa: E402
 
 SHARED_ADE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                           "data", "ade20k_sceneparsing_samples")
@@ -58,8 +58,9 @@ def main(argv=None):
     p.add_argument("--split", default="validation", help="split to read (default validation: the shared samples)")
     p.add_argument("-n", type=int, default=60, help="samples timed per row (default 60)")
     p.add_argument("--crop", type=int, default=512, help="crop size (default 512)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
+    p.add_argument("--out", default=None, help="output folder (default: a new bench/results/bench_data/<date>/)")
     args = p.parse_args(argv)
+    out = writable_dir(args.out or new_results_dir("bench_data"))
     import cv2
     import torch
 
@@ -76,7 +77,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['kernel']:<24} {r['samples_per_s']:8.1f} samples/s  {r['ms']:7.2f} ms")
     # the data pipeline runs on the CPU for real: its timings stand without a GPU
-    paths = common.write_results("bench_data", rows, COLUMNS, args.out, cpu_timings_mean_nothing=False)
+    paths = common.write_results("bench_data", rows, COLUMNS, out, cpu_timings_mean_nothing=False)
     print("wrote " + ", ".join(paths))
     return 0
 

@@ -1,13 +1,11 @@
 """LayerNorm (and the fused residual-add variant): ours vs torch, apex and torch.compile.
 
-Cases: SETR's shapes (8 x 1025 x 1024 and 16 x 1025 x 1024, bf16 and fp32) for layer_norm and
-add_layer_norm, and a sweep of widths at 8200 rows in bf16 (`--setr-only`: 8 x 1025 x 1024 bf16).
-Modes fwd, bwd, fwd+bwd; time (median ms) and GB/s, counting each input read once and each output
-written once (bwd also reads the saved float32 mean and rstd). "triton" (ours) and "eager"
-(F.layer_norm, after x + residual for the fused variant) are the model's own ops,
-setr.layers.layer_norm / add_layer_norm; "apex" is FusedLayerNorm's fused_layer_norm_affine
-(left out, and said so, when not importable) and "torch.compile" compiles the eager op.
-Run through bench/kernels.py (`--only layer_norm`).
+Cases: SETR's shapes (8 and 16 x 1025 x 1024, bf16 and fp32) for layer_norm and add_layer_norm,
+and a sweep of widths at 8200 rows in bf16 (`--setr-only`: 8 x 1025 x 1024 bf16). Modes fwd, bwd,
+fwd+bwd; median ms and GB/s, each input read and each output written once (bwd also reads the
+float32 mean and rstd). "triton" (ours) and "eager" (F.layer_norm, after x + residual for the fused
+variant) are setr.layers.layer_norm / add_layer_norm; "apex" is fused_layer_norm_affine (left out,
+and said so, when not importable). Run through bench/kernels.py (`--only layer_norm`).
 """
 import importlib.util
 import math

@@ -4,19 +4,14 @@
 with impl "triton" / "eager"; "torch.compile" compiles the eager op.
 
 upsample_bilinear: PUP's four x2 resizes (B x 256 x {32, 64, 128, 256} -> x2), the Naive / aux
-heads' x4 resizes (B x 256 x 32 -> 128, and B x 256 x 128 -> 512 as mmseg orders them), NCHW in
-bf16 and fp32, plus PUP's x2 resizes channels-last in bf16 (kernel "upsample_bilinear_nhwc").
-Modes fwd (inputs require grad), bwd (of a kept forward), fwd+bwd. GB/s counts the input read once
-and the output written once (bwd: dy read, dx written). Peers: "eager" (F.interpolate) and
-"torch.compile" (of it).
-upsample_cross_entropy: B x 150 x 128 x 128 -> 512 x 512 (Naive decode / PUP aux heads, x4) and
-B x 150 x 256 x 256 -> 512 x 512 (PUP decode head, x2), bf16 and fp32 logits, labels with 10%
-ignored pixels. Time and peak memory (peak_mem_mb: CUDA memory of one call above what was
-allocated before it). Peers: "eager" (F.interpolate then F.cross_entropy in float32, as mmseg
-computes it) and "torch.compile" (of the same function).
-`--setr-only`: bf16 only, PUP's x2 resize 128 -> 256, the x4 resize 128 -> 512 and both loss cases.
-`--quick`: a few cases (tiny ones on CPU, where the timings mean nothing).
-Run through bench/kernels.py (`--only upsample`).
+heads' x4 resizes (B x 256 x 32 -> 128, B x 256 x 128 -> 512), NCHW in bf16 and fp32, PUP's x2
+resizes channels-last in bf16 ("upsample_bilinear_nhwc"). Modes fwd, bwd (of a kept forward),
+fwd+bwd; GB/s counts the input read and the output written once. Peers: "eager" (F.interpolate).
+upsample_cross_entropy: B x 150 x {128, 256}^2 -> 512 x 512 (Naive decode / PUP aux x4, PUP
+decode x2), bf16 and fp32 logits, 10% ignored labels; time and peak_mem_mb (CUDA memory of one
+call above what was allocated before). Peer "eager": F.interpolate then F.cross_entropy in float32,
+as mmseg. `--setr-only`: bf16, PUP's x2 128 -> 256, the x4 128 -> 512 and both loss cases.
+`--quick`: a few cases (tiny on CPU). Run through bench/kernels.py (`--only upsample`).
 """
 import torch
 

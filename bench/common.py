@@ -1,14 +1,13 @@
-"""Timing, ratios, the environment and result files, shared by the benchmark scripts: a row is a
-dict of kernel, mode ("fwd" | "bwd" | "fwd+bwd" | "train"), provider, shape, dtype, ms (median),
-ms_p20, ms_p80 and where it applies gbps / tflops / peak_mem_mb, or "error" when it failed.
-"""
+"""Timing, ratios, the environment and result files of the benchmark scripts: a row is a dict of
+kernel, mode ("fwd" | "bwd" | "fwd+bwd" | "train"), provider, shape, dtype, ms (median), ms_p20,
+ms_p80 and where it applies gbps / tflops / peak_mem_mb, or "error"."""
 import json
 import os
 import time
 
 import torch
 
-from bench import OURS, gpu_results_dir
+from bench import GIB, OURS, error_text
 from bench import environment as bench_environment
 from setr.files import write_atomic
 
@@ -60,7 +59,7 @@ def environment():
     env = bench_environment()
     if on_gpu():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / GIB, 1), cuda=torch.version.cuda)
     else:
         env.update(gpu=None, gpu_memory_gb=None, driver=None, note=CPU_WARNING)
     return env
@@ -76,8 +75,7 @@ def bench(fn, quick=False):
         import triton.testing
 
         warmup, rep = (5, 20) if quick else (25, 100)
-        p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return p50, p20, p80
+        return tuple(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8]))
     if not quick:  # warm-up; a CPU smoke run (quick) times its one call, compile and all
         fn()
     times = []
@@ -141,23 +139,17 @@ def time_provider(make_fn, args, leaves, base, quick=False, **kw):
     except Exception as e:  # noqa: BLE001 - reported in the rows
         if on_gpu():
             torch.cuda.empty_cache()
-        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        return [dict(base, mode=mode, ms=None, error=error) for mode in MODES]
+        return [dict(base, mode=mode, ms=None, error=error_text(e)) for mode in MODES]
 
 
 def add_ratios(rows, ours=(OURS,), keys=("kernel", "mode", "shape", "dtype")):
     """Each row whose provider is in `ours` gets speedup_vs = {peer: peer ms / its ms} over every
-    other row with the same `keys`."""
+    row of a peer (a provider not in `ours`) with the same `keys`."""
     key = lambda r: tuple(str(r.get(k)) for k in keys)
     for r in rows:
         if r["provider"] in ours and r.get("ms"):
             r["speedup_vs"] = {p["provider"]: round(p["ms"] / r["ms"], 3) for p in rows
-                               if p is not r and p.get("ms") and key(p) == key(r)}
-
-
-def results_dir():
-    """bench/results/<gpu name> (cpu without a GPU)."""
-    return gpu_results_dir(torch.cuda.get_device_name(0) if on_gpu() else None)
+                               if p["provider"] not in ours and p.get("ms") and key(p) == key(r)}
 
 
 def _fmt(v):
@@ -177,11 +169,9 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
-def write_results(name, rows, columns, outdir=None, not_run=None, cpu_timings_mean_nothing=True):
+def write_results(name, rows, columns, outdir, not_run=None, cpu_timings_mean_nothing=True):
     """Write <outdir>/<name>.json and <name>.md; not_run: {provider: why} of the peers left out on
     this machine. Returns the paths."""
-    outdir = outdir or results_dir()
-    os.makedirs(outdir, exist_ok=True)
     env = environment()
     if not cpu_timings_mean_nothing:
         env.pop("note", None)

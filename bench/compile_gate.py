@@ -4,17 +4,15 @@ config, compiled for Hopper (sm_90a) and Ampere (sm_80) on the CPU with Triton's
     python -m bench.compile_gate --all     # compile everything, rewrite bench/results/compile/
     python -m bench.compile_gate           # CI: check the table is current, recompile a subset
 
-The launchers run on CPU tensors of the real shapes (never initialized, nothing executes): each
-launch is captured instead of run, bound by Triton's own argument specialization for a CUDA
-target as a real launch would be (16-byte aligned pointers, ints divisible by 16, the launcher's
-constexprs, every autotune config) and compiled with ptxas -v. A row records registers, spill
-bytes, shared memory against the target's limit, wgmma / mma.sync counts and an estimated
-occupancy. Gate (exit status 1): a compile error anywhere; spills in a bf16/fp16 launch the
-autotuner can pick (fits in shared memory) on sm_90a, and in bf16/fp16 attention at D=64 on sm_80;
-attention without wgmma on sm_90a or without mma on sm_80. A row's key hashes the kernel's source
-(with the @triton.jit helpers it calls), specialization, options and Triton version: CI fails
-when the committed table's keys are not exactly the current launches' (run --all and commit the
-table); `--all --reuse` recompiles only the rows whose key changed.
+The launchers run on CPU tensors of the real shapes (nothing executes): each launch is captured,
+bound by Triton's own argument specialization for a CUDA target as a real launch would be (16-byte
+aligned pointers, ints divisible by 16, constexprs, every autotune config) and compiled with ptxas
+-v: registers, spill bytes, shared memory against the target's limit, wgmma / mma.sync counts, an
+estimated occupancy. Gate (exit status 1): a compile error; spills in a bf16/fp16 launch the
+autotuner can pick on sm_90a, and in bf16/fp16 attention at D=64 on sm_80; attention without
+wgmma on sm_90a or mma on sm_80. A row's key hashes the kernel's source (and its @triton.jit
+helpers'), specialization, options and Triton version: CI fails when the committed keys are not
+the current launches' (run --all and commit); `--all --reuse` recompiles only changed keys.
 """
 import argparse
 import atexit
@@ -34,17 +32,15 @@ import time
 
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile")
+from bench import RESULTS, run_script, setr_crops, writable_dir  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--all", action="store_true", help="compile every launch and write the table; default: check that "
-                   "the committed table is current and recompile a subset, comparing the numbers")
-    p.add_argument("--reuse", action="store_true", help="with --all: keep the rows of the existing table whose "
-                   "key (kernel source, specialization, options, Triton version) is unchanged")
+    p.add_argument("--all", action="store_true", help="compile every launch, write the table (default: check it)")
+    p.add_argument("--reuse", action="store_true", help="with --all: keep the existing rows whose key is unchanged")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")
-    p.add_argument("--out", default=RESULTS, help="table directory (default: bench/results/compile)")
+    p.add_argument("--out", default=os.path.join(RESULTS, "compile"), help="table folder (bench/results/compile)")
     return p.parse_args(argv)
 
 
@@ -66,6 +62,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
+from setr.constants import PATCH_SIZE  # noqa: E402
 from setr.files import write_atomic  # noqa: E402
 
 attn = importlib.import_module("kernels.attention")
@@ -86,9 +83,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --- the launches, as the launchers make them ---------------------------------------------------
 
-# SETR's crops and classes: ADE20K 512x512 (150), Cityscapes 768x768 (19), Pascal Context 480x480 (60)
-CROPS = ((512, 150), (768, 19), (480, 60))
-TOKENS = [(crop // 16) ** 2 + 1 for crop, _ in CROPS]  # with the class token: 1025, 2305, 901
+# SETR's crops and classes (bench.setr_crops) and token counts with the class token: 1025, 2305, 901
+CROPS = setr_crops()
+TOKENS = [(crop // PATCH_SIZE) ** 2 + 1 for crop, _ in CROPS]
 
 
 def attention_cases():
@@ -126,7 +123,7 @@ def resize_shapes(crop, classes):
     decode x2 steps, Naive/PUP aux and MLA x4 (256 channels), Naive and MLA decode logits x4 before
     the fused loss, inference logits to the image size; and the fused loss's (classes, logits side,
     label side) of Naive/PUP aux/MLA, PUP decode, MLA aux."""
-    f = crop // 16
+    f = crop // PATCH_SIZE
     return (((256, f, 2 * f), (256, 2 * f, 4 * f), (256, 4 * f, 8 * f), (256, f, 4 * f), (classes, f, 4 * f),
              (classes, 4 * f, crop)), ((classes, 4 * f, crop), (classes, 8 * f, crop), (classes, f, crop)))
 
@@ -363,6 +360,7 @@ def check_against(rows, committed_path, workers):
 
 def main(argv=None):
     args = parse_args(argv)
+    writable_dir(args.out)  # before minutes of compiling
     t0 = time.perf_counter()
     rows = [r for arch in TARGETS for r in jobs(arch, all_cases())]
     if args.all:
@@ -391,4 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

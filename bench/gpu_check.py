@@ -1,35 +1,34 @@
-"""One command for a GPU run: the training command, the GPU tests, a memory check of every kernel
-and the benchmarks, each under its own time limit, in at most 8 minutes on one H100 / H200.
+"""One command for a GPU run: the training command, the train step, the memory plan, the GPU tests
+that fit and a memory check of every kernel, each under its own time limit, in at most 8 minutes.
 
-    python bench/gpu_check.py                       # everything, results in bench/results/<gpu>/
-    python bench/gpu_check.py --only kernels --scale 2   # rerun a part, twice its limit
+    python bench/gpu_check.py                       # the default parts, results in bench/results/<gpu>/
+    python bench/gpu_check.py --only sanitizer --scale 2   # rerun a part, twice its limit
+    python bench/gpu_check.py --only train_step_cityscapes kernels readme_tables   # the extra parts
     python bench/gpu_check.py --dry-run             # every part in smoke mode on the CPU (CI)
 
-Parts, most valuable first (PARTS below; a run cut short loses the last ones): train_run_triton
-and train_run_eager, the training command itself (`torchrun --nproc_per_node=1 train/main.py
---preset pup`, synthetic 512x512 images, ViT-L, batch 16, 20 iterations, no evaluation; img/s, MFU,
-max allocated memory and data wait from its metrics.jsonl, the records after the first, go to
-train_run.json); pytest_gpu (`pytest -m gpu`); train_step (bench/train_step.py: training's step on
-one rank, PUP ViT-L 512x512 batch 8 bf16, eager / sdpa / triton, each compiled too); sanitizer
-(compute-sanitizer memcheck, then racecheck, over `bench/kernels.py --once`: every kernel forward
-and backward at small odd shapes; without compute-sanitizer the kernels run bare and the report
-says it is missing); kernels (--setr-only); memory (PUP impl=triton batch 16 planned and
-measured); readme_tables (the README tables of this run).
+PARTS lists the parts, most valuable first (a run cut short loses the last ones), with the
+arithmetic of each limit. The training runs (`torchrun --nproc_per_node=1 train/main.py --preset
+pup`, impl triton, then eager) put img/s, MFU, max allocated memory and data wait (the means of
+their metrics.jsonl records after the first) in train_run.json. The sanitizer runs memcheck, then
+racecheck, over `bench/kernels.py --once` (without compute-sanitizer: the kernels bare, and a
+note). The EXTRA parts (the Cityscapes train step, the kernel benchmarks) run only when --only
+names them: another call of up to 8 minutes. Not run: torch.compile of training (`python
+bench/train_step.py --compile both`: three inductor compiles of a ViT-L block) and the full
+`python -m pytest -m gpu tests` (each attention dtype, head dim and token bucket autotunes anew:
+over 12 minutes of compiles on a cold cache).
 
-Each part is a subprocess in its own process group, killed whole at its limit; a part that fails
-or runs out of time is recorded and the next one runs (exit status 1 if one did not pass). The
-parts share Triton's disk cache and autotuning choices. Written to --out (default
-bench/results/<gpu>/) after every part: gpu_check.{json,md} (environment; per part its command,
-limit, wall time, status, exit code, last lines of output), gpu_check_logs/, each part's files. A
-full run first moves an earlier run's files to previous/<date>/ (--only adds to them). --dry-run
-runs two parts at a time (on the CPU they share only cores; a part reading the others' files
-waits for them). This process imports no torch.
+Each part is a subprocess in its own process group, killed whole at its limit; a failed or
+timed-out part is recorded and the next one runs (exit status 1 if one did not pass). The parts
+share Triton's disk cache and autotuning choices. Written to --out (default bench/results/<gpu>/)
+after every part: gpu_check.{json,md} (per part its command, limit, wall time, status, exit code,
+last lines of output), gpu_check_logs/, each part's files; a full run first moves an earlier
+run's files to previous/<date>/ (--only adds to them). --dry-run runs two parts at a time (a part
+reading the others' files waits for them). This process imports no torch.
 """
 import argparse
 import concurrent.futures
 import contextlib
 import ctypes
-import datetime
 import glob
 import json
 import os
@@ -42,7 +41,8 @@ import time
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import UsageError, environment, gpu_results_dir, run_script
+from bench import UsageError, environment, gpu_results_dir, new_results_dir, run_script, writable_dir
+from setr.files import write_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included
@@ -62,28 +62,52 @@ TRAIN_RUN_GPU = ["--data.synthetic_size", "512,512", "--max-iters", "20", "--log
 TRAIN_RUN_SMOKE = ["--device", "cpu", "--backbone", "vit_tiny", "--crop-size", "32", "--data.synthetic_size", "32,32",
                    "--batch-size", "2", "--max-iters", "2", "--log-interval", "1", "--num-workers", "0",
                    "--precision", "fp32"]
-STEP = ["{python}", "bench/train_step.py", "--head", "pup", "--out", "{out}"]
+STEP = ["{python}", "bench/train_step.py", "--out", "{out}"]
+STEP_GPU = ["--batch", "8", "--steps", "8", "--warmup", "2"]
 MEMORY = ["{python}", "bench/memory.py", "--head", "pup", "--impl", "triton", "--out", "{out}/memory"]
 ONCE = ["{python}", "bench/kernels.py", "--once"]
 PYTEST = ["{python}", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+# The GPU tests that fit pytest_gpu's limit: each attention dtype, head dim and token bucket autotunes
+# 9+6+6 configs anew (up to 90 s of compiles): of attention only N=1025 bf16 (dtype0: the training run
+# tuned it); no fp16 LayerNorm (dtype2), nor tests/test_bench's (fp32 attention for ViT-tiny).
+GPU_TESTS = ["-k", "setr_shapes[1025-dtype0] or packed_setr_block or (real_sizes and not dtype2) or fused_loss "
+             "or on_cuda"]
 TABLES = ["{python}", "bench/readme_tables.py", "--results", "{out}", "--out", "{out}/readme_tables.md"]
 
-# name, limit (s) on the GPU, GPU command, smoke command
+# name, limit (s) on the GPU, GPU command, smoke command. Limits for a first H100 run (empty Triton
+# cache; Triton 3.6 compiles autotune configs one after another) from the compile table's sm_90a
+# seconds (bench/results/compile/) and step times (PUP ViT-L 512x512: 2.95 TFLOP per image, 0.12 s a
+# batch of 16 at 40% of 989 TFLOP/s, 0.4 s budgeted). start: imports, ViT-L built, CUDA/NCCL init.
+#   train_run_triton 165 = 15 start + 113 compiles before step 1 (attention bf16 N=1025, 22 configs: 90;
+#     LayerNorm 4; PUP's upsamples and loss 19) + 10 autotuning + 20 steps x 0.4 + 5 checkpoint = 151
+#   train_run_eager 45 = 15 start + 20 steps x 0.5 (attention scores materialized) + 5 checkpoint = 30
+#   train_step 60 = 10 start + 3 impls x (5 build + 10 steps x 0.3, batch 8) + 4 LayerNorm compiles = 38
+#   memory 20 = 5 plan (ViT-L, CPU) + 10 start + 2 steps at batch 16 (kernels cached) = 16
+#   pytest_gpu 75 = 10 start + 3 attention (cached) + 25 LayerNorm fp32/bf16 (12 compiles) + 25 upsample,
+#     loss fp32/bf16 (~20 compiles) + 5 NCCL, ViT-tiny = 68
+#   sanitizer 75 = memcheck: 15 start + 22 attention configs autotuned at N=197 (a new bucket) x 1 s
+#     instrumented + 12 other kernels; racecheck (autotuning cached): 15 start + 10 = 74
+#   readme_tables 5; total 445 + 7 x 3 s kill grace = 466 <= TOTAL_LIMIT_S. EXTRA, another call:
+#   train_step_cityscapes 60 = 10 start + 5 build + 8 autotuning of N=2305 (N=1025's binaries: neither
+#     is a multiple of 16) + 16 compiles (19-class upsamples and loss at 768) + 10 steps x 1.0 = 49
+#   kernels 240 = 10 start + 32 (108 timings x 0.3) + 9 torch.compile peers x 15 + 8 autotuning = 185
 PARTS = [
-    ("train_run_triton", 70, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
-    ("train_run_eager", 75, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
-    ("pytest_gpu", 60, PYTEST + ["-rfE", "--junitxml={out}/pytest_gpu.xml", "tests"],
-     PYTEST + ["--collect-only", "tests/test_upsample.py"]),  # CPU: the collection of a light file with GPU tests
-    # CPU: inductor would take minutes there, so the smoke run leaves torch.compile out
-    ("train_step", 115, STEP + ["--batch", "8", "--steps", "6", "--warmup", "2", "--compile", "both"],
-     STEP + ["--quick", "--impl", "eager", "triton"]),
-    ("sanitizer", 55, ["{sanitizer}"], ONCE),
-    ("kernels", 40, ["{python}", "bench/kernels.py", "--setr-only", "--out", "{out}"],
-     ["{python}", "bench/kernels.py", "--quick", "--out", "{out}"]),
-    ("memory", 25, MEMORY + ["--measure", "--batch", "16"],  # CPU: the measured step is tests/test_memory_plan.py's
+    ("train_run_triton", 165, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
+    ("train_run_eager", 45, TRAIN_RUN + TRAIN_RUN_GPU, TRAIN_RUN + TRAIN_RUN_SMOKE),
+    ("train_step", 60, STEP + STEP_GPU + ["--head", "pup"],
+     STEP + ["--head", "pup", "--quick", "--impl", "eager", "triton"]),
+    ("memory", 20, MEMORY + ["--measure", "--batch", "16"],  # CPU: the measured step is tests/test_memory_plan.py's
      MEMORY + ["--batch", "2", "--backbone", "vit_tiny", "--crop", "32", "--num-classes", "8"]),
+    ("pytest_gpu", 75, PYTEST + GPU_TESTS + ["-rfE", "--junitxml={out}/pytest_gpu.xml", "tests"],
+     PYTEST + GPU_TESTS + ["--collect-only", "tests"]),  # CPU: the selection collects (pytest exits 5 on none)
+    ("sanitizer", 75, ["{sanitizer}"], ONCE),
+    ("train_step_cityscapes", 60, STEP + STEP_GPU + ["--preset", "pup_cityscapes", "--impl", "triton"],
+     STEP + ["--preset", "pup_cityscapes", "--quick", "--impl", "triton"]),
+    ("kernels", 240, ["{python}", "bench/kernels.py", "--setr-only", "--out", "{out}"],
+     ["{python}", "bench/kernels.py", "--quick", "--out", "{out}"]),
     ("readme_tables", 5, TABLES, TABLES + ["--allow-cpu"]),
 ]
+EXTRA = ("train_step_cityscapes", "kernels")  # only when --only names them (every part runs in --dry-run)
 WAITS = ("readme_tables",)  # reads the other parts' files: in --dry-run it starts once they all ended
 PART_NAMES = [p[0] for p in PARTS]
 
@@ -97,20 +121,22 @@ def find_sanitizer():
 
 def sanitizer_command(tool):
     """memcheck then racecheck over every kernel (`bench/kernels.py --once`), or the kernels bare
-    when compute-sanitizer is missing. Returns (command, note)."""
+    when compute-sanitizer is missing. Returns (command, note). PyTorch's caching allocator is off
+    under the tool: a small tensor would share a 2 MB block with others, hiding an access past it."""
     if tool is None:
         return ONCE, (f"compute-sanitizer NOT FOUND (PATH, $CUDA_HOME/bin, {', '.join(SANITIZER_DIRS)}): the kernels "
                       "ran once without it; install the CUDA toolkit for the memory check")
     once = " ".join(ONCE)
     checks = [f"{tool} --tool {t} --error-exitcode 1 {once}" for t in ("memcheck", "racecheck")]
-    return ["bash", "-c", " && ".join(checks)], f"compute-sanitizer {tool}: memcheck, then racecheck"
+    return (["bash", "-c", "export PYTORCH_NO_CUDA_MEMORY_CACHING=1; " + " && ".join(checks)],
+            f"compute-sanitizer {tool}: memcheck, then racecheck")
 
 
 def part_commands(dry_run, out, only=None, scale=1.0):
     """[(name, limit_s, cmd, note)] of the parts to run, in order."""
     chosen = []
     for name, limit_s, gpu_args, smoke_args in PARTS:
-        if only and name not in only:
+        if (name not in only) if only else (name in EXTRA and not dry_run):
             continue
         args, note = (smoke_args if dry_run else gpu_args), None
         if args == ["{sanitizer}"]:
@@ -144,8 +170,7 @@ def kill_group(proc):
 
 
 def _own_group_dies_with_parent():
-    """In the part's process: a process group of its own (killed whole at its limit), and SIGKILL
-    when this runner dies, however it dies (prctl PR_SET_PDEATHSIG, Linux)."""
+    """In the part's process: its own process group (killed whole), SIGKILL when this runner dies (Linux prctl)."""
     os.setpgrp()
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
@@ -200,7 +225,7 @@ def add_training_run(out, env, record):
         row["error"] = f"no metrics: {type(e).__name__}: {e}"
     path = os.path.join(out, "train_run.json")
     rows = [r for r in _read(path, "rows") if r["name"] != row["name"]]
-    _write(path, json.dumps({"environment": env, "rows": rows + [row]}, indent=1))
+    write_atomic(path, json.dumps({"environment": env, "rows": rows + [row]}, indent=1))
 
 
 def _read(path, key):
@@ -212,20 +237,12 @@ def _read(path, key):
         return []
 
 
-def _write(path, text):
-    with open(path + ".tmp", "w") as f:  # not setr.files: this process never imports torch
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def move_earlier_run(out):
     """Move the files of an earlier run in out to out/previous/<now>/; returns that folder (or None)."""
     files = [f for f in os.listdir(out) if f != "previous"]
     if not files:
         return None
-    dest = os.path.join(out, "previous", datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S"))
-    while os.path.exists(dest):
-        dest += "_"
+    dest = new_results_dir("previous", out)
     os.makedirs(dest)
     for f in files:
         os.replace(os.path.join(out, f), os.path.join(dest, f))
@@ -243,8 +260,8 @@ def write_report(out, env, records, dry_run):
     for r in records:
         lines += ["", f"## {r['name']}: {r['status']}", "", f"`{r['command']}`", ""]
         lines += [f"- {line}" for line in r["summary"]] + ["", "```"] + r["tail"] + ["```"]
-    _write(os.path.join(out, "gpu_check.json"), json.dumps(data, indent=1))
-    _write(os.path.join(out, "gpu_check.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(out, "gpu_check.json"), json.dumps(data, indent=1))
+    write_atomic(os.path.join(out, "gpu_check.md"), "\n".join(lines) + "\n")
 
 
 def run_all(parts, out, env, dry_run, total_limit_s=TOTAL_LIMIT_S, earlier=(), jobs=1):
@@ -301,8 +318,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="list the parts and their limits, run each in smoke mode")
     p.add_argument("--only", nargs="+", choices=PART_NAMES, default=None, help="run these parts only (in order)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every limit and the total by this (a slower GPU, a rerun of a part that ran out)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every limit and the total (a slower GPU)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
     args = p.parse_args(argv)
     if args.scale <= 0:
@@ -318,15 +334,15 @@ def main(argv=None):
         raise UsageError("no GPU (nvidia-smi finds none); --dry-run runs every part in smoke mode on the CPU")
     if args.dry_run:
         env["gpu"] = None  # the parts run on the CPU whatever this machine has
-    out = os.path.abspath(args.out or gpu_results_dir(env["gpu"]))
-    os.makedirs(out, exist_ok=True)
+    out = writable_dir(os.path.abspath(args.out or gpu_results_dir(env["gpu"])))
     moved = None if args.only else move_earlier_run(out)
     parts = part_commands(args.dry_run, out, args.only, args.scale)
     print(f"gpu_check {'dry run ' if args.dry_run else ''}on {env['gpu'] or 'CPU'}, started {env['date']}, results in "
           f"{out}" + (f" (the earlier run's files moved to {moved})" if moved else "")
           + f"; parts (limit on the GPU, total {TOTAL_LIMIT_S} s):")
+    chosen = {p[0] for p in parts}
     for name, limit_s, *_ in PARTS:
-        print(f"  {name:<28} {limit_s:>4} s" + ("" if not args.only or name in args.only else "  (not selected)"))
+        print(f"  {name:<28} {limit_s:>4} s" + ("" if name in chosen else "  (not selected)"))
     records = run_all(parts, out, env, args.dry_run, TOTAL_LIMIT_S * args.scale,
                       _read(os.path.join(out, "gpu_check.json"), "parts") if args.only else (),  # --only: keep the rest
                       jobs=2 if args.dry_run else 1)

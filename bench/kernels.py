@@ -4,16 +4,15 @@
     python bench/kernels.py --setr-only  # SETR's training shapes only (bench/gpu_check.py runs this)
     python bench/kernels.py --quick      # small shapes, few repeats (always so on CPU: a smoke test)
     python bench/kernels.py --only attention layer_norm
-    python bench/kernels.py --once       # each kernel once, fwd + bwd, small odd shapes, nothing timed
-                                         # (what gpu_check runs under compute-sanitizer)
+    python bench/kernels.py --once       # each kernel once, fwd + bwd, bf16, small odd shapes, untimed
+    python bench/kernels.py --once all   # the same in float32 too (gpu_check: --once, under compute-sanitizer)
 
 Runs `run(quick, setr_only)` of bench/bench_layer_norm.py, bench_attention.py and bench_upsample.py,
 gives each row of ours its speedup over every peer measured in the same run, and writes
-<out>/kernels.{json,md} (default bench/results/<gpu>/) with the environment after each kernel
-script (a run stopped part-way keeps what it measured). A kernel script that raises becomes an
-error row and the run goes on; it exits 1 at the end, as when a row of ours has an error. Peers
-that cannot run on this machine (not installed, a CUDA-only backend on CPU) are left out and
-listed once, in the output and the results.
+kernels.{json,md} to --out (default a new bench/results/kernels/<date>/) after each kernel script.
+A kernel script that raises becomes an error row and the run goes on; it exits 1 at the end, as
+when a row of ours has an error. Peers that cannot run here (not installed, a CUDA-only backend on
+CPU) are left out and listed once, in the output and the results.
 """
 import argparse
 import importlib
@@ -24,7 +23,7 @@ import traceback
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import OURS, run_script
+from bench import OURS, error_text, new_results_dir, run_script, writable_dir
 
 KERNEL_BENCHES = ("layer_norm", "attention", "upsample")  # bench/bench_<name>.py
 COLUMNS = ["kernel", "mode", "provider", "shape", "dtype", "ms", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb",
@@ -36,8 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a few cases, short timing (always so on CPU)")
     p.add_argument("--setr-only", action="store_true", help="SETR's training shapes only, no sweeps")
     p.add_argument("--only", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
-    p.add_argument("--once", action="store_true", help="each kernel of ours once, fwd + bwd, small odd shapes, untimed")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
+    p.add_argument("--once", nargs="?", const="bf16", choices=("bf16", "all"), help="each kernel once (see above)")
+    p.add_argument("--out", default=None, help="output folder (default: a new bench/results/kernels/<date>/)")
     return p.parse_args(argv)
 
 
@@ -49,32 +48,32 @@ def run_bench(name, quick, setr_only=False):
     except Exception as e:  # noqa: BLE001 - reported as a row, the other kernels still run
         traceback.print_exc()
         return [dict(bench=name, kernel=name, mode="-", provider=OURS, shape="-", dtype="-", ms=None,
-                     error=f"benchmark failed: {type(e).__name__}: {e}")], {}
+                     error="benchmark failed: " + error_text(e))], {}
 
 
-def run_once():
-    """Each kernel of ours once, forward and backward, at small odd shapes in float32 and bfloat16:
-    every launch our ops make (attention, LayerNorm with and without the residual add, bilinear
-    upsample NCHW and channels-last, the fused upsample + cross-entropy), for compute-sanitizer."""
+def run_once(dtypes):
+    """Every launch our ops make (attention, LayerNorm with and without the residual add, bilinear
+    upsample NCHW and channels-last, the fused upsample + cross-entropy) once, forward and backward,
+    at small odd shapes in bf16 (dtypes "all": float32 too), for compute-sanitizer. On a GPU the
+    attention launches autotune: every config runs."""
     import torch
 
     from bench.common import default_device
     from setr import layers
 
     device = default_device()
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if dtypes == "all" else (torch.bfloat16,):
         def leaf(*shape, fmt=torch.contiguous_format):
             return torch.randn(*shape, device=device).to(dtype, memory_format=fmt).requires_grad_()
 
-        w, b = leaf(1000), leaf(1000)
+        w, b, rows = leaf(1000), leaf(1000), lambda: leaf(3, 37, 1000)
         labels = torch.randint(0, 19, (2, 29, 35), device=device)
         labels[:, :3] = 255  # ignored pixels
         ops = {
-            # N = 1025 (odd): the autotune bucket SETR's 512 crops and pytest -m gpu have tuned already
-            "attention": lambda: layers.attention_packed(leaf(1, 1025, 3 * 2 * 64), 2, OURS),
-            "layer_norm": lambda: layers.layer_norm(leaf(3, 37, 1000), w, b, 1e-6, OURS),
-            "add_layer_norm": lambda: sum(layers.add_layer_norm(leaf(3, 37, 1000), leaf(3, 37, 1000), w, b, 1e-6,
-                                                                OURS)),
+            # N = 197: two 128-row blocks and a masked tail; odd, like SETR's token counts
+            "attention": lambda: layers.attention_packed(leaf(1, 197, 3 * 2 * 64), 2, OURS),
+            "layer_norm": lambda: layers.layer_norm(rows(), w, b, 1e-6, OURS),
+            "add_layer_norm": lambda: sum(layers.add_layer_norm(rows(), rows(), w, b, 1e-6, OURS)),
             "upsample": lambda: layers.upsample(leaf(3, 5, 7, 9), (13, 17), OURS),
             "upsample channels_last": lambda: layers.upsample(leaf(3, 5, 7, 9, fmt=torch.channels_last), (13, 17),
                                                               OURS),
@@ -91,12 +90,13 @@ def run_once():
 
 def main(argv=None):
     args = parse_args(argv)
+    out = None if args.once else writable_dir(args.out or new_results_dir("kernels"))
     from bench import common  # torch: after the arguments, so that --help answers at once
 
     if not common.on_gpu():  # CPU: our kernels through Triton's interpreter (TRITON_INTERPRET=0: the references)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.once:
-        return run_once()
+        return run_once(args.once)
     common.print_cpu_warning()
     quick = args.quick or not common.on_gpu()
     rows, not_run = [], {}
@@ -106,7 +106,7 @@ def main(argv=None):
         rows += new
         not_run.update(skipped)
         common.add_ratios(rows)
-        paths = common.write_results("kernels", rows, COLUMNS, args.out, not_run=not_run)
+        paths = common.write_results("kernels", rows, COLUMNS, out, not_run=not_run)
     print(common.markdown_table(rows, COLUMNS + ["speedup_vs"]))
     if not_run:
         print(common.not_run_line(not_run))

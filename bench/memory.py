@@ -8,19 +8,17 @@
     python bench/memory.py --head pup --measure --snapshot          # GPU: the same step for real too
     python bench/memory.py --readme-table                           # re-plan the README's table
 
-Planning (bench/memory_plan.py, seconds per ViT-L config on two CPU cores) runs training's step
-on the model of a training preset (--head's ADE20K one by default) as training builds it, under
-FakeTensorMode over a fake process group of --world-size ranks: the second step's peak per GPU and
-per image, by category and by module. --measure runs the same two steps for real (world size 1,
-or torchrun with --world-size ranks) beside the plan (on CPU only the code path); --snapshot writes
-that step's memory_viz snapshot. GiB = 2^30 bytes; --batch is per GPU (default: the preset's
-batch over the GPUs). Results: <config>.json per config in --out (default a new
-bench/results/memory/<date>/); --readme-table plans the README table's configs into
-bench/results/estimate/, replacing the committed plans. The last lines printed:
+Planning (bench/memory_plan.py, seconds per ViT-L config on two CPU cores) runs training's step on
+a training preset's model (--head's ADE20K one by default) under FakeTensorMode over a fake process
+group of --world-size ranks: the second step's peak per GPU and per image, by category and module.
+--measure runs the same two steps for real on a GPU (one process, or torchrun with --world-size
+ranks; without a GPU it prints n/a), --snapshot writes its memory_viz snapshot. --batch is per GPU
+(default: the preset's over the GPUs). Results: <config>.json per config in --out (default a new
+bench/results/memory/<date>/); --readme-table replaces the committed plans in
+bench/results/estimate/. GiB = 2^30 bytes. The last lines printed:
     estimate <preset> <impl> recompute=<policy> batch <B> world <W>: peak <X.XX> GiB, <Y.YY> GiB per image
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -30,9 +28,8 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo roo
 
 from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE  # noqa: E402
 
-# What the plan (tensors only) does not see, for --max-batch: a fixed part for the CUDA context,
-# cuBLAS / cuDNN / Triton workspaces and NCCL buffers, and the caching allocator's fragmentation
-# (reserved but not allocated) as a share of the planned peak.
+# What the plan (tensors only) does not see, for --max-batch: the CUDA context, cuBLAS / cuDNN /
+# Triton workspaces and NCCL buffers, and the allocator's fragmentation as a share of the peak.
 ALLOWANCE_GIB = 1.5
 FRAGMENTATION = 0.10
 
@@ -42,8 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--head", default="pup", choices=HEADS + ("all",), help="its ADE20K preset (default pup)")
     p.add_argument("--preset", default=None, help="a training preset instead (train/config.py), e.g. pup_cityscapes")
     p.add_argument("--impl", default="triton", choices=IMPLS + ("all",))
-    p.add_argument("--recompute", default=None,
-                   help="none | selective | full | all (default: training's, train/config.py)")
+    p.add_argument("--recompute", default=None, help="none | selective | full | all (default: training's)")
     p.add_argument("--batch", type=int, default=None, help="images per GPU (default: the preset's batch / world size)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs (FSDP ranks)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
@@ -55,12 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for --max-batch (default 80)")
     p.add_argument("--measure", action="store_true", help="also run the step for real (GPU: max_memory_allocated)")
     p.add_argument("--snapshot", action="store_true", help="with --measure: a memory_viz snapshot of the measured step")
-    p.add_argument("--readme-table", action="store_true",
-                   help="plan the README table's configs into bench/results/estimate/ (replacing them)")
+    p.add_argument("--readme-table", action="store_true", help="re-plan the README table into bench/results/estimate/")
     p.add_argument("--out", default=None, help="results folder (default: a new bench/results/memory/<date>/)")
     args = p.parse_args(argv)
     for name, least in (("world_size", 1), ("batch", 1), ("crop", PATCH_SIZE), ("num_classes", 2)):
-        if (getattr(args, name) or least) < least:
+        if getattr(args, name) is not None and getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if (args.crop or 0) % PATCH_SIZE or args.gpu_memory <= 0:
         p.error(f"--crop must be a multiple of {PATCH_SIZE} and --gpu-memory > 0, got {args.crop}, {args.gpu_memory}")
@@ -72,34 +67,18 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from bench import GIB, RESULTS, choose, common, readme_tables, run_script  # noqa: E402
+from bench import (GIB, choose, common, new_results_dir, plan_config, plan_name, readme_tables,  # noqa: E402
+                   run_script, writable_dir)
 from bench.memory_plan import PlanError, check_config, measure, plan  # noqa: E402
-from setr.data.catalog import NAMED_DATASETS  # noqa: E402
 from setr.files import write_atomic  # noqa: E402
-from train.config import PRESETS, RECOMPUTE, ParallelConfig, get_preset  # noqa: E402
-
-
-def make_config(preset, impl, recompute, world_size=1, batch=None, precision="bf16", crop=None, num_classes=None,
-                backbone="vit_large"):
-    """One config to plan, its preset's crop, classes and batch (over the GPUs) filled in."""
-    cfg = get_preset(preset)
-    return dict(preset=preset, head=cfg.model.head, dataset=NAMED_DATASETS[cfg.data.dataset].title, impl=impl,
-                recompute=recompute, world_size=world_size,
-                batch=batch or max(1, cfg.schedule.batch_size // world_size),
-                precision=precision, crop=crop or cfg.data.crop_size[0], backbone=backbone,
-                num_classes=num_classes or cfg.model.num_classes)
+from train.config import PRESETS, RECOMPUTE, ParallelConfig  # noqa: E402
 
 
 def configs_from_args(args):
     presets = choose("preset", args.preset, PRESETS) if args.preset else choose("head", args.head, HEADS)
     policies = choose("recompute", args.recompute or ParallelConfig().recompute, RECOMPUTE)
-    return [make_config(p, i, r, args.world_size, args.batch, args.precision, args.crop, args.num_classes,
+    return [plan_config(p, i, r, args.world_size, args.batch, args.precision, args.crop, args.num_classes,
                         args.backbone) for p in presets for r in policies for i in choose("impl", args.impl, IMPLS)]
-
-
-def config_name(c):
-    return (f"{c['preset']}_{c['backbone']}_{c['crop']}_{c['impl']}_{c['precision']}_recompute-{c['recompute']}"
-            f"_b{c['batch']}_w{c['world_size']}")
 
 
 def summary_line(row):
@@ -140,7 +119,7 @@ def breakdown_line(row):
     """Where the planned peak is, and its bytes by category."""
     p = row["plan"]
     parts = ", ".join(f"{c} {v / GIB:.2f}" for c, v in p["peak_by_category"].items() if v)
-    return f"  {config_name(row)}: peak in the {p['peak_at']}: {parts} GiB"
+    return f"  {plan_name(row)}: peak in the {p['peak_at']}: {parts} GiB"
 
 
 def measure_line(row, snapshot_dir=None):
@@ -149,7 +128,7 @@ def measure_line(row, snapshot_dir=None):
                                   "backbone", "num_classes")}
     what = (f"measured {row['preset']} {row['impl']} recompute={row['recompute']} batch {row['batch']} world "
             f"{row['world_size']}")
-    snapshot = os.path.join(snapshot_dir, config_name(row) + "_snapshot.pickle") if snapshot_dir else None
+    snapshot = os.path.join(snapshot_dir, plan_name(row) + "_snapshot.pickle") if snapshot_dir else None
     if not torch.cuda.is_available():  # a real ViT-L step on the CPU would take long and measure nothing
         return f"{what}: n/a (no GPU; the plan stands)"
     try:
@@ -168,17 +147,16 @@ def measure_line(row, snapshot_dir=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_config("eager", 1, args.world_size, args.crop or PATCH_SIZE, args.compile == "on")
     if args.readme_table:
-        configs, out = [make_config(**c) for c in readme_tables.table_configs()], args.out or readme_tables.ESTIMATE
+        configs, out = readme_tables.table_configs(), args.out or readme_tables.ESTIMATE
     else:
-        # a folder of this run's own: bench/results/memory/<date, to the microsecond>
-        configs = configs_from_args(args)
-        out = args.out or os.path.join(RESULTS, "memory", datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
-    os.makedirs(out, exist_ok=True)
+        configs, out = configs_from_args(args), args.out or new_results_dir("memory")
+    for c in configs:  # every config refused before any is planned
+        check_config(c["impl"], c["batch"], c["world_size"], c["crop"], args.compile == "on")
+    writable_dir(out)
     rows, notes = [], []
     for config in configs:
-        print(f"planning {config_name(config)}{' (largest batch)' if args.max_batch else ''} ...", flush=True)
+        print(f"planning {plan_name(config)}{' (largest batch)' if args.max_batch else ''} ...", flush=True)
         if args.max_batch:
             b, row = max_batch(config, args.gpu_memory)
             notes.append(f"max batch {config['preset']} {config['impl']} recompute={config['recompute']} world "
@@ -195,12 +173,12 @@ def main(argv=None):
     env = common.environment()
     env.pop("note", None)  # the CPU-timing caveat: a plan times nothing
     for row in rows:
-        path = os.path.join(out, config_name(row) + ".json")
+        path = os.path.join(out, plan_name(row) + ".json")
         write_atomic(path, json.dumps({"environment": env, "row": row}, indent=1))
         print(breakdown_line(row))
     print(f"wrote {len(rows)} plan(s) (<config>.json: the peak by category and by module) to {out}")
     if args.readme_table:
-        print(readme_tables.planned_table(out))
+        print(readme_tables.planned_table(out, configs))
     print("\n".join(notes + [summary_line(row) for row in rows]))
     return 0
 

@@ -4,20 +4,19 @@ The model is built on the meta device and parallelized by training's own code (b
 over a fake process group of any world size. Under FakeTensorMode (tensors with shapes, dtypes
 and storages but no data) training's step, `train.step.train_step`, runs twice, and
 torch.distributed._tools' FSDPMemTracker counts every tensor it allocates: sharded and gathered
-parameters, gradients, SGD momentum, activations, backward temporaries, all-gather /
-reduce-scatter buffers. The first step creates the optimizer state; the second is reported. Fake
-tensors live on the CPU (FSDP2 needs CUDA streams, which a CPU-only torch cannot make even for
-fake tensors); `kernels.utils.plan_as_cuda` sends them down our kernels' GPU path, so
-impl="triton" is planned through the custom ops' fake (shape-only) versions, as the GPU runs it.
-A Recorder (a dispatch mode inside the tracker) attributes the bytes to the model's parts. Not
-seen: the CUDA context, workspaces and allocator fragmentation (the caller adds an allowance),
-and torch.compile (refused). `measure` runs the same two steps for real.
-
-Private PyTorch internals (tests/test_memory_plan.py runs on torch 2.11 and 2.13): the tracker's
-instrumentation methods and FSDP2's parameter groups, as FSDPMemTracker itself uses them.
+parameters, gradients, SGD momentum, activations, backward temporaries, collective buffers. The
+first step creates the optimizer state; the second is reported. Fake tensors live on the CPU (FSDP2
+needs CUDA streams, which a CPU-only torch cannot make); `kernels.utils.plan_as_cuda` sends them
+down our kernels' GPU path: impl="triton" is planned through the custom ops' fake versions. A
+Recorder (a dispatch mode inside the tracker) attributes the bytes to the model's parts. Not seen:
+the CUDA context, workspaces, fragmentation (the caller adds an allowance) and torch.compile
+(refused). `measure` runs the same two steps for real. Private PyTorch internals (tested on torch
+2.11 and 2.13): the tracker's instrumentation methods, FSDP2's parameter groups, DTensor's shape
+inference (dtensor_shape_inference_unseen).
 """
 import bisect
 import contextlib
+import unittest.mock
 
 import torch
 import torch.distributed as dist
@@ -27,11 +26,12 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefT
 from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bench import UsageError
-from bench.step import build_parallel, random_batch, run_config
+from bench import UsageError, run_config
+from bench.step import build_parallel, random_batch
 from kernels.utils import plan_as_cuda
 from setr.constants import IMPLS, PATCH_SIZE
 from train.step import build_step_state, train_step
@@ -65,6 +65,21 @@ def fake_process_group(world_size):
         dist.destroy_process_group()
 
 
+def dtensor_shape_inference_unseen(fake_mode):
+    """DTensor infers an op's output shape by running it on fake tensors of the global shapes: on a
+    GPU in a fake mode of its own, allocating nothing; here in the planner's, where the tracker would
+    count them (torch 2.11 infers at every op under a fake mode: the grad norm's inputs, as large as
+    the unsharded gradients, planned MLA world 8 at 1.61 GiB, not 1.48). Within the context this
+    returns, the inference runs in `fake_mode` with the tracking modes off."""
+    infer = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def unseen(self, op_schema):
+        with _disable_current_modes(), fake_mode:
+            return infer(self, op_schema)
+
+    return unittest.mock.patch.object(ShardingPropagator, "_propagate_tensor_meta_non_cached", unseen)
+
+
 def fsdp_param_groups(model):
     """The parameter group of every fully_shard unit of model, each once (a unit of several
     modules appears on each of them)."""
@@ -76,12 +91,10 @@ class FSDPGroupMemTracker(FSDPMemTracker):
     """FSDPMemTracker instrumented per FSDP parameter group instead of per module.
 
     The stock tracker swaps every unit's forward hooks for per-module ones: a unit of several
-    modules (training shards the heads as one) would be resharded after its first module and
-    never gathered for the others, and how fully_shard registers a unit's hooks differs between
-    torch releases. Here fully_shard's own hooks stay. The tracker's phase, which tells
-    all-gather and reduce-scatter buffers, gathered parameters and gradients apart, is set around
-    the parameter group's pre/post forward and backward, which every unit runs (torch 2.11 and
-    2.13 alike). Activations recomputed in the backward count as temporaries."""
+    modules (the heads) would be resharded after its first module, and fully_shard's hooks differ
+    between torch releases. Here they stay; the tracker's phase (which tells collective buffers,
+    gathered parameters and gradients apart) is set around the parameter group's pre/post forward
+    and backward, which every unit runs. Activations recomputed in the backward are temporaries."""
 
     def _instrument_fsdp_module(self):
         self._groups = fsdp_param_groups(self._root_mod)
@@ -256,7 +269,8 @@ def plan(preset, impl, batch, recompute, world_size=1, precision="bf16", crop=No
     with fake_process_group(world_size):
         model = build_parallel(cfg, "meta")
         # allow_non_fake_inputs: the meta parameters become fake tensors in to_empty
-        with FakeTensorMode(allow_non_fake_inputs=True), plan_as_cuda():
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, plan_as_cuda(), \
+                dtensor_shape_inference_unseen(fake_mode):
             model.to_empty(device="cpu")  # no data, so no init either
             state = build_step_state(cfg, model, "cpu")
             batches = [random_batch(batch, crop, num_classes, "cpu")]

@@ -3,12 +3,11 @@
     python bench/readme_tables.py                        # the planned-memory table + the GPU tables
     python bench/readme_tables.py --results bench/results/NVIDIA_H100_80GB_HBM3 --out tables.md
 
-Planned memory: every plan in bench/results/estimate/ (bench/memory.py --readme-table), a row per
-dataset, model, layout and recompute policy, a column per impl, beside mmseg's published Mem. From
-one GPU's folder (the only one in bench/results unless --results names it): the training run
-(train_run.json), the train step per preset (train_step_<preset>.json) and the kernels
-(kernels.json), each table naming its files and their GPU, torch, triton, commit and date. A CPU
-run's results are refused (its timings mean nothing) unless --allow-cpu, which is for tests.
+Planned memory: the plans of TABLE's configs in bench/results/estimate/ (bench/memory.py
+--readme-table), a row per dataset, model, layout and recompute policy, a column per impl, beside
+mmseg's published Mem. From a gpu_check folder (the only one in bench/results unless --results
+names it): the training run, the train step per preset and the kernels, each table naming its
+files and their GPU, torch, triton, commit and date. CPU results are refused unless --allow-cpu.
 """
 import argparse
 import glob
@@ -20,14 +19,13 @@ import textwrap
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import OURS, RESULTS, UsageError, run_script
+from bench import OURS, RESULTS, UsageError, plan_config, plan_name, run_script, writable_dir
 
 HEAD_NAMES = {"naive": "SETR-Naive", "pup": "SETR-PUP", "mla": "SETR-MLA"}
 BACKBONE_NAMES = {"vit_large": "ViT-L/16", "vit_base": "ViT-B/16", "vit_tiny": "ViT-tiny"}
 IMPL_ORDER = ("eager", "sdpa", OURS)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ESTIMATE = os.path.join(RESULTS, "estimate")
-NOT_GPU_FOLDERS = ("cpu", "compile", "estimate", "memory")  # plans, compile table, CPU smoke runs
 
 # The planned table: (training preset, GPU counts, every recompute policy or training's default
 # only), and mmseg's published Mem (GB; fp32, 8 GPUs x batch / 8) of those recipes.
@@ -39,20 +37,19 @@ MMSEG_MEM_GB = {"naive": 18.40, "pup": 19.54, "mla": 17.30, "mla_b8": 10.96, "na
 
 
 def table_configs():
-    """The planned table's configs: dict(preset, impl, recompute, world_size) (bench/memory.py
-    --readme-table fills in the rest from the preset and plans them)."""
+    """The planned table's configs (bench.plan_config), which bench/memory.py --readme-table plans."""
     from train.config import RECOMPUTE, ParallelConfig
 
-    return [dict(preset=preset, impl=impl, recompute=policy, world_size=world)
-            for preset, worlds, every in TABLE for world in worlds
+    return [plan_config(preset, impl, policy, world) for preset, worlds, every in TABLE for world in worlds
             for policy in (RECOMPUTE if every else (ParallelConfig().recompute,)) for impl in IMPL_ORDER]
 
 
-def planned_table(estimate_dir=ESTIMATE):
-    """The README's planned-memory table from every plan file in estimate_dir: a row per dataset,
-    model, layout and recompute policy (a layout's policies by planned memory, most first)."""
+def planned_table(estimate_dir=ESTIMATE, configs=None):
+    """The README's planned-memory table from the plans of `configs` (default TABLE's) in estimate_dir: a row
+    per dataset, model, layout and recompute policy (a layout's policies by planned memory, most first)."""
     rows, envs = {}, []
-    for path in glob.glob(os.path.join(estimate_dir, "*.json")):
+    paths = [os.path.join(estimate_dir, plan_name(c) + ".json") for c in configs or table_configs()]
+    for path in filter(os.path.exists, paths):
         with open(path) as f:
             data = json.load(f)
         r = data["row"]
@@ -127,8 +124,8 @@ def run_table(results_dir, allow_cpu=False):
 
 def step_table(results_dir, allow_cpu=False):
     """Per preset: each variant's train step (impl, recompute, compile)."""
-    lines = ["| model (preset) | impl | recompute | compile | batch | img/s | MFU | peak (GiB) | per image (GiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model (preset) | impl | recompute | compile | precision | batch | img/s | MFU | peak (GiB) | per image "
+             "(GiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     sources = []
     for path in sorted(glob.glob(os.path.join(results_dir, "train_step_*.json"))):
         data = load(path, allow_cpu)
@@ -138,13 +135,12 @@ def step_table(results_dir, allow_cpu=False):
                      [num(r["images_per_s"], 1), num(r["mfu"] and 100 * r["mfu"], 1) + "%", num(r["peak_mem_gib"]),
                       num(r.get("mem_per_image_gib"))])
             model = f"{HEAD_NAMES[r['head']]} {BACKBONE_NAMES.get(r['backbone'], r['backbone'])} ({r['preset']})"
-            lines.append(f"| {model} "
-                         f"| {r['impl']} | {r['recompute']} | {'on' if r['compile'] else 'off'} | {r['batch']} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {r['impl']} | {r['recompute']} | {'on' if r['compile'] else 'off'} | "
+                         f"{r['dtype']} | {r['batch']} | " + " | ".join(cells) + " |")
     if not sources:
         return [f"No train-step results (`train_step_<preset>.json`) in `{results_dir}`."]
-    return lines + ["", "One step of `train.step.train_step` on the model as training builds it (FSDP2 on one rank, "
-                        "bf16 mixed precision, SyncBN), fixed random batch.", ""] + sources
+    return lines + ["", "One step of `train.step.train_step` on the model as training builds it (FSDP2 on one rank "
+                        "with its mixed precision, SyncBN), fixed random batch.", ""] + sources
 
 
 def kernel_table(results_dir, allow_cpu=False):
@@ -167,8 +163,9 @@ def kernel_table(results_dir, allow_cpu=False):
 
 
 def gpu_results_dirs(root=RESULTS):
+    """The folders of gpu_check runs on a GPU in root (bench/results/cpu holds its dry runs)."""
     return sorted(os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                  if d not in NOT_GPU_FOLDERS and os.path.isdir(os.path.join(root, d)))
+                  if d != "cpu" and os.path.exists(os.path.join(root, d, "gpu_check.json")))
 
 
 def render(results_dir=None, allow_cpu=False, estimate_dir=ESTIMATE):
@@ -196,6 +193,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     p.add_argument("--allow-cpu", action="store_true", help="render CPU results too (tests only)")
     args = p.parse_args(argv)
+    if args.out:
+        writable_dir(os.path.dirname(os.path.abspath(args.out)))
     text = render(args.results, args.allow_cpu, args.estimate)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,10 +1,5 @@
-"""The training step as every benchmark runs it: training's own config, model and step.
-
-    cfg = run_config("pup", impl="triton", recompute="selective")   # a training preset, changed
-    model = build_parallel(cfg, "cuda")        # as train/main.py builds it, in the process group there
-    state = train.step.build_step_state(cfg, model, "cuda")
-    train.step.train_step(state, [random_batch(16, 512, 150, "cuda")])
-"""
+"""The training step as every benchmark runs it: the model of bench.run_config's config built as
+train/main.py builds it (build_parallel), train.step's state and step, a fixed random batch."""
 import copy
 
 import torch
@@ -12,21 +7,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from train.build import build_model
-from train.config import get_preset
 from train.parallelize import parallelize
-
-
-def run_config(preset, impl, recompute, precision="bf16", compile_=False, backbone="vit_large", crop=None,
-               num_classes=None, aux=True):
-    """The training config of a preset (train/config.py: "pup" is SETR-PUP's ADE20K recipe,
-    "pup_cityscapes" its Cityscapes one, ...) with these settings changed (crop and classes: the
-    preset's unless given)."""
-    cfg = get_preset(preset)
-    cfg.model.impl, cfg.model.backbone, cfg.model.aux = impl, backbone, aux
-    cfg.model.num_classes = num_classes or cfg.model.num_classes
-    cfg.parallel.recompute, cfg.parallel.precision, cfg.parallel.compile = recompute, precision, compile_
-    cfg.data.crop_size = (crop, crop) if crop else tuple(cfg.data.crop_size)
-    return cfg
 
 
 def build_parallel(cfg, device):
@@ -61,7 +42,3 @@ def is_oom(exc, depth=8):
         exc, depth = exc.__cause__ or exc.__context__, depth - 1
     return False
 
-
-def error_text(exc):
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"

@@ -12,10 +12,9 @@ recompute policy, torch.compile per block, FSDP2 with bf16 parameters and fp32 r
 --warmup. Reported: step time, images/s, TFLOP/s and MFU from the analytic FLOPs (3 x
 forward_flops against the GPU's dense peak; ours classifies before the last upsample, ~7% fewer
 FLOPs for naive/PUP: its MFU is conservative), first and last loss, peak allocated memory and per
-image; ratios compare impls under the same recompute policy. Results: <out>/train_step_<preset>
-.{json,md} (default bench/results/<gpu>/) after each variant, with PASS/MISS lines for the goals.
-The training command itself, data loading included: bench/gpu_check.py. Without a GPU this runs
-the tiny config (vit_tiny, 32x32, 8 classes, fp32, one step): its timings mean nothing.
+image; ratios compare impls under the same recompute policy. Results: train_step_<preset>.{json,md}
+with PASS/MISS lines for the goals, in --out (default a new bench/results/train_step/<date>/). The
+training command itself: bench/gpu_check.py. Without a GPU: a tiny config, its timings mean nothing.
 """
 import argparse
 import math
@@ -36,8 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default=None, help="a training preset instead (train/config.py), e.g. pup_cityscapes")
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--recompute", default=None, help="none | selective | full | all (default: training's)")
-    p.add_argument("--compile", default="off", choices=("off", "on", "both"),
-                   help="training's torch.compile of each block (parallel.compile)")
+    p.add_argument("--compile", default="off", choices=("off", "on", "both"), help="training's torch.compile per block")
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="vit_large on GPU, vit_tiny on CPU")
     p.add_argument("--crop", type=int, default=None, help="square crop; the preset's on GPU, 32 on CPU")
     p.add_argument("--batch", type=int, default=None, help="images per step; 8 on GPU, 1 on CPU")
@@ -45,14 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"), help="bf16 on GPU, fp32 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (median); 20 on GPU, 1 on CPU")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; 5 on GPU, 0 on CPU")
-    p.add_argument("--memory-limit-gb", type=float, default=None,
-                   help="cap this process's GPU memory (GiB), e.g. 80 to decide the 80 GB goal on an H200")
+    p.add_argument("--memory-limit-gb", type=float, default=None, help="cap the GPU memory (GiB; 80 on an H200)")
     p.add_argument("--quick", action="store_true", help="the tiny CPU config on any device")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
+    p.add_argument("--out", default=None, help="output folder (default: a new bench/results/train_step/<date>/)")
     args = p.parse_args(argv)
-    for name in ("crop", "batch", "steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name, least in (("crop", 1), ("batch", 1), ("steps", 1), ("warmup", 0), ("num_classes", 2)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if (args.crop or 0) % PATCH_SIZE:
         p.error(f"--crop {args.crop} is not a multiple of the patch size {PATCH_SIZE}")
     return args
@@ -63,20 +60,19 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from bench import GIB, OURS, choose, common, run_script, step  # noqa: E402
+import train.step  # noqa: E402
+from bench import (GIB, OURS, choose, common, error_text, new_results_dir, run_config, run_script, step,  # noqa: E402
+                   writable_dir)
 from train.config import PRESETS, RECOMPUTE, ParallelConfig  # noqa: E402
 from train.flops import model_flops_utilization, peak_flops  # noqa: E402
 from train.parallelize import destroy_distributed, init_distributed  # noqa: E402
-from train.step import build_step_state  # noqa: E402
-import train.step  # noqa: E402  (train.step.train_step is looked up at each call: tests spy on it)
 
-# Goals checked on a GPU run.
 GOAL_SPEEDUP_EAGER = 1.5
 GOAL_SPEEDUP_EAGER_COMPILE = 1.1
 GOAL_MFU = 0.50
 GOAL_MEM_PER_IMAGE_GIB = 2.4  # mmseg's 19.54 GB for 2 images, / 4 (GB = 2^30 bytes, as mmcv logs)
 GOAL_BATCH = 16
-GOAL_GPU_GIB = 80
+GOAL_GPU_GIB = 80  # the goals, checked on a GPU
 TINY = dict(backbone="vit_tiny", crop=32, batch=1, num_classes=8, steps=1, warmup=0, precision="fp32")
 FULL = dict(backbone="vit_large", crop=None, batch=8, num_classes=None, steps=20, warmup=5, precision="bf16")
 COLUMNS = ["provider", "recompute", "shape", "dtype", "ms", "images_per_s", "tflops", "mfu", "peak_mem_gib",
@@ -97,15 +93,15 @@ def resolve_config(args, on_gpu):
 
 def run_variant(preset, impl, recompute, compile_, cfg, device):
     """The row of one variant (with "error" when it failed)."""
-    run = step.run_config(preset, impl, recompute, cfg["precision"], compile_, cfg["backbone"], cfg["crop"],
-                          cfg["num_classes"])
+    run = run_config(preset, impl, recompute, cfg["precision"], compile_, cfg["backbone"], cfg["crop"],
+                     cfg["num_classes"])
     crop, classes = run.data.crop_size[0], run.model.num_classes
     row = dict(kernel=f"setr_{preset}_{cfg['backbone']}", preset=preset, head=run.model.head, backbone=cfg["backbone"],
                impl=impl, recompute=recompute, compile=compile_, provider=impl + ("+compile" if compile_ else ""),
                mode="train", shape=f"{cfg['batch']}x3x{crop}x{crop}", dtype=cfg["precision"], batch=cfg["batch"])
     try:
         torch.manual_seed(0)  # the same weights for every variant: their first losses must agree
-        state = build_step_state(run, step.build_parallel(run, device), device)
+        state = train.step.build_step_state(run, step.build_parallel(run, device), device)
         batches = [step.random_batch(cfg["batch"], crop, classes, device)]
         losses = []
         if measure(row, lambda: losses.append(train.step.train_step(state, batches)["loss"]), cfg, device):
@@ -118,7 +114,7 @@ def run_variant(preset, impl, recompute, compile_, cfg, device):
             if not (math.isfinite(losses[0]) and math.isfinite(losses[-1])):
                 row["error"] = f"non-finite loss: first step {losses[0]}, last step {losses[-1]}"
     except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
-        row.setdefault("error", step.error_text(e))
+        row.setdefault("error", error_text(e))
     finally:
         state = batches = None  # noqa: F841 - frees the model before the next variant
         torch._dynamo.reset()
@@ -130,8 +126,7 @@ def run_variant(preset, impl, recompute, compile_, cfg, device):
 
 
 def measure(row, fn, cfg, device):
-    """Time fn into row (ms, ms_p20, ms_p80, peak_mem_gib after the warm-up); out-of-memory or an
-    error lands in row["error"]. Returns whether it ran."""
+    """Time fn into row (ms, ms_p20, ms_p80, peak_mem_gib after the warm-up, or "error"); whether it ran."""
     cuda = device.type == "cuda"
     try:
         for _ in range(cfg["warmup"]):
@@ -152,7 +147,7 @@ def measure(row, fn, cfg, device):
                    peak_mem_gib=torch.cuda.max_memory_allocated(device) / GIB if cuda else None)
         return True
     except Exception as e:  # noqa: BLE001
-        row["error"] = f"OOM at batch {row['batch']}" if step.is_oom(e) else step.error_text(e)
+        row["error"] = f"OOM at batch {row['batch']}" if step.is_oom(e) else error_text(e)
         return False
 
 
@@ -201,6 +196,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.default_device()
     cfg = resolve_config(args, device.type == "cuda")
+    out = writable_dir(args.out or new_results_dir("train_step"))
     common.print_cpu_warning()
     gpu_gib = None
     if device.type == "cuda":
@@ -219,7 +215,7 @@ def main(argv=None):
                 print(f"[{preset}] {impl}{'+compile' if compile_ else ''} recompute={recompute} ...", flush=True)
                 rows.append(run_variant(preset, impl, recompute, compile_, cfg, device))
                 common.add_ratios(rows, ours=(OURS, OURS + "+compile"), keys=("mode", "recompute"))
-                paths = common.write_results(f"train_step_{preset}", rows, COLUMNS, args.out)
+                paths = common.write_results(f"train_step_{preset}", rows, COLUMNS, out)
                 goals = goal_lines(preset, rows, device.type == "cuda", gpu_gib)
                 with open(paths[1], "a") as f:
                     f.write("\n## Goals\n\n" + "\n".join(goals) + "\n")

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from bench import OURS, gpu_check
 
@@ -62,13 +63,26 @@ def test_dry_run_lists_and_runs_every_part(dry_run):
         assert p["status"] == "passed", (p["name"], p["tail"])
     assert rc == 0
     by_name = {p["name"]: p for p in parts}
-    assert "collected" in "\n".join(by_name["pytest_gpu"]["tail"])  # pytest -m gpu collects (CPU: runs nothing)
     assert by_name["sanitizer"]["summary"][0].startswith("dry run: the kernels once")
-    assert sum("ran attention" in line for line in by_name["sanitizer"]["tail"]) == 2  # fp32 and bf16
+    assert sum("ran attention" in line for line in by_name["sanitizer"]["tail"]) == 1  # bf16
     assert any(line.startswith("estimate pup triton recompute=") for line in by_name["memory"]["summary"])
     with open(os.path.join(out, "gpu_check.md")) as f:
         md = f.read()
     assert "| kernels | passed |" in md and "dry run" in md
+
+
+def test_dry_run_collects_the_gpu_tests_that_fit(dry_run):
+    """pytest_gpu's selection (collected in the dry run): of attention, N=1025 in bf16 only."""
+    import test_attention
+
+    with open(os.path.join(REPO, next(p for p in dry_run[3]["parts"] if p["name"] == "pytest_gpu")["log"])) as f:
+        collected = [line for line in f.read().splitlines() if "::" in line]
+    attention = [line.split("::")[1] for line in collected if line.startswith("tests/test_attention.py")]
+    assert attention == ["test_gpu_setr_shapes[1025-dtype0]", "test_gpu_packed_setr_block_deterministic"]
+    dtypes = next(m.args[1] for m in test_attention.test_gpu_setr_shapes.pytestmark if m.args[0] == "dtype")
+    assert dtypes[0] == torch.bfloat16  # what dtype0 stands for
+    assert not any("test_bench.py" in line or "dtype2" in line for line in collected), collected
+    assert any("test_upsample_cross_entropy.py" in line for line in collected)
 
 
 def test_dry_run_training_runs(dry_run):
@@ -115,6 +129,8 @@ def test_dry_run_train_step(dry_run):
         # same weights and batch for every variant: the first-step losses agree (fp32)
         assert t["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
     assert set(rows["triton"]["speedup_vs"]) == {"eager"}
+    cityscapes, = load(dry_run[2], "train_step_pup_cityscapes")["rows"]  # the extra part's one row
+    assert cityscapes["provider"] == "triton" and "error" not in cityscapes, cityscapes
 
 
 def test_dry_run_readme_tables(dry_run):
@@ -124,9 +140,13 @@ def test_dry_run_readme_tables(dry_run):
     assert "| attention |" in text and "### Planned memory" in text
 
 
-def test_gpu_limits_fit_eight_minutes():
-    total = sum(limit for _, limit, *_ in gpu_check.PARTS)
-    assert total + gpu_check.KILL_GRACE_S * len(gpu_check.PARTS) <= gpu_check.TOTAL_LIMIT_S <= 8 * 60
+def test_gpu_limits_fit_eight_minutes_and_the_extra_parts_another_eight():
+    default = gpu_check.part_commands(False, "/o")
+    assert [name for name, *_ in default] == [n for n in gpu_check.PART_NAMES if n not in gpu_check.EXTRA]
+    extra = gpu_check.part_commands(False, "/o", only=list(gpu_check.EXTRA) + ["readme_tables"])
+    for parts in (default, extra):
+        total = sum(limit for _, limit, *_ in parts)
+        assert total + gpu_check.KILL_GRACE_S * len(parts) <= gpu_check.TOTAL_LIMIT_S <= 8 * 60
 
 
 def test_sanitizer_found_or_said_missing(tmp_path, monkeypatch):
@@ -140,6 +160,7 @@ def test_sanitizer_found_or_said_missing(tmp_path, monkeypatch):
     (name, _, cmd, note), = gpu_check.part_commands(False, "/o", only=["sanitizer"])
     assert cmd[:2] == ["bash", "-c"] and f"{tool} --tool memcheck" in cmd[2] and "--tool racecheck" in cmd[2]
     assert "bench/kernels.py --once" in cmd[2] and "{" not in cmd[2]
+    assert cmd[2].startswith("export PYTORCH_NO_CUDA_MEMORY_CACHING=1; ")  # the allocator hides no access
     tool.unlink()
     (name, _, cmd, note), = gpu_check.part_commands(False, "/o", only=["sanitizer"])
     assert cmd[1:] == ["bench/kernels.py", "--once"] and note.startswith("compute-sanitizer NOT FOUND")
@@ -212,9 +233,9 @@ def test_a_new_run_moves_the_earlier_one_aside(tmp_path):
 
 
 def test_scale_multiplies_the_limits():
-    normal = gpu_check.part_commands(False, "/o")
     slow = gpu_check.part_commands(False, "/o", only=["kernels"], scale=2)
-    assert [(n, limit) for n, limit, *_ in slow] == [(n, 2 * limit) for n, limit, *_ in normal if n == "kernels"]
+    assert [(n, limit) for n, limit, *_ in slow] == [(n, 2 * limit) for n, limit, *_ in gpu_check.PARTS
+                                                     if n == "kernels"]
     assert slow[0][2][1:] == ["bench/kernels.py", "--setr-only", "--out", "/o"]
 
 

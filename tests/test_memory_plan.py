@@ -1,5 +1,6 @@
 """The memory planner (bench/memory_plan.py) against what a real CPU step keeps for backward, its
 command line (bench/memory.py) and the README table it feeds (bench/readme_tables.py)."""
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 import setr
-from bench import memory, memory_plan, readme_tables, run_script
+from bench import memory, memory_plan, plan_name, readme_tables, run_script
 from train.config import RECOMPUTE
 from train.parallelize import apply_recompute
 from train.sync_batchnorm import convert_sync_batchnorm
@@ -84,6 +85,34 @@ def test_plans_of_the_cityscapes_and_pascal_context_recipes(preset, crop, classe
     assert max(m["largest"][0] for m in ours.values() if m["largest"]) < classes * crop * crop
 
 
+def test_dtensor_shape_inference_is_not_planned():
+    """DTensor infers an op's output shape on fake tensors of the global shapes, which a GPU never
+    allocates: the planner's tracking modes must not see them (torch 2.11 infers at every op under a
+    fake mode; a shape never seen before makes 2.13 infer too)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(t is DTensor for t in types):
+                return NotImplemented
+            out = func(*args, **(kwargs or {}))
+            shapes.extend(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with memory_plan.fake_process_group(8):
+        mesh = init_device_mesh("cpu", (8,))
+        for unseen in (False, True):
+            shapes = []
+            with FakeTensorMode() as fake_mode, (memory_plan.dtensor_shape_inference_unseen(fake_mode) if unseen
+                                                 else contextlib.nullcontext()):
+                grads = [DTensor.from_local(torch.empty(3, 5, 7 + unseen), mesh, [Shard(0)], run_check=False)]
+                with Shapes():
+                    torch._foreach_norm(grads)
+            assert ((24, 5, 7 + unseen) in shapes) == (not unseen), shapes  # global (24, 5, 7): 8 shards of 3
+
+
 def test_compile_and_unknown_impl_are_refused():
     with pytest.raises(memory_plan.PlanError, match="compile"):
         memory_plan.plan("pup", "triton", 1, "none", compile_=True)
@@ -111,6 +140,13 @@ def test_memory_command_writes_where_it_says_and_ends_with_summary_lines(tmp_pat
                         r"peak \d+\.\d\d GiB, \d+\.\d\d GiB per image", last), last
     row = json.loads((tmp_path / f"{name}.json").read_text())["row"]
     assert row["peak_gib"] == pytest.approx(row["plan"]["peak"] / 2 ** 30) and os.listdir(tmp_path) == [f"{name}.json"]
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--crop", "--world-size", "--num-classes"])
+def test_memory_command_refuses_zero(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        memory.parse_args([flag, "0"])
+    assert e.value.code == 2 and f"{flag} must be >= " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [(["--compile", "on"], "cannot be planned"),
@@ -144,5 +180,4 @@ def test_readme_table_is_rendered_from_the_committed_results():
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == len(configs) // 3  # a row per (dataset, model, layout, policy), a column per impl
     for c in configs:
-        name = memory.config_name(memory.make_config(**c))
-        assert os.path.exists(os.path.join(readme_tables.ESTIMATE, name + ".json")), name
+        assert os.path.exists(os.path.join(readme_tables.ESTIMATE, plan_name(c) + ".json")), plan_name(c)
