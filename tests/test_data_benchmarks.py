@@ -14,7 +14,7 @@ from PIL import Image
 
 import setr
 from setr.data import (NAMED_DATASETS, Cityscapes, DataError, PascalContext, PascalContext59, build_dataset)
-from setr.data.catalog import dataset_with_classes
+from setr.data.catalog import dataset_with_classes, short_min_of
 from setr.data.samples import _AUG_TAG
 from setr.inference import MS_RATIOS, aug_size
 from test_data import _mmseg_photometric_cv2
@@ -333,20 +333,31 @@ def test_cityscapes_checkpoint_evaluates_and_predicts_at_the_768_test_settings(c
     assert "traffic light" in capsys.readouterr().out
 
 
-def test_pascal_context_evaluates_at_the_setr_test_settings(pascal_parent, tmp_path, capsys, monkeypatch):
+def test_pascal_context_evaluates_and_predicts_at_the_setr_test_settings(pascal_parent, tmp_path, capsys,
+                                                                         monkeypatch):
+    """setr.evaluate --dataset pascal_context and setr.predict (the dataset known from the 60 classes)
+    give the label map of the SETR repository's test pipeline: its Resize(dataset='pascal_context')
+    makes the short side 520 (not below the 480 crop), the long one in proportion (mmcv.imrescale):
+    the 75x100 image is tested at 520x693 (mmseg's keep-ratio resize into (520, 520) would give
+    390x520); slide 480 / stride 320."""
     from setr.evaluate import main
+    from setr.predict import main as predict_main
 
     ckpt, model = _mmseg_format_checkpoint(tmp_path / "setr_mla_tiny_pc.pth", "mla", 60, 480)
     args = ["--checkpoint", ckpt, "--dataset", "pascal_context", "--data-root", str(pascal_parent), "--device", "cpu",
             "--num-workers", "0"]
     assert main(args + ["--out", str(tmp_path / "eval"), "--save-predictions"]) == 0
     image = pascal_parent / "VOCdevkit" / "VOC2010" / "JPEGImages" / "2008_000080.jpg"
-    ref = mmseg_test_pipeline(model, str(image), scale=(520, 520), crop=480, stride=320, num_classes=60)
+    assert predict_main([str(image), "--checkpoint", ckpt, "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    # SETR's rule on the 75x100 image: min(520, 520) >= 480, so the short side is 520, imrescaled to
+    # (520, 520 * 100 / 75)
+    ref = mmseg_test_pipeline(model, str(image), scale=(520, 520 * 100 / 75), crop=480, stride=320, num_classes=60)
     label_ties(np.array(Image.open(tmp_path / "eval" / "2008_000080_label.png")), ref, "eval")
+    label_ties(np.array(Image.open(tmp_path / "pred" / "2008_000080_label.png")), ref, "predict")
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     settings = (metrics["crop_size"], metrics["stride"], metrics["scale"], len(metrics["IoU"]))
     assert settings == (480, 320, [520, 520], 60)
-    # ms+flip follows the SETR repository's rule (short side >= the 480 crop)
+    # ms+flip follows the same rule (short side max(int(520 r), 480): test_multi_scale_sizes_follow_each_config)
     calls = []
 
     def fake_aug(model, image, num_classes, out_size, **kw):
@@ -360,17 +371,32 @@ def test_pascal_context_evaluates_at_the_setr_test_settings(pascal_parent, tmp_p
     assert "Pascal Context 59 has 59 classes; checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dataset, short_min, size", [("pascal_context", 480, (520, 693)),  # SETR's rule
+                                                      ("pascal_context59", 0, (390, 520))])  # mmseg's keep-ratio
+def test_training_evaluation_resizes_as_the_dataset_tests(dataset, short_min, size, pascal_parent):
+    """The training loop's evaluation samples (train.build) of the 75x100 image, and the rule saved
+    in the run's config, for each Pascal Context dataset; an export's saved rule wins over its dataset's."""
+    cfg = parse_config(["--preset", "pup_pascal_context", "--dataset", dataset, "--data-root", str(pascal_parent)],
+                       cuda_available=True)
+    image, label, _ = build_data(cfg).eval[0]
+    assert (cfg.eval.short_min, tuple(image.shape), tuple(label.shape)) == (short_min, (3, *size), (75, 100))
+    assert short_min_of({}, NAMED_DATASETS[dataset].test) == short_min
+    assert short_min_of({"short_min": 7}, NAMED_DATASETS[dataset].test) == 7 and short_min_of({}, None) == 0
+
+
 def test_multi_scale_sizes_follow_each_config():
     # mmseg 0.x MultiScaleFlipAug on a 1024x2048 Cityscapes image, scale (2049, 1025) (hand-computed:
     # keep-ratio into (int(2049 r), int(1025 r)), mmcv's rounding)
     assert [aug_size(1024, 2048, (2049, 1025), r) for r in MS_RATIOS] == [
         (512, 1024), (768, 1536), (1025, 2049), (1281, 2561), (1537, 3073), (1793, 3585)]
-    # SETR's Resize(setr_multi_scale, crop 480) on a 375x500 Pascal Context image: short side
-    # max(int(520 r), 480), long side in proportion
+    # SETR's (0acc258) Resize(dataset='pascal_context', multi_scale_test=True) on a 375x500 Pascal
+    # Context image: short side 480 if int(520 r) < 480 else int(520 r), the long one in proportion
     assert [aug_size(375, 500, (520, 520), r, short_min=480) for r in MS_RATIOS] == [
         (480, 640), (480, 640), (520, 693), (650, 867), (780, 1040), (910, 1213)]
     assert aug_size(500, 375, (520, 520), 1.0, short_min=480) == (693, 520)  # portrait
-    assert aug_size(375, 500, (520, 520), 1.0) == (390, 520)  # mmseg's rule: the long side is 520
+    # pascal_context59, mmseg 0.x: keep-ratio into (int(520 r), int(520 r)), no short-side minimum
+    assert [aug_size(375, 500, (520, 520), r) for r in MS_RATIOS] == [
+        (195, 260), (293, 390), (390, 520), (488, 650), (585, 780), (683, 910)]
 
 
 # ------------------------------------------------------------------ pos-embed for 768 / 480 crops
@@ -416,6 +442,7 @@ def test_presets_are_the_configs_recipes(name, head, lr, batch, crop, scale, tes
     assert (cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride, cfg.eval.scale) == (
         "slide", (crop, crop), (stride, stride), test_scale)
     assert (cfg.eval.interval, cfg.checkpoint.interval) == (8000, 8000)
+    assert cfg.eval.short_min == (480 if classes == 60 else 0)  # SETR's Pascal Context test resize
     assert cfg.parallel.sync_bn and cfg.data.dataset in ("cityscapes", "pascal_context")
 
 
@@ -446,6 +473,8 @@ def test_every_new_preset_trains_on_its_dataset(cityscapes_root, pascal_parent, 
         saved = json.load(open(work / "config.json"))
         assert (saved["data"]["dataset"], saved["data"]["scale"], saved["model"]["aux_num_convs"]) == (
             get_preset(name).data.dataset, list(get_preset(name).data.scale), aux_convs)
+        export = json.load(open(next(work.glob("checkpoints/*/meta.json"))))["export"]  # what predict reads
+        assert saved["eval"]["short_min"] == export["eval"]["short_min"] == (480 if classes == 60 else 0)
         records = [json.loads(line) for line in open(work / "metrics.jsonl")]
         train = [r for r in records if r["event"] == "train"]
         assert [r["iter"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
