@@ -100,9 +100,9 @@ def make_pascal_context(parent, splits=None, size=(75, 100), seed=0):
 
 @pytest.fixture(scope="module")
 def cityscapes_root(tmp_path_factory):
-    # a wide validation image: rescaled into (2049, 1025) it is 400x2049, four 768-wide windows
-    # (one row: a tenth of the model work of a 1025x2049 image on CPU)
-    return make_cityscapes(tmp_path_factory.mktemp("cityscapes"), sizes={"val": (80, 410)})
+    # a wide validation image: rescaled into (2049, 1025) it is 768x2049, one row of four full 768x768
+    # windows (the 48x48 grid the model is built for; half the model work of a 1025x2049 image)
+    return make_cityscapes(tmp_path_factory.mktemp("cityscapes"), sizes={"val": (96, 256)})
 
 
 @pytest.fixture(scope="module")
