@@ -292,9 +292,11 @@ def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=
 # from the cityscapes_768x768 base's (2049, 1025) scale; lr 0.01 from schedule_80k (MLA's config:
 # 0.002). PUP's config sets its aux heads (2 convs); Naive's keeps the base model's (1 conv).
 _cityscapes = dict(dataset="cityscapes", batch_size=8, crop=768, scale=(2049, 1025))
-# fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: batch 16, crops of 480
-# from (520, 520), 60 classes (background included, as the paper scores them). The models are
-# mmseg's, as for ADE20K (the SETR repository's own heads differ in detail).
+# fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: crops of 480 from
+# (520, 520), 60 classes (background included, as the paper scores them). Batch 16 as its README
+# says: the PUP and MLA configs set 2 per GPU (x 8 GPUs); the Naive one sets none, so it would run
+# its base's 4 per GPU (32). The models are mmseg's, as for ADE20K, trained on SETR's recipe (the
+# SETR repository's own heads differ: README.md).
 _pascal_context = dict(dataset="pascal_context", batch_size=16, crop=480, scale=(520, 520))
 
 PRESETS = {
