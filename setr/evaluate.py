@@ -34,7 +34,7 @@ import sys
 # torch-free imports only: the arguments are parsed, and --help answered, before torch loads; the
 # functions below import the rest where they need it.
 from setr import cli
-from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
+from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS, short_min_of
 from setr.data.datasets import DATASETS, DataError, LabelValueError, build_dataset
 from setr.files import write_atomic
 from setr.predict import (PredictError, add_model_args, build_model, check_output_dir, pipeline_settings,
@@ -195,7 +195,7 @@ def _run(args, job, rank, world_size):
 
     model, info, dataset, ignore_index, settings, out = job
     scale, crop, stride = settings["scale"], settings["crop_size"], settings["stride"]
-    samples = EvalSamples(dataset, scale=scale, aug_short_min=info["test"].aug_short_min if info["test"] else 0)
+    samples = EvalSamples(dataset, scale=scale, short_min=short_min_of(info["eval"], info["test"]))
     save = None
     if args.save_predictions:
         def save(name, pred):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from setr.data.transforms import check_crop_size, normalize, rescale_size, resize_image, to_pair
+from setr.data.transforms import check_crop_size, eval_size, normalize, resize_image, to_pair
 from setr.metrics import SegMetric
 
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -108,18 +108,11 @@ def inference(model, image, num_classes, out_size, mode="slide", crop_size=(512,
 
 
 def aug_size(height, width, scale, ratio, short_min=0):
-    """(h, w) of an image in the multi-scale pass of `ratio`.
-
-    mmseg 0.x MultiScaleFlipAug (under which mmseg's published ms+flip numbers were measured):
-    keep-ratio rescale into (int(scale[0] ratio), int(scale[1] ratio)). short_min > 0: the SETR
-    repository's Resize(setr_multi_scale=True, crop_size=short_min) instead: the short side
-    becomes max(the short edge of that target, short_min), computed as that code computes it.
-    """
-    target = (int(scale[0] * ratio), int(scale[1] * ratio))
-    if short_min:
-        short = max(min(target), short_min)
-        target = (short * height / width, short) if height > width else (short, short * width / height)
-    return rescale_size(height, width, target)
+    """(h, w) of an image in the multi-scale pass of `ratio`: mmseg 0.x MultiScaleFlipAug (under
+    which mmseg's published ms+flip numbers were measured, and the SETR repository's) makes the
+    scale (int(scale[0] ratio), int(scale[1] ratio)), resized into by the single-scale rule
+    (setr.data.transforms.eval_size: keep-ratio; short_min > 0, the SETR repository's)."""
+    return eval_size(height, width, (int(scale[0] * ratio), int(scale[1] * ratio)), short_min)
 
 
 @torch.no_grad()
@@ -203,7 +196,7 @@ def evaluate(model, eval_dataset, num_classes, ignore_index=255, mode="slide",
                 if aug:
                     probs = aug_inference(model, image, num_classes, label.shape,
                                           scale=getattr(eval_dataset, "scale", (2048, 512)),
-                                          short_min=getattr(eval_dataset, "aug_short_min", 0), mode=mode,
+                                          short_min=getattr(eval_dataset, "short_min", 0), mode=mode,
                                           crop_size=crop_size, stride=stride,
                                           window_batch=window_batch)
                 else:

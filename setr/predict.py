@@ -32,7 +32,7 @@ from PIL import Image
 import setr
 from setr import cli
 from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE, VIT_CONFIGS
-from setr.data.catalog import NAMED_DATASETS, dataset_with_classes
+from setr.data.catalog import NAMED_DATASETS, dataset_with_classes, short_min_of
 from setr.data.datasets import DataError, random_palette, read_image
 from setr.files import check_writable_dir
 from setr.run_dir import model_source, read_sharded_model
@@ -175,7 +175,7 @@ def save_outputs(image, label, palette, out_dir, stem):
 
 
 def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(2048, 512),
-                  crop_size=(512, 512), stride=(341, 341), aug_short_min=0):
+                  crop_size=(512, 512), stride=(341, 341), short_min=0):
     """(H, W) uint8/int64 class ids of one uint8 (H, W, 3) RGB image."""
     from setr.data.transforms import eval_transform
     from setr.inference import MS_RATIOS, aug_inference, inference
@@ -183,9 +183,9 @@ def predict_image(model, image, num_classes, mode="slide", aug=False, scale=(204
     out_size = image.shape[:2]
     if aug:
         probs = aug_inference(model, image, num_classes, out_size, scale, MS_RATIOS, True, mode,
-                              crop_size, stride, short_min=aug_short_min)
+                              crop_size, stride, short_min=short_min)
     else:
-        probs = inference(model, eval_transform(image, scale), num_classes, out_size, mode,
+        probs = inference(model, eval_transform(image, scale, short_min), num_classes, out_size, mode,
                           crop_size, stride)
     return probs.argmax(dim=1)[0].cpu().numpy()
 
@@ -314,7 +314,7 @@ def predict(args):
             failed += 1
             continue
         label = predict_image(model, image, info["num_classes"], mode, args.aug, scale, (crop, crop),
-                              (stride, stride), info["test"].aug_short_min if info["test"] else 0)
+                              (stride, stride), short_min_of(info["eval"], info["test"]))
         stem = os.path.splitext(os.path.basename(path))[0]
         try:
             outs = save_outputs(image, label, info["palette"], args.out, stem)

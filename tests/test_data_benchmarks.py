@@ -14,7 +14,7 @@ from PIL import Image
 
 import setr
 from setr.data import (NAMED_DATASETS, Cityscapes, DataError, PascalContext, PascalContext59, build_dataset)
-from setr.data.catalog import dataset_with_classes
+from setr.data.catalog import dataset_with_classes, short_min_of
 from setr.data.samples import _AUG_TAG
 from setr.inference import MS_RATIOS, aug_size
 from test_data import _mmseg_photometric_cv2
@@ -43,9 +43,13 @@ CS_LABELS = [
 CS_TRAIN_ID = np.array([train_id for _, _, train_id, _ in CS_LABELS], dtype=np.uint8)  # index: labelId
 
 
-def _scene(rng, h, w, values, block=16):
-    """A blocky (h, w) label map of random `values` and an RGB image whose colours follow it."""
-    grid = rng.choice(values, size=(-(-h // block), -(-w // block)))
+def _scene(rng, h, w, values, block=16, dominant=()):
+    """A blocky (h, w) label map of random `values` and an RGB image whose colours follow it.
+    dominant: values drawn for 95% of the blocks together (the others share 5%)."""
+    p = None
+    if dominant:
+        p = np.where(np.isin(values, dominant), 0.95 / len(dominant), 0.05 / (len(values) - len(dominant)))
+    grid = rng.choice(values, size=(-(-h // block), -(-w // block)), p=p)
     label = np.kron(grid, np.ones((block, block), dtype=np.int64))[:h, :w]
     image = (label[..., None] * np.array([37, 91, 53]) + rng.integers(0, 40, (h, w, 3))) % 256
     return image.astype(np.uint8), label.astype(np.uint8)
@@ -54,7 +58,9 @@ def _scene(rng, h, w, values, block=16):
 def make_cityscapes(root, splits=None, sizes=None, seed=0):
     """root/leftImg8bit/<split>/<city>/*_leftImg8bit.png with both *_gtFine_labelIds.png and
     *_gtFine_labelTrainIds.png (the trainIds made from the labelIds by labels.py's table).
-    sizes: {split: (H, W)}, default 96x192."""
+    sizes: {split: (H, W)}, default 96x192. The second image of each training city is mostly
+    unlabeled (ignored) and road: most crops of it are one class for > 75% of their counted pixels
+    (RandomCrop's retry), but not if the ignored pixels were counted."""
     rng = np.random.default_rng(seed)
     splits = splits or {"train": {"aachen": 2, "bochum": 1}, "val": {"frankfurt": 1}}
     for split, cities in splits.items():
@@ -63,7 +69,8 @@ def make_cityscapes(root, splits=None, sizes=None, seed=0):
             os.makedirs(root / "gtFine" / split / city)
             for i in range(n):
                 stem = f"{city}_{i:06d}_000019"
-                image, label_ids = _scene(rng, *(sizes or {}).get(split, (96, 192)), values=np.arange(34))
+                image, label_ids = _scene(rng, *(sizes or {}).get(split, (96, 192)), values=np.arange(34),
+                                          dominant=(0, 7) if split == "train" and i == 1 else ())
                 Image.fromarray(image).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
                 Image.fromarray(label_ids).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
                 Image.fromarray(CS_TRAIN_ID[label_ids]).save(
@@ -72,7 +79,10 @@ def make_cityscapes(root, splits=None, sizes=None, seed=0):
 
 
 def make_pascal_context(parent, splits=None, size=(75, 100), seed=0):
-    """parent/VOCdevkit/VOC2010 in mmseg's converted layout (labels 0 = background .. 59)."""
+    """parent/VOCdevkit/VOC2010 in mmseg's converted layout (labels 0 = background .. 59). The second
+    training image is mostly background (ignored by pascal_context59) and label 5, the third mostly
+    label 7: RandomCrop re-draws most of their crops, and for pascal_context59 some only because
+    255 is not counted."""
     rng = np.random.default_rng(seed)
     root = parent / "VOCdevkit" / "VOC2010"
     for folder in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
@@ -80,8 +90,9 @@ def make_pascal_context(parent, splits=None, size=(75, 100), seed=0):
     splits = splits or {"train": ["2008_000008", "2008_000002", "2009_000012"], "val": ["2008_000080"]}
     for split, names in splits.items():
         (root / "ImageSets" / "SegmentationContext" / f"{split}.txt").write_text("".join(n + "\n" for n in names))
-        for name in names:
-            image, label = _scene(rng, *size, values=np.arange(60), block=8)
+        for i, name in enumerate(names):
+            image, label = _scene(rng, *size, values=np.arange(60), block=8,
+                                  dominant={1: (0, 5), 2: (7,)}.get(i, ()) if split == "train" else ())
             Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
             Image.fromarray(label).save(root / "SegmentationClassContext" / f"{name}.png")
     return root
@@ -89,9 +100,9 @@ def make_pascal_context(parent, splits=None, size=(75, 100), seed=0):
 
 @pytest.fixture(scope="module")
 def cityscapes_root(tmp_path_factory):
-    # a wide validation image: rescaled into (2049, 1025) it is 400x2049, four 768-wide windows
-    # (one row: a tenth of the model work of a 1025x2049 image on CPU)
-    return make_cityscapes(tmp_path_factory.mktemp("cityscapes"), sizes={"val": (80, 410)})
+    # a wide validation image: rescaled into (2049, 1025) it is 768x2049, one row of four full 768x768
+    # windows (the 48x48 grid the model is built for; half the model work of a 1025x2049 image)
+    return make_cityscapes(tmp_path_factory.mktemp("cityscapes"), sizes={"val": (96, 256)})
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +139,9 @@ def test_cityscapes_reads_train_ids_else_converts_label_ids(cityscapes_root, tmp
         train_ids = cv2.imread(str(cityscapes_root / "gtFine" / "train" / city / f"{name}_gtFine_labelTrainIds.png"),
                                cv2.IMREAD_UNCHANGED)
         assert got_name == name and np.array_equal(image, bgr[..., ::-1]) and np.array_equal(label, train_ids)
-        assert set(np.unique(label)) <= set(range(19)) | {255} and len(np.unique(label)) > 10
+        assert set(np.unique(label)) <= set(range(19)) | {255} and len(np.unique(label)) > 2
         expected.append(label)
+    assert len(np.unique(np.concatenate(expected))) == 20  # every class and 255
     # only labelIds: the same labels, mapped by labels.py's table when read
     for path in cityscapes_root.glob("gtFine/*/*/*_labelTrainIds.png"):
         os.rename(path, tmp_path / path.name)
@@ -152,12 +164,15 @@ def test_pascal_context_60_and_59_classes(pascal_parent):
     assert isinstance(pc, PascalContext) and isinstance(pc59, PascalContext59)
     assert pc.names == pc59.names == ["2008_000008", "2008_000002", "2009_000012"]  # the split file's order
     assert (pc.num_classes, pc59.num_classes, pc.reduce_zero_label, pc59.reduce_zero_label) == (60, 59, False, True)
+    background = 0
     for i, name in enumerate(pc.names):
         raw = np.array(Image.open(root / "SegmentationClassContext" / f"{name}.png")).astype(np.int64)
         image, label, _ = pc[i]
         assert np.array_equal(image, cv2.imread(str(root / "JPEGImages" / f"{name}.jpg"))[..., ::-1])
-        assert np.array_equal(label, raw) and raw.min() == 0
+        assert np.array_equal(label, raw) and len(np.unique(raw)) > 2
         assert np.array_equal(pc59[i][1], np.where(raw == 0, 255, raw - 1))
+        background += (raw == 0).sum()
+    assert background  # what pascal_context59 ignores
     assert len(build_dataset("pascal_context", root, "validation")) == 1
 
 
@@ -226,7 +241,8 @@ def mmseg_train_pipeline(image_path, label_path, rng, scale, crop, reduce_zero_l
     setr.data: LoadImageFromFile (cv2, BGR) + LoadAnnotations (pillow; reduce_zero_label: 0 -> 255,
     k -> k - 1) -> RandomResize(scale, ratio_range=(0.5, 2.0), keep_ratio=True) -> RandomCrop(crop,
     cat_max_ratio=0.75) -> RandomFlip(prob=0.5) -> PhotoMetricDistortion -> bgr_to_rgb. The random
-    draws are rng's, in the transforms' order. Returns (RGB uint8 image, label), before the padding."""
+    draws are rng's, in the transforms' order. Returns (RGB uint8 image, label) before the padding,
+    and for each crop RandomCrop rejected whether it would have passed with 255 counted as a class."""
     bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
     seg = np.array(Image.open(label_path))
     if reduce_zero_label:
@@ -246,35 +262,39 @@ def mmseg_train_pipeline(image_path, label_path, rng, scale, crop, reduce_zero_l
         x = rng.integers(0, max(seg.shape[1] - crop, 0) + 1)
         return slice(y, y + crop), slice(x, x + crop)
 
-    box = crop_box()
+    box, rejected = crop_box(), []
     for _ in range(10):
         labels, counts = np.unique(seg[box], return_counts=True)
-        counts = counts[labels != 255]
-        if len(counts) > 1 and counts.max() / counts.sum() < 0.75:
+        kept = counts[labels != 255]
+        if len(kept) > 1 and kept.max() / kept.sum() < 0.75:
             break
+        rejected.append(len(counts) > 1 and counts.max() / counts.sum() < 0.75)
         box = crop_box()
     bgr, seg = bgr[box], seg[box]
     if rng.random() < 0.5:
         bgr, seg = bgr[:, ::-1], seg[:, ::-1]
-    return _mmseg_photometric_cv2(bgr[..., ::-1], rng), seg
+    return _mmseg_photometric_cv2(bgr[..., ::-1], rng), seg, rejected
 
 
-@pytest.mark.parametrize("preset, dataset", [("naive_cityscapes", "cityscapes"),
-                                             ("pup_pascal_context", "pascal_context"),
-                                             ("mla_pascal_context", "pascal_context59")])
-def test_training_pipeline_equals_mmseg_description(preset, dataset, cityscapes_root, pascal_parent):
-    """The preset's training samples (its scale and crop, wired through train.build) pixel for pixel."""
+@pytest.mark.parametrize("preset, dataset, scale, crop", [
+    ("naive_cityscapes", "cityscapes", (2049, 1025), 768),  # mmseg's cityscapes_768x768.py
+    ("pup_pascal_context", "pascal_context", (520, 520), 480),  # SETR's pascal_context.py
+    ("mla_pascal_context", "pascal_context59", (520, 520), 480)],  # mmseg's pascal_context_59.py
+    ids=["cityscapes", "pascal_context", "pascal_context59"])
+def test_training_pipeline_equals_mmseg_description(preset, dataset, scale, crop, cityscapes_root, pascal_parent):
+    """The preset's training samples (its scale and crop, wired through train.build) pixel for pixel,
+    RandomCrop's cat_max_ratio retry included (the mostly one-class training image)."""
     root = cityscapes_root if dataset == "cityscapes" else pascal_parent
     cfg = parse_config(["--preset", preset, "--dataset", dataset, "--data-root", str(root)], cuda_available=True)
     samples = build_data(cfg).train
-    crop, scale = cfg.data.crop_size[0], cfg.data.scale
     assert (samples.crop_size, samples.scale) == ((crop, crop), scale)
-    padded = 0
+    padded, rejected = 0, []
     for pos in range(4):
         index = samples.dataset_index(pos)
         rng = np.random.default_rng([_AUG_TAG, cfg.seed, pos])  # the RNG of sample position pos
-        rgb, seg = mmseg_train_pipeline(samples.dataset.image_paths[index], samples.dataset.label_paths[index], rng,
-                                        scale, crop, NAMED_DATASETS[dataset].reduce_zero_label)
+        paths = samples.dataset.image_paths[index], samples.dataset.label_paths[index]
+        rgb, seg, rejects = mmseg_train_pipeline(*paths, rng, scale, crop, reduce_zero_label=dataset == "pascal_context59")
+        rejected += rejects
         x, y = samples[pos]
         h, w = seg.shape
         assert x.shape == (3, crop, crop) and y.shape == (crop, crop)
@@ -285,6 +305,9 @@ def test_training_pipeline_equals_mmseg_description(preset, dataset, cityscapes_
         assert (x[:, h:] == 0).all() and (x[:, :, w:] == 0).all() and (y[h:] == 255).all() and (y[:, w:] == 255).all()
         padded += h < crop or w < crop
     assert padded  # seed 0, position 1: ratio 0.66, smaller than the crop, padded
+    assert rejected, "no crop was re-drawn"
+    # where 255 marks the dominant background, some crop was rejected only because 255 is not counted
+    assert any(rejected) == (dataset != "pascal_context"), rejected
 
 
 # ------------------------------------------------------------------ evaluation and prediction
@@ -333,20 +356,31 @@ def test_cityscapes_checkpoint_evaluates_and_predicts_at_the_768_test_settings(c
     assert "traffic light" in capsys.readouterr().out
 
 
-def test_pascal_context_evaluates_at_the_setr_test_settings(pascal_parent, tmp_path, capsys, monkeypatch):
+def test_pascal_context_evaluates_and_predicts_at_the_setr_test_settings(pascal_parent, tmp_path, capsys,
+                                                                         monkeypatch):
+    """setr.evaluate --dataset pascal_context and setr.predict (the dataset known from the 60 classes)
+    give the label map of the SETR repository's test pipeline: its Resize(dataset='pascal_context')
+    makes the short side 520 (not below the 480 crop), the long one in proportion (mmcv.imrescale):
+    the 75x100 image is tested at 520x693 (mmseg's keep-ratio resize into (520, 520) would give
+    390x520); slide 480 / stride 320."""
     from setr.evaluate import main
+    from setr.predict import main as predict_main
 
     ckpt, model = _mmseg_format_checkpoint(tmp_path / "setr_mla_tiny_pc.pth", "mla", 60, 480)
     args = ["--checkpoint", ckpt, "--dataset", "pascal_context", "--data-root", str(pascal_parent), "--device", "cpu",
             "--num-workers", "0"]
     assert main(args + ["--out", str(tmp_path / "eval"), "--save-predictions"]) == 0
     image = pascal_parent / "VOCdevkit" / "VOC2010" / "JPEGImages" / "2008_000080.jpg"
-    ref = mmseg_test_pipeline(model, str(image), scale=(520, 520), crop=480, stride=320, num_classes=60)
+    assert predict_main([str(image), "--checkpoint", ckpt, "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    # SETR's rule on the 75x100 image: min(520, 520) >= 480, so the short side is 520, imrescaled to
+    # (520, 520 * 100 / 75)
+    ref = mmseg_test_pipeline(model, str(image), scale=(520, 520 * 100 / 75), crop=480, stride=320, num_classes=60)
     label_ties(np.array(Image.open(tmp_path / "eval" / "2008_000080_label.png")), ref, "eval")
+    label_ties(np.array(Image.open(tmp_path / "pred" / "2008_000080_label.png")), ref, "predict")
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     settings = (metrics["crop_size"], metrics["stride"], metrics["scale"], len(metrics["IoU"]))
     assert settings == (480, 320, [520, 520], 60)
-    # ms+flip follows the SETR repository's rule (short side >= the 480 crop)
+    # ms+flip follows the same rule (short side max(int(520 r), 480): test_multi_scale_sizes_follow_each_config)
     calls = []
 
     def fake_aug(model, image, num_classes, out_size, **kw):
@@ -360,17 +394,32 @@ def test_pascal_context_evaluates_at_the_setr_test_settings(pascal_parent, tmp_p
     assert "Pascal Context 59 has 59 classes; checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dataset, short_min, size", [("pascal_context", 480, (520, 693)),  # SETR's rule
+                                                      ("pascal_context59", 0, (390, 520))])  # mmseg's keep-ratio
+def test_training_evaluation_resizes_as_the_dataset_tests(dataset, short_min, size, pascal_parent):
+    """The training loop's evaluation samples (train.build) of the 75x100 image, and the rule saved
+    in the run's config, for each Pascal Context dataset; an export's saved rule wins over its dataset's."""
+    cfg = parse_config(["--preset", "pup_pascal_context", "--dataset", dataset, "--data-root", str(pascal_parent)],
+                       cuda_available=True)
+    image, label, _ = build_data(cfg).eval[0]
+    assert (cfg.eval.short_min, tuple(image.shape), tuple(label.shape)) == (short_min, (3, *size), (75, 100))
+    assert short_min_of({}, NAMED_DATASETS[dataset].test) == short_min
+    assert short_min_of({"short_min": 7}, NAMED_DATASETS[dataset].test) == 7 and short_min_of({}, None) == 0
+
+
 def test_multi_scale_sizes_follow_each_config():
     # mmseg 0.x MultiScaleFlipAug on a 1024x2048 Cityscapes image, scale (2049, 1025) (hand-computed:
     # keep-ratio into (int(2049 r), int(1025 r)), mmcv's rounding)
     assert [aug_size(1024, 2048, (2049, 1025), r) for r in MS_RATIOS] == [
         (512, 1024), (768, 1536), (1025, 2049), (1281, 2561), (1537, 3073), (1793, 3585)]
-    # SETR's Resize(setr_multi_scale, crop 480) on a 375x500 Pascal Context image: short side
-    # max(int(520 r), 480), long side in proportion
+    # SETR's (0acc258) Resize(dataset='pascal_context', multi_scale_test=True) on a 375x500 Pascal
+    # Context image: short side 480 if int(520 r) < 480 else int(520 r), the long one in proportion
     assert [aug_size(375, 500, (520, 520), r, short_min=480) for r in MS_RATIOS] == [
         (480, 640), (480, 640), (520, 693), (650, 867), (780, 1040), (910, 1213)]
     assert aug_size(500, 375, (520, 520), 1.0, short_min=480) == (693, 520)  # portrait
-    assert aug_size(375, 500, (520, 520), 1.0) == (390, 520)  # mmseg's rule: the long side is 520
+    # pascal_context59, mmseg 0.x: keep-ratio into (int(520 r), int(520 r)), no short-side minimum
+    assert [aug_size(375, 500, (520, 520), r) for r in MS_RATIOS] == [
+        (195, 260), (293, 390), (390, 520), (488, 650), (585, 780), (683, 910)]
 
 
 # ------------------------------------------------------------------ pos-embed for 768 / 480 crops
@@ -416,6 +465,7 @@ def test_presets_are_the_configs_recipes(name, head, lr, batch, crop, scale, tes
     assert (cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride, cfg.eval.scale) == (
         "slide", (crop, crop), (stride, stride), test_scale)
     assert (cfg.eval.interval, cfg.checkpoint.interval) == (8000, 8000)
+    assert cfg.eval.short_min == (480 if classes == 60 else 0)  # SETR's Pascal Context test resize
     assert cfg.parallel.sync_bn and cfg.data.dataset in ("cityscapes", "pascal_context")
 
 
@@ -442,10 +492,13 @@ def test_every_new_preset_trains_on_its_dataset(cityscapes_root, pascal_parent, 
                      "--max-iters", "2", "--num-workers", "0", "--ckpt-interval", "0", "--eval-interval", "0",
                      "--eval.crop_size", "64", "--eval.stride", "64", "--eval.scale", "128,64", "--eval.max_samples",
                      "1", "--log-interval", "1", "--metrics.progress_bar", "off", "--metrics.tensorboard", "false",
-                     "--checkpoint.export", "false", "--work-dir", str(work)]) == 0
+                     "--checkpoint.export", "false", "--work-dir", str(work)]
+                    + ["--eval.short_min", "64"] * (classes == 60)) == 0  # SETR's rule at the small test scale
         saved = json.load(open(work / "config.json"))
         assert (saved["data"]["dataset"], saved["data"]["scale"], saved["model"]["aux_num_convs"]) == (
             get_preset(name).data.dataset, list(get_preset(name).data.scale), aux_convs)
+        export = json.load(open(next(work.glob("checkpoints/*/meta.json"))))["export"]  # what predict reads
+        assert saved["eval"]["short_min"] == export["eval"]["short_min"] == (64 if classes == 60 else 0)
         records = [json.loads(line) for line in open(work / "metrics.jsonl")]
         train = [r for r in records if r["event"] == "train"]
         assert [r["iter"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)

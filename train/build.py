@@ -25,7 +25,8 @@ def build_data(cfg):
         train=TrainSamples(train_set, tuple(d.crop_size), cfg.seed, scale=tuple(d.scale),
                            ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio,
                            skip_corrupt=d.on_bad_sample == "skip"),
-        eval=EvalSamples(eval_set, scale=tuple(cfg.eval.scale)), class_names=list(eval_set.class_names),
+        eval=EvalSamples(eval_set, scale=tuple(cfg.eval.scale), short_min=cfg.eval.short_min),
+        class_names=list(eval_set.class_names),
         description=f"{d.dataset} ({len(train_set)} train / {len(eval_set)} val images)")
 
 

@@ -122,6 +122,7 @@ class EvalConfig:
     crop_size: typing.Tuple[int, int] = (512, 512)
     stride: typing.Tuple[int, int] = (341, 341)
     scale: typing.Tuple[int, int] = (2048, 512)
+    short_min: int = 0  # > 0: the SETR repository's Pascal Context resize (short side >= it; setr.data.catalog)
     max_samples: int = 0  # 0 = the whole validation split
     at_end: bool = True
 
@@ -237,7 +238,7 @@ class Config:
         for name, value, least in (("metrics.log_interval (--log-interval)", self.metrics.log_interval, 1),
                                    ("eval.interval (--eval-interval, 0 = only at the end)", e.interval, 0),
                                    ("checkpoint.interval (--ckpt-interval, 0 = only at the end)", c.interval, 0),
-                                   ("checkpoint.keep_last", c.keep_last, 1)):
+                                   ("checkpoint.keep_last", c.keep_last, 1), ("eval.short_min", e.short_min, 0)):
             if value < least:
                 raise ConfigError(f"{name} must be >= {least}, got {value}")
         if c.resume not in ("", "auto") and not os.path.exists(c.resume):
@@ -297,7 +298,7 @@ def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=
     cfg.schedule = ScheduleConfig(max_iters=80000, batch_size=batch_size)
     cfg.checkpoint.interval = 8000
     cfg.eval = EvalConfig(interval=8000, crop_size=(named.test.crop_size,) * 2, stride=(named.test.stride,) * 2,
-                          scale=named.test.scale)
+                          scale=named.test.scale, short_min=named.test.short_min)
     return cfg
 
 
@@ -305,9 +306,11 @@ def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=
 # from the cityscapes_768x768 base's (2049, 1025) scale; lr 0.01 from schedule_80k (MLA's config:
 # 0.002). PUP's config sets its aux heads (2 convs); Naive's keeps the base model's (1 conv).
 _cityscapes = dict(dataset="cityscapes", batch_size=8, crop=768, scale=(2049, 1025))
-# fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: batch 16, crops of 480
-# from (520, 520), 60 classes (background included, as the paper scores them). The models are
-# mmseg's, as for ADE20K (the SETR repository's own heads differ in detail).
+# fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: crops of 480 from
+# (520, 520), 60 classes (background included, as the paper scores them). Batch 16 as its README
+# says: the PUP and MLA configs set 2 per GPU (x 8 GPUs); the Naive one sets none, so it would run
+# its base's 4 per GPU (32). The models are mmseg's, as for ADE20K, trained on SETR's recipe (the
+# SETR repository's own heads differ: README.md).
 _pascal_context = dict(dataset="pascal_context", batch_size=16, crop=480, scale=(520, 520))
 
 PRESETS = {
@@ -516,8 +519,9 @@ def parse_config(argv=None, cuda_available=None, prog="train/main.py"):
     except ConfigError as e:
         parser.error(str(e))
     d, m = cfg.data, cfg.model
-    if d.dataset in NAMED_DATASETS:  # the dataset's classes unless given (the demo preset has 8)
+    if d.dataset in NAMED_DATASETS:  # the dataset's classes and test resize rule unless given (the demo preset has 8)
         m.num_classes = args.get("model.num_classes", NAMED_DATASETS[d.dataset].num_classes)
+        cfg.eval.short_min = args.get("eval.short_min", NAMED_DATASETS[d.dataset].test.short_min)
     if not args.get("preset") and on_cpu:
         cfg.notes.append(f"no GPU: using the small CPU 'demo' preset ({m.backbone}, {d.dataset} data, "
                          f"{d.crop_size[0]}x{d.crop_size[1]} crops, {cfg.parallel.precision}) with head "

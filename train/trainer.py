@@ -82,7 +82,7 @@ class Trainer:
                     palette=[list(map(int, c)) for c in self.eval_samples.palette],
                     dataset=cfg.data.dataset, crop_size=list(cfg.data.crop_size),
                     eval=dict(mode=cfg.eval.mode, crop_size=list(cfg.eval.crop_size),
-                              stride=list(cfg.eval.stride), scale=list(cfg.eval.scale)))
+                              stride=list(cfg.eval.stride), scale=list(cfg.eval.scale), short_min=cfg.eval.short_min))
 
     def checkpoint_meta(self):
         return {"model": self.identity, "scheduler": self.state.scheduler.state_dict(),

@@ -9,12 +9,16 @@ Test settings (ignore_index 255 everywhere):
                       keep-ratio resize into (2049, 1025) (the 768 base config's scale, not the
                       (2048, 1024) of cityscapes.py: a 2048x1024 image is tested at 2049x1025),
                       slide 768 / stride 512
-    pascal_context    fudan-zvg/SETR configs/_base_/datasets/pascal_context.py + SETR_*_480x480_80k_pascal_context*.py
-    pascal_context59  (mmseg has no SETR config for it): keep-ratio resize into (520, 520), slide 480 / stride 320
-ms+flip is ratios 0.5-1.75 + flip everywhere. mmseg's (ade20k, cityscapes: the 0.x `--aug-test` that
-scored the released checkpoints) rescales keep-ratio into (ratio * scale); SETR's `*_MS.py` configs
-(pascal_context*) use `Resize(setr_multi_scale=True)`: the short side becomes
-max(int(ratio * 520), 480), the crop size (`aug_short_min`).
+    pascal_context    fudan-zvg/SETR (commit 0acc258) configs/_base_/datasets/pascal_context.py +
+                      SETR_*_480x480_80k_pascal_context_bs_16.py: its Resize(dataset='pascal_context')
+                      sets the short side to 520, at least the 480 crop (short_min): a 375x500 image
+                      is tested at 520x693; slide 480 / stride 320
+    pascal_context59  mmseg configs/_base_/datasets/pascal_context_59.py (mmseg has no SETR config for
+                      it): keep-ratio resize into (520, 520) (375x500 -> 390x520), slide 480 / stride 320
+ms+flip is ratios 0.5-1.75 + flip everywhere: each ratio r gives the scale (int(r * s) for s in
+scale) (mmseg 0.x MultiScaleFlipAug, whose `--aug-test` scored the released checkpoints), resized
+into by the same rule as single scale: keep-ratio, or for pascal_context (its `*_MS.py` configs'
+Resize(multi_scale_test=True)) short side max(int(520 r), 480).
 """
 from dataclasses import dataclass
 from typing import Tuple
@@ -30,11 +34,12 @@ IGNORE_INDEX = 255
 @dataclass(frozen=True)
 class TestSettings:
     """A config's test pipeline: keep-ratio resize into `scale` (long, short), slide windows of
-    `crop_size` at `stride`; for ms+flip, `aug_short_min` > 0 picks SETR's multi-scale rule."""
+    `crop_size` at `stride`; short_min > 0: the SETR repository's short-side rule instead of the
+    keep-ratio resize, at single scale and ms+flip (setr.data.transforms.eval_size)."""
     scale: Tuple[int, int]
     crop_size: int
     stride: int
-    aug_short_min: int = 0
+    short_min: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,6 @@ class NamedDataset:
         return len(self.classes)
 
 
-_PASCAL_TEST = TestSettings(scale=(520, 520), crop_size=480, stride=320, aug_short_min=480)
 _PASCAL_ROOT = "the VOCdevkit/VOC2010 folder, with mmseg's SegmentationClassContext labels"
 
 NAMED_DATASETS = {
@@ -62,9 +66,11 @@ NAMED_DATASETS = {
                                TestSettings(scale=(2049, 1025), crop_size=768, stride=512),
                                "the folder holding leftImg8bit/ and gtFine/"),
     "pascal_context": NamedDataset("Pascal Context (60 classes)", PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE,
-                                   False, _PASCAL_TEST, _PASCAL_ROOT),
+                                   False, TestSettings(scale=(520, 520), crop_size=480, stride=320, short_min=480),
+                                   _PASCAL_ROOT),
     "pascal_context59": NamedDataset("Pascal Context 59", PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE,
-                                     True, _PASCAL_TEST, _PASCAL_ROOT),
+                                     True, TestSettings(scale=(520, 520), crop_size=480, stride=320),
+                                     _PASCAL_ROOT),
 }
 
 
@@ -73,3 +79,11 @@ def dataset_with_classes(num_classes):
     a plain mmseg checkpoint, which does not say its dataset, was most likely trained on."""
     names = [n for n, d in NAMED_DATASETS.items() if d.num_classes == num_classes]
     return names[0] if len(names) == 1 else None
+
+
+def short_min_of(saved_eval, test):
+    """The short_min of a checkpoint's test resize (TestSettings): its export's evaluation settings'
+    (`saved_eval`, the dict training saves), else its dataset's (`test`, TestSettings or None), else 0."""
+    if "short_min" in saved_eval:
+        return int(saved_eval["short_min"])
+    return test.short_min if test else 0

@@ -131,16 +131,17 @@ class PositionSampler(torch.utils.data.Sampler):
 class EvalSamples(torch.utils.data.Dataset):
     """mmseg's test pipeline over a raw dataset.
 
-    Item i -> (image float32 (3, h', w'): keep-ratio rescaled into `scale` and normalized,
+    Item i -> (image float32 (3, h', w'): resized to eval_size(H, W, scale, short_min) (keep-ratio
+    into `scale`; short_min > 0: the SETR repository's Pascal Context rule) and normalized,
     label int64 (H, W) at the original size, name). `raw(i)` gives the dataset item itself
-    (for multi-scale + flip testing, which rescales the original image: its rule is
-    setr.inference.aug_size with `aug_short_min`, 0 for mmseg's, > 0 for the SETR repository's).
+    (for multi-scale + flip testing, which rescales the original image by the same rule:
+    setr.inference.aug_size).
     """
 
-    def __init__(self, dataset, scale=(2048, 512), aug_short_min=0):
+    def __init__(self, dataset, scale=(2048, 512), short_min=0):
         self.dataset = dataset
         self.scale = to_pair(scale, "scale")
-        self.aug_short_min = int(aug_short_min)
+        self.short_min = int(short_min)
         self.num_classes = dataset.num_classes
         self.ignore_index = dataset.ignore_index
         self.class_names = dataset.class_names
@@ -154,4 +155,4 @@ class EvalSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, label, name = self.dataset[index]
-        return eval_transform(image, self.scale), torch.from_numpy(label), name
+        return eval_transform(image, self.scale, self.short_min), torch.from_numpy(label), name

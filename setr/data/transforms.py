@@ -7,7 +7,8 @@ transforms draw from numpy's global RNG:
 
     train: rescale (ratio 0.5-2.0 of the scale, keep ratio) -> random crop (cat_max_ratio 0.75)
            -> horizontal flip 0.5 -> photometric distortion -> normalize -> pad to the crop
-    test:  rescale into the scale, keep ratio -> normalize
+    test:  rescale into the scale, keep ratio (the SETR repository's Pascal Context: short side
+           at least short_min, `eval_size`) -> normalize
 The ADE20K configs' scale is (2048, 512) (the defaults here), Cityscapes 768x768's (2049, 1025),
 Pascal Context's (520, 520): the pipelines are otherwise the same (setr.data.catalog).
 
@@ -240,10 +241,23 @@ def train_transform(image, label, rng, crop_size, scale=(2048, 512), ratio_range
     return normalize_pad(image, label, crop_size, ignore_index)
 
 
-def eval_transform(image, scale=(2048, 512)):
-    """mmseg's test pipeline: keep-ratio rescale into `scale`, normalize.
+def eval_size(height, width, scale, short_min=0):
+    """(h, w) of a (height, width) image in the test pipeline of `scale`.
+
+    short_min = 0: mmseg's keep-ratio rescale into `scale` (rescale_size). short_min > 0: the SETR
+    repository's Resize(dataset='pascal_context') (commit 0acc258, single and multi-scale): the
+    short side becomes short_min if min(scale) < short_min, else min(scale) (its code takes
+    scale[0]; its scales are square), the long side in proportion, then rescale_size into that.
+    """
+    if short_min:
+        short = short_min if min(scale) < short_min else min(scale)
+        scale = (short * height / width, short) if height > width else (short, short * width / height)
+    return rescale_size(height, width, scale)
+
+
+def eval_transform(image, scale=(2048, 512), short_min=0):
+    """The test pipeline: resize to eval_size(H, W, scale, short_min), normalize.
 
     image: (H, W, 3) uint8 RGB -> float32 tensor (3, h, w).
     """
-    size = rescale_size(image.shape[0], image.shape[1], scale)
-    return normalize(resize_image(image, size))
+    return normalize(resize_image(image, eval_size(image.shape[0], image.shape[1], scale, short_min)))
