@@ -104,17 +104,23 @@ def start(command, marker=None, **env):
     return proc, marker
 
 
-def finish(proc, marker, timeout):
-    """(exit status, output) of a started job; fails past the timeout. Nothing may be left."""
+def _wait(proc, marker, timeout, what):
+    """proc.communicate() within the timeout, else the job killed whole and the test failed (what:
+    the job's name); nothing may be left either way."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         kill_all(marker)
-        out, _ = proc.communicate()
-        pytest.fail(f"the job did not end within {timeout}s:\n{out[-4000:]}")
+        out, err = proc.communicate()
+        pytest.fail(f"{what} did not end within {timeout}s:\n{(out + (err or ''))[-4000:]}")
     finally:
         assert_nothing_left(marker)
+
+
+def finish(proc, marker, timeout):
+    """(exit status, output) of a started job; fails past the timeout. Nothing may be left."""
+    out, _ = _wait(proc, marker, timeout, "the job")
     return proc.returncode, out
 
 
@@ -132,15 +138,7 @@ def run(command, timeout, cwd=REPO, **env):
     marker = uuid.uuid4().hex
     proc = subprocess.Popen(command, env=job_env(marker, **env), cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        kill_all(marker)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, command))[:200]} did not end within {timeout}s:\n{(out + err)[-4000:]}")
-    finally:
-        assert_nothing_left(marker)
+    out, err = _wait(proc, marker, timeout, " ".join(map(str, command))[:200])
     return proc.returncode, out, err
 
 
