@@ -58,8 +58,7 @@ def run_script(main, argv=None):
 
 def error_text(exc):
     """An exception in one line: its type and the first line of its message."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
 def environment():

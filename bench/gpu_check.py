@@ -114,8 +114,7 @@ PART_NAMES = [p[0] for p in PARTS]
 
 def find_sanitizer():
     """compute-sanitizer on PATH, in $CUDA_HOME/bin or a CUDA toolkit folder; None when missing."""
-    dirs = [os.path.join(os.environ[k], "bin") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
-    dirs += SANITIZER_DIRS
+    dirs = [os.path.join(os.environ[k], "bin") for k in ("CUDA_HOME", "CUDA_PATH") if k in os.environ] + SANITIZER_DIRS
     return shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path=os.pathsep.join(dirs))
 
 
@@ -180,8 +179,7 @@ def run_part(name, cmd, limit_s, log_path, note=None, side_by_side=False):
     exits (workers it left) and when this run is stopped. Returns the part's record."""
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
+        print(f"$ {' '.join(cmd)}", file=log, flush=True)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=part_env(side_by_side),
                                 preexec_fn=_own_group_dies_with_parent)
         RUNNING.add(proc)
