@@ -3,12 +3,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import ref_json
 
 import setr
-from reference import ref_json
 from setr import layers
 from setr.constants import HEADS
 from setr.vit import resize_pos_embed
+from train.config import get_preset
 from train.parallelize import apply_recompute
 
 # torch.autocast against float32: largest relative error of the whole gradient (all parameters as one
@@ -79,6 +80,19 @@ def test_parameter_counts_and_keys_equal_mmseg(head):
     state = model.state_dict()
     assert list(state) == list(keys)
     assert {k: list(v.shape) for k, v in state.items()} == keys
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_cityscapes_models_equal_mmseg(head):
+    """Each {head}_cityscapes preset's model has the keys, in order, and shapes of mmseg's
+    setr_vit-l_{head}_8xb1-80k_cityscapes-768x768.py model (2305 tokens, 19 classes, Naive's
+    one-conv aux heads), so the released checkpoints load strictly."""
+    cfg = get_preset(f"{head}_cityscapes").model
+    model = setr.build_setr(cfg.head, cfg.backbone, cfg.num_classes, img_size=(768, 768), aux=cfg.aux,
+                            aux_num_convs=cfg.aux_num_convs, device="meta")
+    keys = ref_json("mmseg_setr_cityscapes_keys.json")[head]
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == keys
+    assert list(model.state_dict()) == list(keys)
 
 
 def test_patch_bias_false_is_1024_fewer():
