@@ -10,9 +10,12 @@ import subprocess
 import sys
 from importlib import metadata
 
+from setr.files import first_line
+
 OURS = "triton"  # our Triton kernels (impl="triton"): the provider / variant name of ours everywhere
 GIB = 2 ** 30
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
 
 
 def gpu_results_dir(gpu):
@@ -58,7 +61,7 @@ def run_script(main, argv=None):
 
 def error_text(exc):
     """An exception in one line: its type and the first line of its message."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+    return f"{type(exc).__name__}: {first_line(exc, limit=300)}"
 
 
 def environment():
@@ -82,7 +85,7 @@ def environment():
 def _output(cmd):
     """stdout of cmd, stripped (None when it cannot run or fails)."""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=os.path.dirname(RESULTS))
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO)
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -130,3 +133,10 @@ def setr_crops():
 
     presets = [c for c in map(get_preset, PRESETS) if c.data.dataset in NAMED_DATASETS]
     return tuple(dict.fromkeys((c.data.crop_size[0], c.model.num_classes) for c in presets))
+
+
+def setr_tokens():
+    """ViT token counts, class token included, at setr_crops()'s crops: 1025, 2305, 901."""
+    from setr.constants import PATCH_SIZE
+
+    return [(crop // PATCH_SIZE) ** 2 + 1 for crop, _ in setr_crops()]

@@ -14,16 +14,15 @@ import importlib.util
 
 import torch
 
-from bench import OURS, common, setr_crops
+from bench import OURS, common, setr_tokens
 from bench.common import MODES, default_device, on_gpu, time_provider
 from kernels.utils import use_triton
-from setr.constants import PATCH_SIZE
 from setr.layers import attention_packed
 
 KERNEL = "attention"
 SETR_BATCHES = (1, 2, 8, 16)
 # with the class token at each preset's crop (ADE20K 1025, Cityscapes 2305, Pascal Context 901); and 1024
-TOKENS = [(crop // PATCH_SIZE) ** 2 + 1 for crop, _ in setr_crops()]
+TOKENS = setr_tokens()
 SETR_TOKENS = (TOKENS[0] - 1, *TOKENS)
 TRAIN_SHAPES = ((8, TOKENS[0]), (16, TOKENS[0]), (8, TOKENS[1]))  # (B, N): ADE20K's crops, Cityscapes
 SWEEP_BATCH = 4
@@ -67,9 +66,7 @@ def make_fn(provider):
         return sdpa_provider(provider[len("sdpa_"):].upper() + "_ATTENTION")
     if provider == "torch.compile":
         return common.compiled(lambda qkv, H: attention_packed(qkv, H, "eager"))
-    if provider == "xformers":
-        return xformers_provider
-    raise ValueError(f"unknown provider {provider!r}; expected one of {(OURS,) + PEERS}")
+    return xformers_provider  # the last of PEERS
 
 
 def shapes(quick, setr_only=False):
@@ -79,7 +76,7 @@ def shapes(quick, setr_only=False):
     if setr_only:
         return [(B, 16, N, 64) for B, N in TRAIN_SHAPES]
     if quick:
-        return [(2, 16, N, 64) for N in (1024, 1025, 2305)] + [(SWEEP_BATCH, 16, 4096, 64)]
+        return [(2, 16, N, 64) for N in SETR_TOKENS[:3]] + [(SWEEP_BATCH, 16, 4096, 64)]
     return ([(B, 16, N, 64) for B in SETR_BATCHES for N in SETR_TOKENS]
             + [(SWEEP_BATCH, 16, N, 64) for N in SWEEP_TOKENS])
 

@@ -32,7 +32,7 @@ import time
 
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from bench import RESULTS, run_script, setr_crops, writable_dir  # noqa: E402
+from bench import RESULTS, run_script, setr_crops, setr_tokens, writable_dir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -85,7 +85,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # SETR's crops and classes (bench.setr_crops) and token counts with the class token: 1025, 2305, 901
 CROPS = setr_crops()
-TOKENS = [(crop // PATCH_SIZE) ** 2 + 1 for crop, _ in CROPS]
+TOKENS = setr_tokens()
 
 
 def attention_cases():
@@ -306,7 +306,6 @@ def compile_rows(rows, workers, known=None):
 
 
 def write_table(rows, outdir, seconds, compiled):
-    os.makedirs(outdir, exist_ok=True)
     meta = dict(triton=triton.__version__, torch=torch.__version__, compiles=len(rows),
                 compile_core_seconds=round(sum(r.get("seconds", 0) for r in rows)),
                 last_run=f"{compiled} compiled, {len(rows) - compiled} reused, {seconds:.0f} s",

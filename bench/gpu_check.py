@@ -41,10 +41,9 @@ import time
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import UsageError, environment, gpu_results_dir, new_results_dir, run_script, writable_dir
+from bench import REPO, UsageError, environment, gpu_results_dir, new_results_dir, run_script, writable_dir
 from setr.files import write_atomic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_LIMIT_S = 470  # the parts, their start-up and kill grace included
 KILL_GRACE_S = 3  # SIGTERM, then SIGKILL this much later
 SMOKE_LIMIT_S = 120  # per part in --dry-run: a guard against a hang, not a budget

@@ -44,7 +44,8 @@ def run_bench(name, quick, setr_only=False):
     """(rows, not_run) of bench/bench_<name>.py, each row tagged with bench=name; an error row if it fails."""
     try:
         module = importlib.import_module(f"bench.bench_{name}")
-        return [dict(r, bench=name) for r in module.run(quick=quick, setr_only=setr_only)], module.unavailable()
+        rows = [dict(r, bench=name) for r in module.run(quick=quick, setr_only=setr_only)]
+        return rows, getattr(module, "unavailable", dict)()  # {peer: why} where a module has peers that may not run
     except Exception as e:  # noqa: BLE001 - reported as a row, the other kernels still run
         traceback.print_exc()
         return [dict(bench=name, kernel=name, mode="-", provider=OURS, shape="-", dtype="-", ms=None,

@@ -19,12 +19,11 @@ import textwrap
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: the repo root first, not bench/
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench import OURS, RESULTS, UsageError, plan_config, plan_name, run_script, writable_dir
+from bench import OURS, REPO, RESULTS, UsageError, plan_config, plan_name, run_script, writable_dir
 
 HEAD_NAMES = {"naive": "SETR-Naive", "pup": "SETR-PUP", "mla": "SETR-MLA"}
 BACKBONE_NAMES = {"vit_large": "ViT-L/16", "vit_base": "ViT-B/16", "vit_tiny": "ViT-tiny"}
 IMPL_ORDER = ("eager", "sdpa", OURS)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ESTIMATE = os.path.join(RESULTS, "estimate")
 
 # The planned table: (training preset, GPU counts, every recompute policy or training's default

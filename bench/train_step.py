@@ -100,7 +100,6 @@ def run_variant(preset, impl, recompute, compile_, cfg, device):
                impl=impl, recompute=recompute, compile=compile_, provider=impl + ("+compile" if compile_ else ""),
                mode="train", shape=f"{cfg['batch']}x3x{crop}x{crop}", dtype=cfg["precision"], batch=cfg["batch"])
     try:
-        torch.manual_seed(0)  # the same weights for every variant: their first losses must agree
         state = train.step.build_step_state(run, step.build_parallel(run, device), device)
         batches = [step.random_batch(cfg["batch"], crop, classes, device)]
         losses = []

@@ -89,7 +89,7 @@ class Kernel(JITFunction):
     tensors run the function through Triton's interpreter; anything else is a compiled launch."""
 
     def run(self, *args, grid, warmup, **kwargs):
-        if any(isinstance(a, torch.Tensor) and launch_mode(a) == "interpreted" for a in args):
+        if interpret() and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
             with _interpreting():
                 return _interpreted(self.fn).run(*args, grid=grid, warmup=warmup, **kwargs)
         return super().run(*args, grid=grid, warmup=warmup, **kwargs)

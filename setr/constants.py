@@ -19,3 +19,5 @@ VIT_CONFIGS = {
 BACKBONES = tuple(VIT_CONFIGS)  # vit_large, vit_base, vit_tiny
 HEADS = ("naive", "pup", "mla")
 IMPLS = ("eager", "sdpa", "triton")  # op implementations, see setr/layers.py
+MODEL_RECOMPUTE = ("none", "selective")  # what the model does itself (SETR.set_recompute)
+RECOMPUTE = MODEL_RECOMPUTE + ("full",)  # training's memory policies (train.parallelize.apply_recompute)

@@ -34,7 +34,7 @@ import sys
 # torch-free imports only: the arguments are parsed, and --help answered, before torch loads; the
 # functions below import the rest where they need it.
 from setr import cli
-from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS, short_min_of
+from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
 from setr.data.datasets import DATASETS, DataError, LabelValueError, build_dataset
 from setr.files import write_atomic
 from setr.predict import (PredictError, add_model_args, build_model, check_output_dir, pipeline_settings,
@@ -112,7 +112,7 @@ def dataset_settings(args, run):
 def _dataset(args, info, ignore_index, name, kwargs):
     """The raw split to evaluate (name, kwargs: dataset_settings), checked against the model."""
     named = NAMED_DATASETS.get(name)
-    if named and (info["num_classes"] != named.num_classes or ignore_index != IGNORE_INDEX):
+    if named and ignore_index != IGNORE_INDEX:  # the class count: build_model checked it
         raise PredictError(f"{named.title} has {named.num_classes} classes and ignore_index {IGNORE_INDEX}; the "
                            f"checkpoint has {info['num_classes']} classes, ignore_index {ignore_index}")
     try:
@@ -195,7 +195,7 @@ def _run(args, job, rank, world_size):
 
     model, info, dataset, ignore_index, settings, out = job
     scale, crop, stride = settings["scale"], settings["crop_size"], settings["stride"]
-    samples = EvalSamples(dataset, scale=scale, short_min=short_min_of(info["eval"], info["test"]))
+    samples = EvalSamples(dataset, scale=scale, short_min=info["short_min"])
     save = None
     if args.save_predictions:
         def save(name, pred):

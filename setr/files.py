@@ -54,3 +54,9 @@ def write_atomic(path, data):
             os.remove(tmp)
         raise
     return path
+
+
+def first_line(error, default="", limit=None):
+    """The first line of an exception's message (at most `limit` characters); `default` when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else default

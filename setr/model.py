@@ -11,11 +11,10 @@ gradients. Checkpointing whole blocks is a training setting (train.parallelize, 
 import torch.nn as nn
 
 from setr import layers
+from setr.constants import BACKBONES, HEADS, MODEL_RECOMPUTE, VIT_CONFIGS
 from setr.heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUPHead
-from setr.constants import BACKBONES, HEADS, VIT_CONFIGS
 from setr.vit import Block, build_vit
 
-RECOMPUTE = ("none", "selective")
 AUX_WEIGHT = 0.4
 
 
@@ -68,8 +67,8 @@ class SETR(nn.Module):
         of keeping them, each ViT block's GELU output and pre-attention LayerNorm output and the
         Naive / PUP heads' upsampled conv inputs (elementwise ops and resizes, re-run on the kept
         inputs: the gradients do not change). Call it before checkpointing whole blocks."""
-        if policy not in RECOMPUTE:
-            raise ValueError(f"recompute {policy!r}; expected one of {RECOMPUTE}")
+        if policy not in MODEL_RECOMPUTE:
+            raise ValueError(f"recompute {policy!r}; expected one of {MODEL_RECOMPUTE}")
         for m in self.modules():
             if isinstance(m, (Block, SETRUPHead)):
                 m.recompute = policy == "selective"
@@ -130,7 +129,7 @@ def build_setr(head, backbone="vit_large", num_classes=150, img_size=512, impl="
     dict (the table in setr.layers says what runs). aux_num_convs: conv stages of the Naive / PUP
     auxiliary heads, 2 in every config but mmseg's Naive Cityscapes one (1: it keeps the base
     model's auxiliary heads). img_size: the pos-embed grid (768 for the Cityscapes checkpoints).
-    recompute: one of RECOMPUTE (SETR.set_recompute).
+    recompute: one of MODEL_RECOMPUTE (SETR.set_recompute).
     """
     return SETR(head, backbone, num_classes, img_size, impl, aux, patch_bias, ignore_index, aux_num_convs,
                 recompute, device, dtype)

@@ -87,10 +87,11 @@ def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="
     """Build and strictly load the model of a checkpoint.
 
     dataset: the dataset the checkpoint is for; None: the one our export names, else the named
-    dataset (setr.data.catalog) with its number of classes, if any. A named dataset gives the class names, palette and test settings that a
-    checkpoint does not carry.
-    Returns (model in eval mode on device, info dict with head, backbone, num_classes,
-    img_size, class_names, palette, eval (the export's test settings), test (the dataset's)).
+    dataset (setr.data.catalog) with its number of classes, if any. A named dataset gives the class
+    names, palette and test settings that a checkpoint does not carry.
+    Returns (model in eval mode on device, info dict with head, backbone, num_classes, img_size,
+    class_names, palette, eval (the export's test settings), test (the dataset's), short_min (the
+    test resize's rule: catalog.short_min_of)).
     """
     if num_classes is not None and num_classes < 1:
         raise PredictError(f"--num-classes must be >= 1, got {num_classes}")
@@ -132,10 +133,11 @@ def build_model(checkpoint, head=None, backbone=None, num_classes=None, device="
         raise PredictError(f"{named.title} has {named.num_classes} classes; checkpoint {checkpoint} has {num_classes}")
     class_names = meta.get("class_names") or (named.classes if named else None)
     palette = meta.get("palette") or (named.palette if named else random_palette(num_classes))
+    saved_eval = meta.get("eval") if isinstance(meta.get("eval"), dict) else {}
     info = dict(head=head, backbone=backbone, num_classes=num_classes, img_size=img_size,
                 class_names=class_names, palette=palette, dataset=meta.get("dataset"),
-                test=named.test if named else None,
-                eval=meta.get("eval") if isinstance(meta.get("eval"), dict) else {})
+                test=named.test if named else None, eval=saved_eval,
+                short_min=short_min_of(saved_eval, named.test if named else None))
     return model.to(device).eval(), info
 
 
@@ -314,7 +316,7 @@ def predict(args):
             failed += 1
             continue
         label = predict_image(model, image, info["num_classes"], mode, args.aug, scale, (crop, crop),
-                              (stride, stride), short_min_of(info["eval"], info["test"]))
+                              (stride, stride), info["short_min"])
         stem = os.path.splitext(os.path.basename(path))[0]
         try:
             outs = save_outputs(image, label, info["palette"], args.out, stem)

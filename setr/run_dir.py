@@ -15,10 +15,13 @@ import json
 import os
 import warnings
 
+from setr.files import first_line
+
 META = "meta.json"
 LATEST = "latest"
 FINAL = "model_final.pth"
 CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"  # the run's checkpoint folder
 
 
 class CheckpointError(ValueError):
@@ -30,7 +33,7 @@ class DamagedCheckpoint(CheckpointError):
 
 
 def checkpoint_root(work_dir):
-    return os.path.join(work_dir, "checkpoints")
+    return os.path.join(work_dir, CHECKPOINTS)
 
 
 def iteration_dir(work_dir, iteration):
@@ -125,7 +128,7 @@ def run_config(path):
     name = os.path.basename(path)
     if is_complete(path) or name == LATEST:  # checkpoints/iter_* or checkpoints/latest
         run = os.path.dirname(os.path.dirname(path))
-    elif name in (FINAL, os.path.basename(checkpoint_root(""))):  # model_final.pth or checkpoints/
+    elif name in (FINAL, CHECKPOINTS):  # model_final.pth or checkpoints/
         run = os.path.dirname(path)
     elif os.path.isdir(path):
         run = path
@@ -164,6 +167,6 @@ def read_sharded_model(path):
             dcp.load(state, checkpoint_id=path, no_dist=True)
     except Exception as e:  # noqa: BLE001 - any damage: name the checkpoint
         raise DamagedCheckpoint(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                              f"{first_line(e)})") from None
     return {"meta": dict(meta["export"], iteration=meta["iteration"]),
             "state_dict": {k[len("model."):]: v for k, v in state.items()}}

@@ -13,7 +13,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from setr.files import HUB_PREFIX, is_hub_id, write_atomic
+from setr.files import HUB_PREFIX, first_line, is_hub_id, write_atomic
 from setr.vit import resize_pos_embed
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm repository on the hub holds
@@ -97,11 +97,6 @@ def _read(path_or_state_dict):
     return obj, path
 
 
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else "no details"
-
-
 def _unwrap(obj, source):
     """The state dict inside an mmseg / timm / our checkpoint ('state_dict' or 'model' wrapper)."""
     for key in ("state_dict", "model"):
@@ -133,6 +128,10 @@ def _grid(num_tokens, source):
     if side * side != num_tokens - 1:
         raise ValueError(f"checkpoint {source}: pos_embed has {num_tokens} tokens, not 1 + a square grid")
     return side, side
+
+
+def _first_line(error):
+    return first_line(error, "no details", 200)
 
 
 def _load_strict(module, state_dict, source, strict, notes):

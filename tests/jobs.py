@@ -154,8 +154,10 @@ def wait_for_iterations(work_dir, proc, n, timeout=60, poll=0.1):
     metrics = os.path.join(work_dir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum('"train"' in line for line in open(metrics)) >= n:
-            return
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                if sum('"train"' in line for line in f) >= n:
+                    return
         time.sleep(poll)
     raise AssertionError(f"{n} iterations not logged within {timeout}s (exit status {proc.poll()})")
 

@@ -18,7 +18,7 @@ from setr.data.catalog import dataset_with_classes, short_min_of
 from setr.data.samples import _AUG_TAG
 from setr.inference import MS_RATIOS, aug_size
 from test_data import _mmseg_photometric_cv2
-from test_evaluate import label_ties, mmseg_test_pipeline
+from test_evaluate import label_ties, mmseg_format_checkpoint, mmseg_test_pipeline
 from test_weights import tiny_timm_state
 from train.build import build_data
 from train.config import ConfigError, get_preset, parse_config
@@ -311,22 +311,6 @@ def test_training_pipeline_equals_mmseg_description(preset, dataset, scale, crop
 
 
 # ------------------------------------------------------------------ evaluation and prediction
-def _mmseg_format_checkpoint(path, head, num_classes, img_size, **kw):
-    """A ViT-tiny SETR saved as mmseg saves its checkpoints (state_dict + mmseg's own meta), with
-    BatchNorm statistics that are not the identity. Returns (path, model in eval mode)."""
-    torch.manual_seed(0)
-    model = setr.build_setr(head, backbone="vit_tiny", num_classes=num_classes, img_size=img_size, impl="sdpa",
-                            **kw).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    torch.save({"meta": {"mmseg_version": "0.20.0", "CLASSES": ["x"] * num_classes}, "state_dict": model.state_dict()},
-               path)
-    return str(path), model
-
-
 def test_cityscapes_checkpoint_evaluates_and_predicts_at_the_768_test_settings(cityscapes_root, tmp_path, capsys):
     """A checkpoint in the layout of mmseg's released Cityscapes SETR-Naive (pos-embed 48x48 + 1,
     one-conv aux heads, 19 classes) loads strictly; setr.evaluate --dataset cityscapes and setr.predict
@@ -335,7 +319,7 @@ def test_cityscapes_checkpoint_evaluates_and_predicts_at_the_768_test_settings(c
     from setr.evaluate import main
     from setr.predict import main as predict_main
 
-    ckpt, model = _mmseg_format_checkpoint(tmp_path / "setr_naive_tiny_cityscapes.pth", "naive", 19, 768,
+    ckpt, model = mmseg_format_checkpoint(tmp_path / "setr_naive_tiny_cityscapes.pth", "naive", 19, 768,
                                            aux_num_convs=1)
     assert [k for k in model.state_dict() if k.startswith("auxiliary_head.0.") and k.endswith("conv.weight")] == [
         "auxiliary_head.0.up_convs.0.0.conv.weight"]
@@ -366,7 +350,7 @@ def test_pascal_context_evaluates_and_predicts_at_the_setr_test_settings(pascal_
     from setr.evaluate import main
     from setr.predict import main as predict_main
 
-    ckpt, model = _mmseg_format_checkpoint(tmp_path / "setr_mla_tiny_pc.pth", "mla", 60, 480)
+    ckpt, model = mmseg_format_checkpoint(tmp_path / "setr_mla_tiny_pc.pth", "mla", 60, 480)
     args = ["--checkpoint", ckpt, "--dataset", "pascal_context", "--data-root", str(pascal_parent), "--device", "cpu",
             "--num-workers", "0"]
     assert main(args + ["--out", str(tmp_path / "eval"), "--save-predictions"]) == 0

@@ -30,21 +30,28 @@ def camvid_root(shared_dir):
     return shared_data(shared_dir, "camvid_segnet_subset")
 
 
-@pytest.fixture(scope="module")
-def mmseg_pup(tmp_path_factory):
-    """(path, model): a SETR-PUP in mmseg's checkpoint format (state_dict + mmseg's own meta, no
-    export meta), ViT-tiny sized so that a 512x512 window runs in about a second on a CPU."""
+def mmseg_format_checkpoint(path, head, num_classes, img_size, **kw):
+    """A ViT-tiny SETR saved as mmseg saves its checkpoints (state_dict + mmseg's own meta, no
+    export meta), with BatchNorm statistics that are not the identity. Returns (path, model in
+    eval mode)."""
     torch.manual_seed(0)
-    model = setr.build_setr("pup", backbone="vit_tiny", num_classes=150, img_size=512, impl="sdpa").eval()
-    with torch.no_grad():  # BN statistics that are not the identity
+    model = setr.build_setr(head, backbone="vit_tiny", num_classes=num_classes, img_size=img_size, impl="sdpa",
+                            **kw).eval()
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("mmseg") / "setr_pup_tiny_ade20k.pth"
-    torch.save({"meta": {"mmseg_version": "0.15.0", "CLASSES": list(setr.data.ADE20K_CLASSES)},
-                "state_dict": model.state_dict()}, path)
+    torch.save({"meta": {"mmseg_version": "0.20.0", "CLASSES": ["x"] * num_classes}, "state_dict": model.state_dict()},
+               path)
     return str(path), model
+
+
+@pytest.fixture(scope="module")
+def mmseg_pup(tmp_path_factory):
+    """(path, model): a SETR-PUP in mmseg's checkpoint format, ViT-tiny sized so that a 512x512
+    window runs in about a second on a CPU."""
+    return mmseg_format_checkpoint(tmp_path_factory.mktemp("mmseg") / "setr_pup_tiny_ade20k.pth", "pup", 150, 512)
 
 
 def mmseg_test_pipeline(model, path, scale=(2048, 512), crop=512, stride=341, num_classes=150):

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import setr
-from jobs import kill_leftovers, python_main, run_job, torchrun  # noqa: F401 (kill_leftovers is a fixture)
+from jobs import kill_leftovers, python_main, run_job, torchrun, train_losses  # noqa: F401 (kill_leftovers is a fixture)
 from train import checkpoint as ckpt
 from train.config import ConfigError, get_preset, parse_config
 from train.optim import PolyLR, param_groups
@@ -455,12 +455,6 @@ def test_main_reports_bad_input_before_work(tmp_path, capsys):
 # real runs: torchrun, 2 processes, gloo FSDP
 # ------------------------------------------------------------------------------------------------
 
-def _losses(work_dir):
-    with open(os.path.join(work_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["iter"]: r["loss"] for r in records if r["event"] == "train"}, records
-
-
 def _run(args, nproc=2, timeout=240):
     """The output of a run (2 torchrun ranks, or one plain process with nproc=0) that must succeed."""
     code, out, _ = run_job((torchrun(nproc) if nproc else python_main()) + args, timeout)
@@ -480,10 +474,11 @@ def test_two_rank_fsdp_demo_run(two_rank_run):
     work, out = two_rank_run
     assert "no GPU" not in out  # --preset given explicitly
     assert "FSDP2 over 2 cpu rank(s) (gloo)" in out
-    losses, records = _losses(work)
+    losses = train_losses(work)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
-    evals = [r for r in records if r["event"] == "eval"]
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if r["event"] == "eval"]
     assert len(evals) == 1 and evals[0]["iter"] == 6 and 0 <= evals[0]["mIoU"] <= 100 and "loss" in evals[0]
     assert json.load(open(os.path.join(work, "config.json")))["model"]["backbone"] == "vit_tiny"
     assert [i for i, _ in ckpt.complete_checkpoints(work)] == [3, 6]
@@ -504,8 +499,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(two_rank_run, tmp_path)
     shutil.copytree(work, resumed, ignore=shutil.ignore_patterns("iter_00000006", "latest", "*.jsonl", "*.pth"))
     out = _run(TINY + ["--max-iters", "6", "--ckpt-interval", "3", "--work-dir", str(resumed), "--resume", "auto"])
     assert "resumed from" in out and "at iteration 3" in out
-    full, _ = _losses(work)
-    part, _ = _losses(resumed)
+    full = train_losses(work)
+    part = train_losses(resumed)
     assert sorted(part) == [4, 5, 6]
     assert [part[i] for i in (4, 5, 6)] == [full[i] for i in (4, 5, 6)]  # exact equality
     a = torch.load(os.path.join(work, "model_final.pth"))["state_dict"]
@@ -518,8 +513,8 @@ def test_world_size_1_and_2_give_the_same_first_step_loss(two_rank_run, tmp_path
     out = _run(TINY + ["--max-iters", "1", "--work-dir", str(tmp_path / "ws1"), "--eval.at_end", "false",
                        "--checkpoint.export", "false"], nproc=0)
     assert "FSDP2 over 1 cpu rank(s)" in out
-    ws1, _ = _losses(tmp_path / "ws1")
-    ws2, _ = _losses(work)
+    ws1 = train_losses(tmp_path / "ws1")
+    ws2 = train_losses(work)
     assert ws1[1] == pytest.approx(ws2[1], rel=1e-5, abs=0)
 
 
@@ -568,6 +563,6 @@ def test_learns_on_a_real_folder_dataset(shared_dir, tmp_path):
     _run(BASE + ["--dataset", "folder", "--data-root", root, "--num-classes", "11", "--ignore-index", "11",
                  "--max-iters", "40", "--eval.at_end", "false", "--checkpoint.export", "false",
                  "--ckpt-interval", "0", "--work-dir", str(tmp_path / "camvid")], nproc=0)
-    losses, _ = _losses(tmp_path / "camvid")
+    losses = train_losses(tmp_path / "camvid")
     first, last = losses[1], sum(losses[i] for i in range(36, 41)) / 5
     assert last < 0.7 * first, (first, last)

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from setr.files import write_atomic
+from setr.files import first_line, write_atomic
 from setr.run_dir import (LATEST, META, CheckpointError, DamagedCheckpoint, checkpoint_root,
                           complete_checkpoints, is_complete, iteration_dir, latest_checkpoint, read_meta)
 
@@ -90,8 +90,7 @@ def _first_failure(e, rank):
 
 
 def _describe(e):
-    text = str(getattr(e, "strerror", None) or e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"{type(e).__name__}: {first_line(getattr(e, 'strerror', None) or e)}"
 
 
 def rng_state():

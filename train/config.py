@@ -31,13 +31,12 @@ import typing
 from dataclasses import dataclass, field
 
 # torch-free imports only: `--help` and usage errors answer before torch is loaded
-from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE
+from setr.constants import BACKBONES, HEADS, IMPLS, PATCH_SIZE, RECOMPUTE
 from setr.data.catalog import IGNORE_INDEX, NAMED_DATASETS
 from setr.data.datasets import DATASETS
 from setr.files import is_hub_id, write_atomic
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-RECOMPUTE = ("none", "selective", "full")  # train.parallelize.apply_recompute says what each keeps
 
 
 class ConfigError(ValueError):
@@ -197,19 +196,20 @@ class Config:
                                   f"use --dataset synthetic for the built-in data")
             if not os.path.isdir(d.root):
                 raise ConfigError(f"--data-root {d.root!r}: no such directory")
-        if d.dataset == "synthetic" and d.root:
-            raise ConfigError(f"--data-root {d.root!r} is not used by --dataset synthetic (the built-in "
-                              f"data); pass --dataset ade20k or --dataset folder to train on it")
+        if d.dataset == "synthetic":
+            if d.root:
+                raise ConfigError(f"--data-root {d.root!r} is not used by --dataset synthetic (the built-in "
+                                  f"data); pass --dataset ade20k or --dataset folder to train on it")
+            if len(d.synthetic_size) != 2 or min(d.synthetic_size) < 16:
+                raise ConfigError(f"data.synthetic_size must be two sizes >= 16 (H,W: setr.data.SyntheticSegmentation "
+                                  f"draws its shapes at least that large), got {tuple(d.synthetic_size)}")
+            for name, value in (("data.synthetic_train_samples", d.synthetic_train_samples),
+                                ("data.synthetic_val_samples", d.synthetic_val_samples)):
+                if value < 1:
+                    raise ConfigError(f"{name} must be >= 1 (images in the split), got {value}")
         if m.pretrained and not is_hub_id(m.pretrained) and not os.path.isfile(m.pretrained):
             raise ConfigError(f"--pretrained {m.pretrained!r}: no such file (a .safetensors / .pth / .bin file, "
                               f"or timm/<model> from the Hugging Face hub)")
-        if d.dataset == "synthetic" and (len(d.synthetic_size) != 2 or min(d.synthetic_size) < 16):
-            raise ConfigError(f"data.synthetic_size must be two sizes >= 16 (H,W: setr.data.SyntheticSegmentation "
-                              f"draws its shapes at least that large), got {tuple(d.synthetic_size)}")
-        for name, value in (("data.synthetic_train_samples", d.synthetic_train_samples),
-                            ("data.synthetic_val_samples", d.synthetic_val_samples)):
-            if d.dataset == "synthetic" and value < 1:
-                raise ConfigError(f"{name} must be >= 1 (images in the split), got {value}")
         if not 0 <= d.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.num_workers < 0:
@@ -286,14 +286,15 @@ def _demo_preset():
     return cfg
 
 
-def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=2):
+def _benchmark_preset(head, dataset, lr, batch_size, aux_num_convs=2):
     """An 80k-iteration SETR recipe on Cityscapes or Pascal Context: evaluation and checkpoints every
-    8k, the dataset's test settings (setr.data.catalog); like every SETR config, SGD momentum 0.9,
-    weight decay 0, head lr x10, poly 0.9 to 1e-4."""
+    8k; training crops and scale are the dataset's test settings' (setr.data.catalog: each config
+    sets them once for both pipelines); like every SETR config, SGD momentum 0.9, weight decay 0,
+    head lr x10, poly 0.9 to 1e-4."""
     cfg = Config(preset=f"{head}_{dataset}")
     named = NAMED_DATASETS[dataset]
     cfg.model = ModelConfig(head=head, num_classes=named.num_classes, aux_num_convs=aux_num_convs)
-    cfg.data = DataConfig(dataset=dataset, crop_size=(crop, crop), scale=scale)
+    cfg.data = DataConfig(dataset=dataset, crop_size=(named.test.crop_size,) * 2, scale=named.test.scale)
     cfg.optim.lr = lr
     cfg.schedule = ScheduleConfig(max_iters=80000, batch_size=batch_size)
     cfg.checkpoint.interval = 8000
@@ -305,13 +306,13 @@ def _benchmark_preset(head, dataset, lr, batch_size, crop, scale, aux_num_convs=
 # mmseg configs/setr/setr_vit-l_<head>_8xb1-80k_cityscapes-768x768.py: 8 GPUs x 1 image, crops of 768
 # from the cityscapes_768x768 base's (2049, 1025) scale; lr 0.01 from schedule_80k (MLA's config:
 # 0.002). PUP's config sets its aux heads (2 convs); Naive's keeps the base model's (1 conv).
-_cityscapes = dict(dataset="cityscapes", batch_size=8, crop=768, scale=(2049, 1025))
+_cityscapes = dict(dataset="cityscapes", batch_size=8)
 # fudan-zvg/SETR configs/SETR/SETR_<Head>_480x480_80k_pascal_context_bs_16.py: crops of 480 from
 # (520, 520), 60 classes (background included, as the paper scores them). Batch 16 as its README
 # says: the PUP and MLA configs set 2 per GPU (x 8 GPUs); the Naive one sets none, so it would run
 # its base's 4 per GPU (32). The models are mmseg's, as for ADE20K, trained on SETR's recipe (the
 # SETR repository's own heads differ: README.md).
-_pascal_context = dict(dataset="pascal_context", batch_size=16, crop=480, scale=(520, 520))
+_pascal_context = dict(dataset="pascal_context", batch_size=16)
 
 PRESETS = {
     "naive": lambda: _ade20k_preset("naive", 0.01),
@@ -559,18 +560,6 @@ def _flat(tree, prefix=""):
             yield from _flat(value, f"{prefix}{key}.")
         else:
             yield prefix + key, value
-
-
-def read_saved_config(path):
-    """The dict of a run's config.json."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is unreadable ({e}); it should be the config of the run in its directory") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} is not a config (a JSON object); it should be the config of the run in its directory")
-    return saved
 
 
 def _as_json(cfg):

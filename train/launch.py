@@ -24,6 +24,8 @@ import sys
 if __package__ in (None, ""):  # `python train/launch.py` (run_train.sh)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from setr.files import first_line  # noqa: E402
+
 MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
 NOT_TAKEN = ("-h", "--help", "-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path")
 USAGE = "setr-train [torchrun options (torchrun --help)] [training flags, below]"
@@ -102,10 +104,10 @@ def main(argv=None):
     except SignalException as e:  # forwarded to the ranks, which checkpoint and exit with 128 + signal
         status, note = 128 + int(e.sigval), None
     except Exception as e:  # noqa: BLE001 - rendezvous timeouts, a bad option value, ...
-        text = str(e).strip()
+        text = first_line(e)
         if type(e).__name__ == "RendezvousClosedError":  # another node's torchrun ended the job
             text = "another node closed the job's rendezvous (its ranks failed, or it was stopped: it reports why)"
-        status, note = 1, f"setr-train: error: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        status, note = 1, f"setr-train: error: {type(e).__name__}: {text}"
     else:
         status, note = 0, None
     if note:

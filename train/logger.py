@@ -97,20 +97,18 @@ class Logger:
 
     # -- console ---------------------------------------------------------------------------------
     def info(self, msg):
-        stamp = time.strftime("%H:%M:%S")
+        stamp, lines = time.strftime("%H:%M:%S"), str(msg).splitlines() or [""]
         if self.to_console:
             if self.bar and self._bar_text:
                 sys.stdout.write("\r\033[K")
-            for line in str(msg).splitlines() or [""]:
-                sys.stdout.write(f"{stamp} {self.prefix}{line}\n")
+            sys.stdout.writelines(f"{stamp} {self.prefix}{line}\n" for line in lines)
             if self.bar and self._bar_text:
                 sys.stdout.write(self._bar_text)
             sys.stdout.flush()
-        lines = [f"{stamp} {line}\n" for line in str(msg).splitlines() or [""]]
         if self.logfile:
-            self.logfile.writelines(lines)
+            self.logfile.writelines(f"{stamp} {line}\n" for line in lines)
         elif self.files_pending:
-            self.early_lines += lines
+            self.early_lines += [f"{stamp} {line}\n" for line in lines]
 
     def warning(self, msg, every_rank=False):
         """every_rank: also printed (to stderr) by a rank that does not log to the console."""

@@ -35,12 +35,13 @@ import traceback  # noqa: E402
 # model load; the functions below import the rest where they need it.
 from setr.cli import BAD_INPUT, FAILED  # noqa: E402
 from setr.data.datasets import DataError  # noqa: E402
-from setr.files import check_writable_dir  # noqa: E402
-from setr.run_dir import FINAL, CheckpointError, DamagedCheckpoint, read_meta  # noqa: E402
-from train.config import ConfigError, config_differences, parse_config, read_saved_config  # noqa: E402
+from setr.files import check_writable_dir, first_line  # noqa: E402
+from setr.run_dir import (CHECKPOINTS, CONFIG, FINAL, CheckpointError, DamagedCheckpoint, read_meta,  # noqa: E402
+                          run_config)
+from train.config import ConfigError, config_differences, parse_config  # noqa: E402
 
 EXIT_CODES = {"finished": 0, "SIGINT": 130, "SIGTERM": 143}  # 128 + signal number after a stop
-RUN_FILES = ("config.json", "checkpoints", FINAL)  # any of them: the work dir holds a run
+RUN_FILES = (CONFIG, CHECKPOINTS, FINAL)  # any of them: the work dir holds a run
 
 
 def check_work_dir(cfg):
@@ -96,9 +97,9 @@ def check_same_run(cfg, resumed):
     saved = []
     if resumed is not None and isinstance(resumed[1].get("config"), dict):
         saved.append((f"the checkpoint {resumed[0]}", resumed[1]["config"]))
-    path = os.path.join(cfg.work_dir, "config.json")
-    if os.path.isfile(path):
-        saved.append((f"the run in {cfg.work_dir}", read_saved_config(path)))
+    run = run_config(cfg.work_dir)
+    if run is not None:
+        saved.append((f"the run in {cfg.work_dir}", run))
     for where, config in saved:
         differences = config_differences(config, cfg)
         if differences:
@@ -113,7 +114,7 @@ def start_run_files(cfg):
     iteration is done): --overwrite deletes the previous run, then config.json is written."""
     if cfg.checkpoint.overwrite:
         clear_run(cfg.work_dir)
-    cfg.save(os.path.join(cfg.work_dir, "config.json"))
+    cfg.save(os.path.join(cfg.work_dir, CONFIG))
 
 
 def clear_run(work_dir):
@@ -214,7 +215,7 @@ def main(argv=None):
             pass  # an echo of the error another rank reported (its collectives failed)
         elif isinstance(e, dist.DistError) or "/gloo/" in str(e):  # a collective failed: a peer went down
             say(rank, f"stopped: a collective failed, another rank probably failed first "
-                      f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})")
+                      f"({first_line(e, type(e).__name__, 200)})")
         else:  # a bug: the traceback, from this rank only
             traceback.print_exc()
         return FAILED

@@ -158,9 +158,12 @@ def first_to_report():
     or its echo on the ranks that were waiting for the failed one, is printed once. True as
     well without a store to ask (a single process, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: every
     rank says it; or the launcher is gone)."""
+    key = _errors_key()
+    if key is None:  # before this attempt joined: no store to ask
+        return True
     try:
         store = _job_store()
-        return store is None or _errors_key() is None or store.add(_errors_key(), 1) == 1
+        return store is None or store.add(key, 1) == 1
     except Exception:  # noqa: BLE001 - say it anyway
         return True
 

@@ -129,23 +129,18 @@ def train_step(state, micro_batches, stop=False, sync=True):
     # 3. one all-reduce: loss terms averaged over ranks, non-finite count, stop request
     local = torch.stack(list(terms.values()))
     nonfinite = (~torch.isfinite(local)).any().float()
-    packed = torch.cat([local, nonfinite[None], torch.tensor([float(stop)], device=local.device)])
+    packed = torch.cat([local, nonfinite[None], local.new_full((1,), float(stop))])  # filled on the device: no copy
     dist.all_reduce(packed)
-    if not sync:
-        if state.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(state.params, state.clip_grad, grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.scheduler.step()
-        return None
-    values = torch.cat([packed, grad_norm.reshape(1).to(packed.dtype)]).tolist()  # the step's one host sync
-    k, world = len(terms), dist.get_world_size()
-    mean_terms = {name: v / world for name, v in zip(terms, values[:k])}
-    nonfinite_loss, stop_requested, norm = values[k] > 0, values[k + 1] > 0, values[k + 2]
-    lr = state.scheduler.get_last_lr()
+    applied = True  # sync=False: applied whatever the values
+    if sync:
+        values = torch.cat([packed, grad_norm.reshape(1).to(packed.dtype)]).tolist()  # the step's one host sync
+        k, world = len(terms), dist.get_world_size()
+        mean_terms = {name: v / world for name, v in zip(terms, values[:k])}
+        nonfinite_loss, stop_requested, norm = values[k] > 0, values[k + 1] > 0, values[k + 2]
+        lr = state.scheduler.get_last_lr()
+        applied = not nonfinite_loss and math.isfinite(norm)
 
     # 4. step, unless something is not finite (reported by the caller, never applied silently)
-    applied = not nonfinite_loss and math.isfinite(norm)
     if applied:
         if state.clip_grad > 0:
             torch.nn.utils.clip_grads_with_norm_(state.params, state.clip_grad, grad_norm)
@@ -154,9 +149,11 @@ def train_step(state, micro_batches, stop=False, sync=True):
         with torch.no_grad():
             for b, saved in zip(state.bn_buffers, bn_state):
                 b.copy_(saved)
-    if scaler:
+    if scaler and sync:
         scaler.update(applied)
     opt.zero_grad(set_to_none=True)
     state.scheduler.step()
+    if not sync:
+        return None
     return {"loss": sum(mean_terms.values()), "terms": mean_terms, "grad_norm": norm, "lr": lr,
             "applied": applied, "stop": stop_requested}

@@ -161,7 +161,8 @@ class Trainer:
     def evaluate(self):
         cfg, e = self.cfg, self.cfg.eval
         self.sync_eval_model()
-        autocast = DTYPES[cfg.parallel.precision] if self.device.type == "cuda" and cfg.parallel.precision != "fp32" else None
+        on_gpu_amp = self.device.type == "cuda" and cfg.parallel.precision != "fp32"
+        autocast = DTYPES[cfg.parallel.precision] if on_gpu_amp else None
         res = evaluate(self.eval_model, self.eval_samples, cfg.model.num_classes, cfg.model.ignore_index,
                        mode=e.mode, crop_size=tuple(e.crop_size), stride=tuple(e.stride),
                        class_names=self.class_names, rank=self.rank, world_size=self.world_size,

@@ -326,6 +326,13 @@ class FolderSegmentation:
                 f"ignore_index={self.ignore_index}, reduce_zero_label={self.reduce_zero_label})")
 
 
+def _catalog_settings(name):
+    """FolderSegmentation's class settings of a named dataset (setr.data.catalog)."""
+    info = NAMED_DATASETS[name]
+    return dict(num_classes=info.num_classes, ignore_index=IGNORE_INDEX, reduce_zero_label=info.reduce_zero_label,
+                class_names=info.classes, palette=info.palette)
+
+
 class ADE20K(FolderSegmentation):
     """ADE20K SceneParsing (ADEChallengeData2016): 150 classes, .jpg images, reduce_zero_label.
 
@@ -338,10 +345,7 @@ class ADE20K(FolderSegmentation):
         nested = os.path.join(root, "ADEChallengeData2016")
         if not os.path.isdir(os.path.join(root, "images")) and os.path.isdir(nested):
             root = nested
-        info = NAMED_DATASETS["ade20k"]
-        super().__init__(root, split, num_classes=info.num_classes, ignore_index=IGNORE_INDEX,
-                         reduce_zero_label=True, class_names=info.classes, palette=info.palette,
-                         image_suffixes=(".jpg",))
+        super().__init__(root, split, image_suffixes=(".jpg",), **_catalog_settings("ade20k"))
 
 
 # cityscapesscripts' labelId -> trainId as a lookup table over the labelIds 0..33
@@ -363,10 +367,12 @@ class Cityscapes(FolderSegmentation):
     IMAGE_SUFFIX, TRAIN_IDS, LABEL_IDS = "_leftImg8bit.png", "_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"
 
     def __init__(self, root, split):
-        info = NAMED_DATASETS["cityscapes"]
-        self.from_label_ids = False  # set by _list_files
-        super().__init__(root, split, num_classes=info.num_classes, ignore_index=IGNORE_INDEX,
-                         class_names=info.classes, palette=info.palette)
+        super().__init__(root, split, **_catalog_settings("cityscapes"))
+
+    @property
+    def from_label_ids(self):
+        """True when the split is read from its *_gtFine_labelIds.png (it has no trainIds files)."""
+        return self.label_paths[0].endswith(self.LABEL_IDS)
 
     def _list_files(self, image_suffixes, label_suffix):
         image_dir, split = _split_dir(os.path.join(self.root, "leftImg8bit"), self.split)
@@ -383,7 +389,6 @@ class Cityscapes(FolderSegmentation):
         if all(have):
             return images, train_ids, names
         if not any(have) and all(map(os.path.isfile, label_ids)):
-            self.from_label_ids = True
             return images, label_ids, names
         make = (f"make them with cityscapesscripts (pip install cityscapesscripts; CITYSCAPES_DATASET={self.root} "
                 f"csCreateTrainIdLabelImgs) or mmseg's tools/dataset_converters/cityscapes.py {self.root}")
@@ -422,10 +427,7 @@ class PascalContext(FolderSegmentation):
         for nested in (os.path.join(root, "VOCdevkit", "VOC2010"), os.path.join(root, "VOC2010")):
             if not os.path.isdir(os.path.join(root, "JPEGImages")) and os.path.isdir(nested):
                 root = nested
-        info = NAMED_DATASETS[self.NAME]
-        super().__init__(root, split, num_classes=info.num_classes, ignore_index=IGNORE_INDEX,
-                         reduce_zero_label=info.reduce_zero_label, class_names=info.classes,
-                         palette=info.palette)
+        super().__init__(root, split, **_catalog_settings(self.NAME))
 
     def _list_files(self, image_suffixes, label_suffix):
         folder = os.path.join(self.root, self.SPLITS)

@@ -24,8 +24,8 @@ class TrainSamples(torch.utils.data.Dataset):
     RandomResize / RandomCrop parameters (mmseg's ADE20K: (2048, 512), (0.5, 2.0), 0.75; its
     Cityscapes 768x768: (2049, 1025), crop 768; Pascal Context: (520, 520), crop 480).
     skip_corrupt: on a DataError (unreadable / inconsistent sample) note the file (returned by
-    `collate`, warned about once by the training loop) and use the next dataset item instead (deterministic: the same replacement on every
-    run, rank count and restart); otherwise raise.
+    `collate`, warned about once by the training loop) and use the next dataset item instead
+    (deterministic: the same replacement on every run, rank count and restart); otherwise raise.
     Item `pos` -> (image float32 (3, ch, cw) normalized, padded with 0; label int64 (ch, cw)
     padded with ignore_index). `collate` batches items and also returns the bad samples met
     while loading them, [(path, problem)], wherever the loading ran (DataLoader worker or not).

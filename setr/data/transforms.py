@@ -251,7 +251,7 @@ def eval_size(height, width, scale, short_min=0):
     """
     if short_min:
         short = short_min if min(scale) < short_min else min(scale)
-        scale = (short * height / width, short) if height > width else (short, short * width / height)
+        scale = (short, short * max(height, width) / min(height, width))
     return rescale_size(height, width, scale)
 
 
